@@ -1,0 +1,79 @@
+"""Tile configurations for every kernel, in one place.
+
+The Triton interpreter (``TRITON_INTERPRET=1``) cannot autotune (timing configs needs a GPU driver) and runs
+every program in numpy, so it gets one small fixed config per kernel. On a GPU the configs below are
+reasonable defaults; per-architecture tuning replaces them without touching the kernels.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+MIN_DOT = 16  # smallest tile edge tl.dot accepts
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for tl.dot: fp32 follows torch's TF32 switch; 16-bit inputs ignore it."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def rank_block(r: int, cap: int = 64) -> int:
+    """Tile edge along the LoRA rank: a power of two >= 16, at most ``cap`` (larger ranks loop over chunks)."""
+    return min(max(MIN_DOT, triton.next_power_of_2(r)), cap)
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    """Tiles of the GEMM with the LoRA epilogue (out tile BLOCK_M x BLOCK_N, reduction step BLOCK_K)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8  # programs that share an activation row panel, for L2 reuse
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """Tiles of the rank-r kernels: the long dimension is swept in BLOCK_M / BLOCK_K steps."""
+
+    block_m: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def matmul_config(m: int, n_out: int, k_red: int) -> MatmulConfig:
+    """Tiles for an [m, k_red] x [k_red, n_out] product."""
+    if interpreter_active():
+        return MatmulConfig(block_m=64, block_n=32, block_k=32, group_m=2, num_warps=1, num_stages=1)
+    if m <= 16:
+        return MatmulConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
+    if m <= 64:
+        return MatmulConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4)
+    return MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
+def lowrank_config(m: int) -> LowRankConfig:
+    """Tiles for the rank-r products (x·Aᵀ, dy·B, dB, dA)."""
+    if interpreter_active():
+        return LowRankConfig(block_m=64, block_k=32, num_warps=1, num_stages=1)
+    if m <= 64:
+        return LowRankConfig(block_m=16, block_k=128)
+    return LowRankConfig(block_m=64, block_k=128)
+
+
+DEQUANT_BLOCK = 1024  # elements decoded per program of the dequantize kernel (512 packed bytes)
+DEQUANT_BLOCK_INTERPRETER = 256

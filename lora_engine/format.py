@@ -1,0 +1,196 @@
+"""bitsandbytes' 4-bit weight format, read in place.
+
+A ``bitsandbytes.nn.Params4bit`` holds W[N, K] as ``ceil(N*K/2)`` packed bytes (row-major flattening, two
+codes per byte, high nibble first; any ``quant_storage`` dtype is reinterpreted as bytes), and its
+``quant_state`` holds the 16-entry code table (NF4 or FP4), one absmax per ``blocksize`` consecutive flat
+elements (blocks may straddle rows), and, with double quantization, the absmax as uint8 codes into
+``state2.code`` scaled by ``state2.absmax[b // state2.blocksize]`` plus ``offset``. Nothing is copied or
+converted: the kernels read these tensors directly.
+
+On CPUs with AVX512-BF16, bitsandbytes repacks a weight in place the first time an eval-mode layer runs
+(``quant_state.packing_format_for_cpu``). The reference path reads that layout; the Triton kernels do not
+and say so.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Optional
+
+import torch
+
+from .kernels.operands import Packed4bit
+
+QUANT_TYPES = ("nf4", "fp4")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # every blocksize bitsandbytes accepts
+CPU_PACKED_ROWS = 32  # rows interleaved per group by bitsandbytes' CPU packing
+
+
+def is_cpu_packed(quant_state: Any) -> bool:
+    """True when bitsandbytes repacked the weight for its AVX512 CPU kernel."""
+    return bool(getattr(quant_state, "packing_format_for_cpu", False))
+
+
+def weight_shape(weight: torch.Tensor, quant_state: Any) -> tuple[int, int]:
+    """Validate a bitsandbytes 4-bit weight and its quant state; return the logical (N, K).
+
+    Raises ValueError/TypeError naming the problem for anything the kernels cannot read.
+    """
+    if quant_state is None:
+        raise ValueError(
+            "4-bit weight has no quant_state: it is not a quantized bitsandbytes Params4bit "
+            "(bitsandbytes quantizes when the layer is moved to a device, e.g. .to('cuda'))"
+        )
+    quant_type = getattr(quant_state, "quant_type", None)
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unsupported 4-bit quant_type {quant_type!r}; supported: {', '.join(QUANT_TYPES)}")
+    blocksize = getattr(quant_state, "blocksize", None)
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"unsupported blocksize {blocksize!r}; bitsandbytes blocksizes are {BLOCKSIZES}")
+    shape = tuple(getattr(quant_state, "shape", ()) or ())
+    if len(shape) != 2:
+        raise ValueError(f"4-bit weight must be a 2-D matrix [out_features, in_features], quant_state.shape={shape}")
+    n, k = int(shape[0]), int(shape[1])
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"4-bit weight must be a tensor, got {type(weight).__name__}")
+    if weight.dtype.is_floating_point and weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"unsupported 4-bit quant_storage dtype {weight.dtype}")
+    if is_cpu_packed(quant_state):
+        return n, k
+    expected = (n * k + 1) // 2
+    have = weight.numel() * weight.element_size()
+    if have != expected:
+        raise ValueError(
+            f"4-bit weight holds {have} bytes but a [{n}, {k}] matrix packs into {expected}: "
+            "the weight does not match its quant_state"
+        )
+    blocks = -(-n * k // blocksize)
+    absmax = quant_state.absmax
+    if absmax.numel() != blocks:
+        raise ValueError(f"quant_state.absmax has {absmax.numel()} entries, expected {blocks} for [{n}, {k}] / {blocksize}")
+    if quant_state.code.numel() != 16:
+        raise ValueError(f"quant_state.code must have 16 entries, has {quant_state.code.numel()}")
+    if getattr(quant_state, "nested", False):
+        if absmax.dtype != torch.uint8:
+            raise TypeError(f"nested absmax must be uint8 codes, got {absmax.dtype}")
+        state2 = quant_state.state2
+        if state2.absmax.numel() != -(-blocks // state2.blocksize):
+            raise ValueError("quant_state.state2.absmax does not cover the absmax codes")
+    elif not absmax.dtype.is_floating_point:
+        raise TypeError(f"absmax must be floating point when not nested, got {absmax.dtype}")
+    return n, k
+
+
+def packed_bytes(weight: torch.Tensor) -> torch.Tensor:
+    """The packed codes as a flat uint8 view (any quant_storage dtype is reinterpreted, not converted)."""
+    data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
+    data = data.reshape(-1)
+    return data if data.dtype == torch.uint8 else data.view(torch.uint8)
+
+
+def _offset_tensor(quant_state: Any, device: torch.device) -> torch.Tensor:
+    offset = quant_state.offset
+    if isinstance(offset, torch.Tensor):
+        return offset.reshape(1).to(device=device, dtype=torch.float32)
+    return torch.tensor([float(offset)], dtype=torch.float32, device=device)
+
+
+def packed_4bit(weight: torch.Tensor, quant_state: Any) -> Packed4bit:
+    """The kernels' view of a bitsandbytes 4-bit weight; validates layout and devices."""
+    n, k = weight_shape(weight, quant_state)
+    if is_cpu_packed(quant_state):
+        raise ValueError(
+            "this 4-bit weight was repacked by bitsandbytes for its CPU kernel (packing_format_for_cpu); the Triton "
+            "kernels read bitsandbytes' standard layout. Move the layer to the GPU (bitsandbytes restores the layout "
+            "on .cuda()) or use lora_engine.set_backend('torch')"
+        )
+    data = packed_bytes(weight)
+    device = data.device
+    code = quant_state.code.to(device=device, dtype=torch.float32)
+    if getattr(quant_state, "nested", False):
+        state2 = quant_state.state2
+        _check_device(device, quant_state.absmax, state2.absmax, state2.code)
+        return Packed4bit(
+            data=data,
+            code=code,
+            absmax=quant_state.absmax.reshape(-1),
+            absmax2=state2.absmax.reshape(-1).to(torch.float32),
+            code2=state2.code.to(torch.float32),
+            offset=_offset_tensor(quant_state, device),
+            n=n,
+            k=k,
+            blocksize=quant_state.blocksize,
+            blocksize2=state2.blocksize,
+        )
+    _check_device(device, quant_state.absmax)
+    return Packed4bit(data, code, quant_state.absmax.reshape(-1), None, None, None, n, k, quant_state.blocksize, 0)
+
+
+_packed_cache: "weakref.WeakKeyDictionary[Any, tuple[tuple[int, int], Packed4bit]]" = weakref.WeakKeyDictionary()
+
+
+def packed_4bit_cached(weight: torch.Tensor, quant_state: Any) -> Packed4bit:
+    """``packed_4bit`` validated once per weight: reused while the packed bytes and absmax stay where they were."""
+    key = (packed_bytes(weight).data_ptr(), quant_state.absmax.data_ptr()) if quant_state is not None else None
+    try:
+        cached = _packed_cache.get(quant_state)
+    except TypeError:  # a quant state that cannot be weakly referenced is simply not cached
+        return packed_4bit(weight, quant_state)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    packed = packed_4bit(weight, quant_state)
+    _packed_cache[quant_state] = (key, packed)
+    return packed
+
+
+def _check_device(device: torch.device, *tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(f"quant_state tensors are on {t.device} but the packed weight is on {device}")
+
+
+def unpack_cpu_packed(weight: torch.Tensor, quant_state: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes [N, K] (int64) and per-block absmax [N, K // blocksize] (fp32) of a CPU-repacked weight.
+
+    bitsandbytes' CPU packing stores, for each group of 32 rows and each pair of columns, 64 codes as 32 bytes:
+    low nibbles hold rows 0-15 of the group, high nibbles rows 16-31, two columns per row side by side.
+    The absmax is already decoded (bf16, transposed to [K // blocksize, N]).
+    """
+    n, k = (int(s) for s in quant_state.shape)
+    rows = CPU_PACKED_ROWS
+    packed = packed_bytes(weight).reshape(n // rows, k // 2, rows).to(torch.int64)
+    codes = torch.cat([packed & 15, packed >> 4], dim=-1)  # [N/32, K/2, 64]: 32 rows x 2 columns
+    codes = codes.reshape(n // rows, k // 2, rows, 2).permute(0, 2, 1, 3).reshape(n, k)
+    absmax = quant_state.absmax.t().to(torch.float32)
+    return codes, absmax
+
+
+def quantize_weight(
+    dense: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    compress_statistics: bool = True,
+    quant_storage: torch.dtype = torch.uint8,
+    device: Optional[torch.device] = None,
+):
+    """Quantize a dense [N, K] weight through bitsandbytes; returns a ``bitsandbytes.nn.Params4bit``."""
+    import bitsandbytes as bnb
+
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"unsupported quant_type {quant_type!r}; supported: {', '.join(QUANT_TYPES)}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"unsupported blocksize {blocksize!r}; bitsandbytes blocksizes are {BLOCKSIZES}")
+    if dense.dim() != 2:
+        raise ValueError(f"weight to quantize must be 2-D, got shape {tuple(dense.shape)}")
+    if dense.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"weight to quantize must be fp16, bf16 or fp32, got {dense.dtype}")
+    device = torch.device(device) if device is not None else dense.device
+    param = bnb.nn.Params4bit(
+        dense.detach().contiguous(),
+        requires_grad=False,
+        blocksize=blocksize,
+        compress_statistics=compress_statistics,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
+    )
+    return param.to(device)  # bitsandbytes quantizes on the first move to a device

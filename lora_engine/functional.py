@@ -1,0 +1,106 @@
+"""Functional API: validate, pick the backend and path, run the kernels (or the torch reference)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from . import dispatch, reference
+from .format import packed_4bit_cached, packed_bytes, weight_shape
+from .kernels.operands import Dropout, Packed4bit
+from .validation import check_lora_linear_args
+
+
+def lora_linear_4bit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: Any,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    *,
+    dropout_seed: Optional[int] = None,
+) -> torch.Tensor:
+    """``y = x·deq(W)ᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ + bias`` with W a frozen bitsandbytes 4-bit weight.
+
+    x: [..., in_features] fp16/bf16/fp32, any strides; weight: the packed ``Params4bit`` (or its data) and
+    ``quant_state`` its bitsandbytes QuantState; lora_A: (r, in_features); lora_B: (out_features, r).
+    Dropout (on the LoRA branch only) applies when ``training`` and ``dropout_p > 0``; its seed is drawn from
+    torch's CPU generator unless ``dropout_seed`` is given. Returns [..., out_features] in x's dtype.
+    """
+    n, k = weight_shape(weight, quant_state)
+    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, packed_bytes(weight).device)
+    if not dispatch.use_triton(x.device):
+        return reference.lora_linear_4bit(
+            x, weight, quant_state, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed=dropout_seed
+        )
+    packed = packed_4bit_cached(weight, quant_state)
+    return _apply(x, packed, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    *,
+    dropout_seed: Optional[int] = None,
+) -> torch.Tensor:
+    """``y = x·Wᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ + bias`` with W a frozen dense [out_features, in_features] weight."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D tensor [out_features, in_features]")
+    if weight.requires_grad:
+        raise ValueError(
+            "lora_linear keeps the base weight frozen but weight.requires_grad is True; call weight.requires_grad_(False)"
+        )
+    n, k = weight.shape
+    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device)
+    if not dispatch.use_triton(x.device):
+        return reference.lora_linear(
+            x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed=dropout_seed
+        )
+    return _apply(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
+
+
+def _apply(
+    x: torch.Tensor,
+    weight: Packed4bit | torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+    dropout_p: float,
+    training: bool,
+    dropout_seed: Optional[int],
+) -> torch.Tensor:
+    from .autograd import LoRALinearFunction  # imports Triton, which only this path needs
+
+    in_features = x.shape[-1]
+    out_features = lora_B.shape[0]
+    x2d = x.reshape(-1, in_features)
+    dropout = None
+    if training and dropout_p > 0:
+        seed = reference.draw_dropout_seed() if dropout_seed is None else int(dropout_seed)
+        dropout = Dropout(seed, float(dropout_p), in_features)
+    path = dispatch.choose_path(x2d.shape[0], out_features, in_features) if isinstance(weight, Packed4bit) else "dense"
+    y = LoRALinearFunction.apply(x2d, lora_A, lora_B, bias, weight, float(scaling), dropout, path)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def dequantize_4bit(weight: torch.Tensor, quant_state: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Dense [N, K] copy of a bitsandbytes 4-bit weight (one Triton launch; the reference where Triton can't run)."""
+    dtype = dtype or quant_state.dtype
+    device = packed_bytes(weight).device
+    if not dispatch.use_triton(device):
+        return reference.dequantize_4bit(weight, quant_state, dtype)
+    from .kernels.dequantize import dequantize_4bit as dequantize_kernel
+
+    return dequantize_kernel(packed_4bit_cached(weight, quant_state), dtype)

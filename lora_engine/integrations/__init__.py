@@ -1,0 +1,1 @@
+"""Integrations with existing training stacks (PEFT, transformers)."""

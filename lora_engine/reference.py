@@ -1,0 +1,153 @@
+"""Pure-torch reference: the definition of correctness, and the CPU fallback.
+
+Everything is computed in fp32 from bitsandbytes' raw layout (no bitsandbytes call, no Triton) and rounded
+once to the activation dtype. Gradients come from torch autograd. Dropout draws the very same Philox bits as
+the Triton kernels, so both drop exactly the same elements for a given seed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from .format import is_cpu_packed, packed_bytes, unpack_cpu_packed, weight_shape
+from .kernels.operands import KEEP_BITS
+from .validation import check_lora_linear_args
+
+_U32 = 0xFFFFFFFF
+# Philox-4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3"), as tl.randint uses.
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUNDS = 10
+
+
+def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of the 64-bit product of uint32 values held in int64 (split to avoid overflow)."""
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    low_part = a * b_lo  # < 2**48
+    high_part = a * b_hi  # < 2**48
+    hi = (high_part + (low_part >> 16)) >> 16
+    lo = (low_part + ((high_part & 0xFFFF) << 16)) & _U32
+    return hi, lo
+
+
+def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """uint32 draws (as int64) equal to Triton's ``tl.randint(seed, offsets)`` for int64 offsets."""
+    offsets = offsets.to(torch.int64)
+    c0, c1 = offsets & _U32, (offsets >> 32) & _U32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo(c2, _PHILOX_ROUND_B)
+        hi_a, lo_a = _mul_hi_lo(c0, _PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
+    return c0
+
+
+def draw_dropout_seed() -> int:
+    """A dropout seed from torch's default CPU generator (so ``torch.manual_seed`` makes runs repeatable)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Bool [rows, cols]: element (m, k) survives dropout with probability 1 - p, from (seed, m * cols + k)."""
+    offsets = torch.arange(rows * cols, dtype=torch.int64, device=device)
+    bits = philox_randint(seed, offsets) >> (32 - KEEP_BITS)
+    return (bits >= int(round(p * 2**KEEP_BITS))).reshape(rows, cols)
+
+
+def _decoded_absmax(quant_state: Any) -> torch.Tensor:
+    absmax = quant_state.absmax
+    if not getattr(quant_state, "nested", False):
+        return absmax.to(torch.float32).reshape(-1)
+    state2 = quant_state.state2
+    blocks = torch.arange(absmax.numel(), device=absmax.device)
+    outer = state2.absmax.to(torch.float32)[blocks // state2.blocksize]
+    scale = state2.code.to(torch.float32)[absmax.reshape(-1).to(torch.int64)] * outer
+    offset = quant_state.offset
+    return scale + (offset.to(torch.float32) if isinstance(offset, torch.Tensor) else float(offset))
+
+
+def dequantize_4bit(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Decode a bitsandbytes 4-bit weight into a dense [N, K] tensor (product in fp32, one rounding to dtype)."""
+    n, k = weight_shape(weight, quant_state)
+    code = quant_state.code.to(torch.float32)
+    if is_cpu_packed(quant_state):
+        codes, absmax = unpack_cpu_packed(weight, quant_state)
+        values = code[codes] * absmax.repeat_interleave(quant_state.blocksize, dim=1)
+        return values.to(dtype)
+    packed = packed_bytes(weight).to(torch.int64)
+    codes = torch.stack([packed >> 4, packed & 15], dim=-1).reshape(-1)[: n * k]
+    scale = _decoded_absmax(quant_state)
+    flat_block = torch.arange(n * k, device=packed.device) // quant_state.blocksize
+    return (code[codes] * scale[flat_block]).reshape(n, k).to(dtype)
+
+
+def _lora_linear(
+    x: torch.Tensor,
+    dense_weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+    dropout_p: float,
+    training: bool,
+    dropout_seed: Optional[int],
+) -> torch.Tensor:
+    in_features = x.shape[-1]
+    x32 = x.reshape(-1, in_features).to(torch.float32)
+    x_lora = x32
+    if training and dropout_p > 0:
+        seed = draw_dropout_seed() if dropout_seed is None else dropout_seed
+        keep = dropout_keep_mask(seed, x32.shape[0], in_features, dropout_p, x.device)
+        x_lora = x32 * (keep.to(torch.float32) * (1.0 / (1.0 - dropout_p)))
+    y = x32 @ dense_weight.to(torch.float32).t()
+    y = y + scaling * ((x_lora @ lora_A.to(torch.float32).t()) @ lora_B.to(torch.float32).t())
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], dense_weight.shape[0])
+
+
+def lora_linear_4bit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: Any,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    *,
+    dropout_seed: Optional[int] = None,
+) -> torch.Tensor:
+    """``x·deq(W)ᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ + bias`` in fp32, returned in x's dtype; W frozen."""
+    n, k = weight_shape(weight, quant_state)
+    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, packed_bytes(weight).device)
+    dense = dequantize_4bit(weight, quant_state, torch.float32)
+    return _lora_linear(x, dense, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    *,
+    dropout_seed: Optional[int] = None,
+) -> torch.Tensor:
+    """``x·Wᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ + bias`` for a dense frozen W, in fp32, returned in x's dtype."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
+    n, k = weight.shape
+    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device)
+    return _lora_linear(x, weight.detach(), lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)

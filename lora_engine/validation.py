@@ -1,0 +1,58 @@
+"""Argument checks shared by every backend: bad input fails loudly, naming the problem and the sizes."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_lora_linear_args(
+    x: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+    dropout_p: float,
+    weight_device: torch.device,
+) -> None:
+    """Validate ``y = x·Wᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ + bias`` for W of shape [out_features, in_features]."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x's last dimension must be in_features={in_features}, got x of shape {tuple(x.shape)}")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    rank = lora_A.shape[0]
+    if rank == 0:
+        raise ValueError("LoRA rank r must be >= 1, got lora_A of shape (0, ...)")
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must be (r, in_features) = (r, {in_features}), got {tuple(lora_A.shape)}")
+    if tuple(lora_B.shape) != (out_features, rank):
+        raise ValueError(f"lora_B must be (out_features, r) = ({out_features}, {rank}), got {tuple(lora_B.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+            raise TypeError("bias must be a floating point tensor or None")
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must be (out_features,) = ({out_features},), got {tuple(bias.shape)}")
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
+        raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    named = [("x", x), ("weight", None), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)]
+    for name, t in named:
+        device = weight_device if name == "weight" else (t.device if t is not None else None)
+        if device is not None and device != x.device:
+            raise ValueError(f"{name} is on {device} but x is on {x.device}: all operands must share one device")
