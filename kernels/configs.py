@@ -55,15 +55,16 @@ class LowRankConfig:
     num_stages: int = 2
 
 
-def matmul_config(m: int, n_out: int, k_red: int) -> MatmulConfig:
-    """Tiles for an [m, k_red] x [k_red, n_out] product."""
+def matmul_config(m: int, n_out: int, k_red: int, dtype: torch.dtype = torch.bfloat16) -> MatmulConfig:
+    """Tiles for an [m, k_red] x [k_red, n_out] product with ``dtype`` operands."""
     if interpreter_active():
         return MatmulConfig(block_m=64, block_n=32, block_k=32, group_m=2, num_warps=1, num_stages=1)
+    wide = dtype == torch.float32  # 4-byte operands: halve the K step so the pipeline fits shared memory
     if m <= 16:
-        return MatmulConfig(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)
+        return MatmulConfig(block_m=16, block_n=64, block_k=64 if wide else 128, group_m=1, num_warps=4, num_stages=4)
     if m <= 64:
-        return MatmulConfig(block_m=64, block_n=64, block_k=64, num_warps=4, num_stages=4)
-    return MatmulConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
+        return MatmulConfig(block_m=64, block_n=64, block_k=32 if wide else 64, num_warps=4, num_stages=4)
+    return MatmulConfig(block_m=128, block_n=128, block_k=32 if wide else 64, num_warps=8, num_stages=3)
 
 
 def lowrank_config(m: int) -> LowRankConfig:

@@ -211,7 +211,7 @@ def lora_matmul(
     if m == 0 or n_out == 0:
         return out
 
-    cfg = config or matmul_config(m, n_out, k_red)
+    cfg = config or matmul_config(m, n_out, k_red, a.dtype)
     block_m, block_n, block_k = cfg.block_m, cfg.block_n, cfg.block_k
     blocksize = weight.blocksize if is_4bit else 64
     scale_per_row = False

@@ -1,0 +1,140 @@
+"""Compile every kernel variant the launchers produce for real NVIDIA targets, without a GPU.
+
+Run as a script (TRITON_INTERPRET must be unset): the launchers are driven with CPU tensors, each launch is
+intercepted, and the kernel is compiled by Triton's real pipeline to a cubin for the requested architectures.
+This catches what the interpreter cannot: type errors of the compiler, layouts it rejects, and tile configs
+that overflow shared memory. Prints one JSON record per compiled kernel on stdout.
+
+    python tests/kernels/gpu_compile_check.py [--arch 90 80] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912, 89: 101376}  # bytes per block (opt-in maximum)
+OPTION_NAMES = ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")
+POINTER_TYPES = {
+    torch.float16: "*fp16",
+    torch.bfloat16: "*bf16",
+    torch.float32: "*fp32",
+    torch.uint8: "*u8",
+    torch.int32: "*i32",
+    torch.int64: "*i64",
+}
+
+
+def _signature(fn: JITFunction, args: tuple, kwargs: dict) -> tuple[dict, dict]:
+    bound = dict(zip(fn.arg_names, args), **kwargs)
+    signature, constexprs = {}, {}
+    for param in fn.params:
+        value = bound[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[param.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = POINTER_TYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"{fn.__name__}: cannot type argument {param.name}={value!r}")
+    return signature, constexprs
+
+
+def compile_launches(drive, archs: list[int]) -> list[dict]:
+    """Run ``drive()`` with kernel launches replaced by compilation for each arch; return one record each."""
+    records: list[dict] = []
+    seen: set[str] = set()
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        options = {name: kwargs.pop(name) for name in OPTION_NAMES if name in kwargs}
+        signature, constexprs = _signature(self, args, kwargs)
+        key = json.dumps([self.__name__, signature, {k: str(v) for k, v in constexprs.items()}, options])
+        if key in seen:
+            return None
+        seen.add(key)
+        for arch in archs:
+            record = dict(kernel=self.__name__, arch=arch, options=options,
+                          constexprs={k: str(v) for k, v in constexprs.items()})  # fmt: skip
+            try:
+                compiled = triton.compile(ASTSource(self, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                                          options=options)  # fmt: skip
+                record.update(ok=True, shared=compiled.metadata.shared)
+                record["fits"] = compiled.metadata.shared <= SHARED_MEMORY_LIMIT[arch]
+            except Exception as error:  # report every failure, keep compiling the rest
+                record.update(ok=False, error=f"{type(error).__name__}: {str(error)[:2000]}")
+            records.append(record)
+        return None
+
+    original = JITFunction.run
+    JITFunction.run = compile_instead
+    try:
+        drive()
+    finally:
+        JITFunction.run = original
+    return records
+
+
+def drive_launchers(quick: bool) -> None:
+    """Call every launcher the layer uses, over the dtypes and regimes that select distinct kernel variants."""
+    import bitsandbytes.functional as bnbF
+
+    from lora_engine.format import packed_4bit
+    from lora_engine.kernels.dequantize import dequantize_4bit
+    from lora_engine.kernels.lora_lowrank import lora_da, lora_down, lora_dy_pass
+    from lora_engine.kernels.lora_matmul import lora_matmul
+    from lora_engine.kernels.operands import Dropout
+
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
+    token_counts = [1, 4096] if quick else [1, 64, 4096]
+    # (N, K, blocksize, nested): blocksize divides K (one scale per row) / straddling blocks with odd K.
+    weights = [(256, 512, 64, True), (96, 75, 64, False)]
+    for n, k, blocksize, nested in weights:
+        packed, state = bnbF.quantize_4bit(torch.randn(n, k), blocksize=blocksize, compress_statistics=nested)
+        weight = packed_4bit(packed, state)
+        for dtype in dtypes:
+            dequantize_4bit(weight, dtype)
+            for m in token_counts:
+                x, dy = torch.randn(m, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
+                lora_A, lora_B = torch.randn(16, k, dtype=dtype), torch.randn(n, 16, dtype=dtype)
+                left = torch.empty(m, 16)
+                drop = Dropout(1, 0.1, k)
+                lora_matmul(x, weight, weight_out_by_in=True, right=lora_B, down=lora_A.t(), left_out=left, scaling=2.0,
+                            bias=torch.randn(n, dtype=dtype))  # fmt: skip
+                lora_matmul(x, weight, weight_out_by_in=True, right=lora_B, left=left, scaling=2.0)
+                lora_matmul(dy, weight, weight_out_by_in=False, right=lora_A.t(), left=left, scaling=2.0, dropout=drop)
+                dense = torch.randn(n, k, dtype=dtype)
+                lora_matmul(x, dense, weight_out_by_in=True, right=lora_B, down=lora_A.t(), left_out=left, scaling=2.0)
+                lora_matmul(dy, dense, weight_out_by_in=False, right=lora_A.t(), left=left, scaling=2.0)
+                lora_down(x, lora_A.t(), drop)
+                lora_dy_pass(dy, lora_B, left, 2.0)
+                lora_da(left, x, 2.0, drop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    parser.add_argument("--quick", action="store_true", help="bf16 only, two token counts")
+    args = parser.parse_args(argv)
+    records = compile_launches(lambda: drive_launchers(args.quick), args.arch)
+    for record in records:
+        print(json.dumps(record))
+    return 0 if all(r["ok"] and r.get("fits") for r in records) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
