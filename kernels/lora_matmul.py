@@ -69,7 +69,7 @@ def _weight_tile(
 def _lora_matmul_kernel(
     A_ptr, W_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
     Down_ptr, Left_ptr, Right_ptr, bias_ptr, Out_ptr,
-    M, N_out, K_red, R, W_rows, W_cols, blocksize2,
+    M, N_out, K_red, R, W_rows, W_cols, blocksize2, k_per_split,
     scaling, seed, drop_threshold, inv_keep_prob, drop_row_length,
     stride_am, stride_ak,
     stride_wr, stride_wc,
@@ -82,7 +82,7 @@ def _lora_matmul_kernel(
     W_4BIT: tl.constexpr, W_OUT_BY_IN: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
     PAIRED: tl.constexpr, SCALE_PER_ROW: tl.constexpr,
     LORA: tl.constexpr, LEFT_IN_LOOP: tl.constexpr, STORE_LEFT: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     # Grouped ordering: GROUP_M row panels of `a` stay hot in L2 while the N tiles sweep over them.
@@ -106,7 +106,12 @@ def _lora_matmul_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     left = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K_red, BLOCK_K):
+    # With SPLIT_K > 1, program (pid, pid_k) reduces K range [pid_k, pid_k + 1) * k_per_split only; the
+    # first split adds the LoRA term and bias, and all of them add into a zeroed fp32 output.
+    pid_k = tl.program_id(1)
+    k_start = pid_k * k_per_split
+    k_stop = min(K_red, k_start + k_per_split)
+    for k0 in range(k_start, k_stop, BLOCK_K):
         ks = k0 + offs_k
         if EVEN_K:
             a = tl.load(a_rows + ks[None, :] * stride_ak, mask=m_mask[:, None], other=0.0)
@@ -133,7 +138,7 @@ def _lora_matmul_kernel(
             )
             left = tl.dot(a, down.to(dtype), left, input_precision=DOT_PRECISION)
 
-    if LORA:
+    if LORA and pid_k == 0:
         if LEFT_IN_LOOP:
             if STORE_LEFT:
                 # Only the first column of tiles writes the [M, R] factor the backward pass reuses.
@@ -167,11 +172,14 @@ def _lora_matmul_kernel(
         if DROPOUT:
             lora = lora * keep_scale(seed, offs_m, offs_n, drop_row_length, drop_threshold, inv_keep_prob)
         acc += scaling * lora
-    if HAS_BIAS:
+    if HAS_BIAS and pid_k == 0:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
 
     out_ptrs = Out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(out_ptrs, acc.to(Out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if SPLIT_K > 1:
+        tl.atomic_add(out_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        tl.store(out_ptrs, acc.to(Out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def lora_matmul(
@@ -222,6 +230,11 @@ def lora_matmul(
         else:
             block_n = min(block_n, blocksize)
         scale_per_row = True
+    num_stages = cfg.num_stages
+    if is_4bit and not scale_per_row:
+        # Per-element scale gathers (blocks straddle rows) are staged in shared memory by the pipeliner for
+        # every stage; two stages keep the tile within the shared memory of every target.
+        num_stages = min(num_stages, 2)
     left_in_loop = down is not None
     block_r = rank_block(rank, cap=IN_LOOP_RANK_LIMIT if left_in_loop else 64)
     if left_in_loop and rank > IN_LOOP_RANK_LIMIT:
@@ -242,23 +255,35 @@ def lora_matmul(
     dn_strides = down.stride() if down is not None else (0, 0)
     drop = dropout if dropout is not None else Dropout(0, 0.0, 0)
 
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n_out, block_n),)
+    # Split K only where the left factor is not accumulated in the loop (each split sees part of K).
+    split_k = 1 if left_in_loop else max(1, min(cfg.split_k, triton.cdiv(k_red, block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k_red, split_k), block_k) * block_k
+    split_k = triton.cdiv(k_red, k_per_split)
+    target = out
+    if split_k > 1:
+        target = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(
+            (m, n_out), dtype=torch.float32, device=a.device
+        )
+        target.zero_()
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n_out, block_n), split_k)
     _lora_matmul_kernel[grid](
-        a, *w_args, dn, lt, lb, bias if bias is not None else dummy, out,
-        m, n_out, k_red, rank, w_rows, w_cols, weight.blocksize2 if is_4bit else 0,
+        a, *w_args, dn, lt, lb, bias if bias is not None else dummy, target,
+        m, n_out, k_red, rank, w_rows, w_cols, weight.blocksize2 if is_4bit else 0, k_per_split,
         float(scaling), drop.seed, drop.threshold, drop.inv_keep_prob, drop.row_length,
         a.stride(0), a.stride(1),
         stride_wr, stride_wc,
         dn_strides[0], dn_strides[1],
         lt_strides[0], lt_strides[1],
         lb_strides[0], lb_strides[1],
-        out.stride(0), out.stride(1),
+        target.stride(0), target.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
         W_4BIT=is_4bit, W_OUT_BY_IN=weight_out_by_in, BLOCKSIZE=blocksize,
         NESTED=is_4bit and weight.nested, PAIRED=is_4bit and weight.k % 2 == 0, SCALE_PER_ROW=scale_per_row,
         LORA=right is not None, LEFT_IN_LOOP=left_in_loop, STORE_LEFT=left_in_loop and left_out is not None,
-        HAS_BIAS=bias is not None, DROPOUT=dropout is not None, EVEN_K=k_red % block_k == 0,
+        HAS_BIAS=bias is not None, DROPOUT=dropout is not None, EVEN_K=k_red % block_k == 0, SPLIT_K=split_k,
         DOT_PRECISION=dot_precision(a.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=num_stages,
     )  # fmt: skip
+    if target is not out:
+        out.copy_(target)
     return out

@@ -5,6 +5,10 @@
              dx = dy·W + s·keep ⊙ (dyB·A)                   GEMM with the LoRA term in its epilogue
              dA = s·dyBᵀ·drop(x)                            one pass over x, dropout mask redrawn
 W is frozen (4-bit ``Packed4bit`` or a dense tensor) and gets no gradient.
+
+Paths for a 4-bit W: "fused" decodes W inside the GEMM's K loop; "dequant" decodes it once per call into a
+shared workspace and runs the same Triton GEMM with the LoRA epilogue; "dequant_cublas" decodes the same way
+but runs the big product on cuBLAS (``torch.addmm``) with the LoRA term as its C operand.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from typing import Optional, Union
 import torch
 
 from . import dispatch
+from .kernels.configs import matmul_config
 from .kernels.dequantize import dequantize_4bit
+from .kernels.dropout import dropout_scale_
 from .kernels.lora_lowrank import lora_da, lora_down, lora_dy_pass
 from .kernels.lora_matmul import IN_LOOP_RANK_LIMIT, lora_matmul
 from .kernels.operands import Dropout, Packed4bit
@@ -24,10 +30,19 @@ Weight = Union[Packed4bit, torch.Tensor]
 
 def _gemm_weight(weight: Weight, path: str, dtype: torch.dtype) -> Weight:
     """The weight operand of the GEMM: the packed 4-bit weight (fused path) or it decoded into the workspace."""
-    if isinstance(weight, Packed4bit) and path == "dequant":
+    if isinstance(weight, Packed4bit) and path in ("dequant", "dequant_cublas"):
         buffer = dispatch.dequant_workspace(weight.data.device, dtype, weight.n * weight.k)
         return dequantize_4bit(weight, dtype, out=buffer)
     return weight
+
+
+SMALL_M = 16  # token counts of the decode regime
+
+
+def _splits_k(x: torch.Tensor, weight: Weight, path: str) -> bool:
+    """Whether the forward GEMM's config splits K (the left factor then cannot be accumulated in its loop)."""
+    n_out = weight.n if isinstance(weight, Packed4bit) else weight.shape[0]
+    return matmul_config(x.shape[0], n_out, x.shape[1], x.dtype).split_k > 1
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -48,14 +63,23 @@ class LoRALinearFunction(torch.autograd.Function):
         rank = lora_A.shape[0]
         gemm_weight = _gemm_weight(weight, path, x.dtype)
         keep_left = ctx.needs_input_grad[2]  # dB needs drop(x)·Aᵀ
-        if dropout is None and rank <= IN_LOOP_RANK_LIMIT:
+        if path == "dequant_cublas":
+            # cuBLAS computes x·Aᵀ faster than the rank-r kernel; the dropout mask needs the kernel
+            left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, lora_A.t().to(x.dtype))
+            scaled_left, right = (left * scaling).to(x.dtype), lora_B.t().to(x.dtype)
+            y = torch.mm(scaled_left, right) if bias is None else torch.addmm(bias.to(x.dtype), scaled_left, right)
+            y.addmm_(x, gemm_weight.t())  # in place: the LoRA term is the GEMM's C operand, no extra copy
+            left = left.float() if keep_left else None
+        elif dropout is None and rank <= IN_LOOP_RANK_LIMIT and not _splits_k(x, weight, path):
             left = torch.empty((x.shape[0], rank), dtype=torch.float32, device=x.device) if keep_left else None
             y = lora_matmul(
                 x, gemm_weight, weight_out_by_in=True, right=lora_B, down=lora_A.t(), left_out=left,
                 scaling=scaling, bias=bias,
             )  # fmt: skip
         else:
-            left = lora_down(x, lora_A.t(), dropout)
+            # Few rows: cuBLAS's x·Aᵀ beats the rank-r kernel, which has only M / BLOCK_M programs
+            small = dropout is None and x.shape[0] <= SMALL_M
+            left = torch.mm(x, lora_A.t().to(x.dtype)).float() if small else lora_down(x, lora_A.t(), dropout)
             y = lora_matmul(x, gemm_weight, weight_out_by_in=True, right=lora_B, left=left, scaling=scaling, bias=bias)
         ctx.save_for_backward(x, lora_A, lora_B, left)
         ctx.weight, ctx.scaling, ctx.dropout, ctx.path = weight, scaling, dropout, path
@@ -75,9 +99,16 @@ class LoRALinearFunction(torch.autograd.Function):
             dyb = lora_down(dy, lora_B)
         if need_x:
             gemm_weight = _gemm_weight(ctx.weight, ctx.path, dy.dtype)
-            dx = lora_matmul(
-                dy, gemm_weight, weight_out_by_in=False, right=lora_A.t(), left=dyb, scaling=scaling, dropout=dropout
-            )
+            if ctx.path == "dequant_cublas":
+                dx = torch.mm((dyb * scaling).to(dy.dtype), lora_A.to(dy.dtype))
+                if dropout is not None:
+                    dropout_scale_(dx, dropout)
+                dx.addmm_(dy, gemm_weight)
+            else:
+                dx = lora_matmul(
+                    dy, gemm_weight, weight_out_by_in=False, right=lora_A.t(), left=dyb, scaling=scaling,
+                    dropout=dropout,
+                )  # fmt: skip
         if need_A:
             d_lora_A = lora_da(dyb, x, scaling, dropout).to(lora_A.dtype)
         if need_bias:

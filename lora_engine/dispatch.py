@@ -15,11 +15,17 @@ import torch
 logger = logging.getLogger("lora_engine")
 
 BACKENDS = ("auto", "triton", "torch")
-PATHS = ("fused", "dequant")
+PATHS = ("fused", "dequant", "dequant_cublas")
 
-# Token count from which decoding W once into a buffer and running a dense GEMM beats decoding inside the
-# GEMM's K loop (the fused kernel re-decodes W for every M tile). A plain threshold until per-GPU tuning.
-DEQUANT_PATH_MIN_TOKENS = 256
+# Path by token count M, per GPU architecture: ascending (min_tokens, path) steps, read from layer
+# benchmarks (`python -m bench`, results in bench/results/<gpu>/layer.md). On sm_90 the in-loop decode of the
+# "fused" path measured slower than decoding W once per call at every M (its per-element code lookups cost
+# more than the GEMM), so no step picks it; it stays available through `force_path`. From a few hundred
+# tokens cuBLAS beats the Triton GEMM on the decoded weight.
+PATH_STEPS: dict[tuple[int, int], tuple[tuple[int, str], ...]] = {
+    (9, 0): ((0, "dequant"), (256, "dequant_cublas")),
+}
+DEFAULT_PATH_STEPS = ((0, "dequant"), (256, "dequant_cublas"))  # unknown GPUs and the interpreter
 
 _backend = "auto"
 _forced_path: Optional[str] = None
@@ -97,11 +103,27 @@ def use_triton(device: torch.device) -> bool:
     return runnable
 
 
-def choose_path(num_tokens: int, out_features: int, in_features: int) -> str:
-    """``"fused"`` or ``"dequant"`` for a 4-bit layer seeing ``num_tokens`` rows."""
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
+def _path_steps(device: Optional[torch.device]) -> tuple[tuple[int, str], ...]:
+    if device is None or device.type != "cuda":
+        return DEFAULT_PATH_STEPS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capabilities:
+        _capabilities[index] = torch.cuda.get_device_capability(index)
+    return PATH_STEPS.get(_capabilities[index], DEFAULT_PATH_STEPS)
+
+
+def choose_path(num_tokens: int, out_features: int, in_features: int, device: Optional[torch.device] = None) -> str:
+    """The path (one of ``PATHS``) for a 4-bit layer seeing ``num_tokens`` rows on ``device``."""
     if _forced_path is not None:
         return _forced_path
-    return "dequant" if num_tokens >= DEQUANT_PATH_MIN_TOKENS else "fused"
+    path = PATHS[0]
+    for min_tokens, step_path in _path_steps(device):
+        if num_tokens >= min_tokens:
+            path = step_path
+    return path
 
 
 _workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -119,3 +141,8 @@ def dequant_workspace(device: torch.device, dtype: torch.dtype, numel: int) -> t
         buffer = torch.empty(numel, dtype=dtype, device=device)
         _workspaces[key] = buffer
     return buffer
+
+
+def release_workspaces() -> None:
+    """Free the decode workspaces (they are re-created on the next call that needs one)."""
+    _workspaces.clear()

@@ -15,10 +15,11 @@ import lora_engine.kernels.lora_matmul
 from lora_engine import dispatch, reference
 
 
-def _operands():
+def _operands(device="cpu"):
     torch.manual_seed(0)
-    packed, state = bnbF.quantize_4bit(torch.randn(37, 100), blocksize=64, quant_type="nf4")
-    return torch.randn(5, 100), packed, state, torch.randn(8, 100), torch.randn(37, 8)
+    packed, state = bnbF.quantize_4bit(torch.randn(37, 100, device=device), blocksize=64, quant_type="nf4")
+    return (torch.randn(5, 100, device=device), packed, state, torch.randn(8, 100, device=device),
+            torch.randn(37, 8, device=device))  # fmt: skip
 
 
 def _count_kernel_launches(monkeypatch):
@@ -37,14 +38,14 @@ def _count_kernel_launches(monkeypatch):
 
 
 @pytest.mark.interpreter
-def test_triton_backend_runs_the_triton_kernels(monkeypatch):
+def test_triton_backend_runs_the_triton_kernels(monkeypatch, kernel_device):
     launches = _count_kernel_launches(monkeypatch)
 
     def no_reference(*args, **kwargs):
         raise AssertionError("the torch reference ran under backend 'triton'")
 
     monkeypatch.setattr(reference, "lora_linear_4bit", no_reference)
-    x, packed, state, lora_A, lora_B = _operands()
+    x, packed, state, lora_A, lora_B = _operands(kernel_device)
     x.requires_grad_()
     with lora_engine.use_backend("triton"):
         y = lora_engine.lora_linear_4bit(x, packed, state, lora_A, lora_B, 2.0)
@@ -89,9 +90,16 @@ def test_backend_and_path_names_are_checked():
 
 def test_path_threshold_and_forcing():
     small, large = dispatch.choose_path(16, 4096, 4096), dispatch.choose_path(8192, 4096, 4096)
-    assert (small, large) == ("fused", "dequant")
-    with lora_engine.force_path("dequant"):
-        assert dispatch.choose_path(1, 4096, 4096) == "dequant"
+    assert (small, large) == ("dequant", "dequant_cublas")
+    with lora_engine.force_path("fused"):
+        assert dispatch.choose_path(8192, 4096, 4096) == "fused"
+
+
+def test_path_tables_are_well_formed():
+    for steps in [dispatch.DEFAULT_PATH_STEPS, *dispatch.PATH_STEPS.values()]:
+        thresholds = [t for t, _ in steps]
+        assert thresholds[0] == 0 and thresholds == sorted(set(thresholds)), steps
+        assert all(path in dispatch.PATHS for _, path in steps), steps
 
 
 def test_fallbacks_are_reported_once(caplog):

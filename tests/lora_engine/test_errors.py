@@ -94,9 +94,9 @@ def test_dense_weight_must_be_frozen():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_batch_returns_empty_result(backend):
-    ops = _operands()
-    x = torch.randn(0, 3, 100, requires_grad=True)
+def test_empty_batch_returns_empty_result(backend, kernel_device):
+    ops = _operands(kernel_device if backend == "triton" else "cpu")
+    x = torch.randn(0, 3, 100, device=ops["x"].device, requires_grad=True)
     lora_A = ops["lora_A"].requires_grad_()
     with lora_engine.use_backend(backend):
         y = lora_engine.lora_linear_4bit(x, ops["weight"], ops["quant_state"], lora_A, ops["lora_B"], 2.0)
@@ -106,8 +106,8 @@ def test_empty_batch_returns_empty_result(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_and_inf_propagate_like_the_reference(backend):
-    ops = _operands()
+def test_nan_and_inf_propagate_like_the_reference(backend, kernel_device):
+    ops = _operands(kernel_device if backend == "triton" else "cpu")
     x = ops["x"].clone()
     x[1, 3] = float("nan")
     x[3, 7] = float("inf")

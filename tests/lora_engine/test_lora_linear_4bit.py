@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import lora_engine
-from lora_engine import reference
+from lora_engine import dispatch, reference
 from lora_engine.testing import assert_close_3way
 
 pytestmark = pytest.mark.interpreter
@@ -52,7 +52,7 @@ class Case:
 def _cases(dtypes):
     """Every (M, quant type, nesting, dtype) combination, each paired with a different mix of the rest."""
     primary = list(itertools.product([1, 7, 33, 300], ["nf4", "fp4"], [False, True], dtypes))
-    secondary = list(itertools.product([1, 8, 16, 64], [False, True], [0.0, 0.1], ["fused", "dequant"], SHAPES))
+    secondary = list(itertools.product([1, 8, 16, 64], [False, True], [0.0, 0.1], dispatch.PATHS, SHAPES))
     random.Random(0).shuffle(secondary)
     return [Case(*p, *s) for p, s in zip(primary + primary[::3], secondary)]
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import lora_engine
-from lora_engine import LoRALinear, LoRALinear4bit
+from lora_engine import LoRALinear, LoRALinear4bit, dispatch
 
 pytestmark = pytest.mark.interpreter
 
@@ -94,7 +94,7 @@ def test_from_bnb_rejects_an_unquantized_layer():
         LoRALinear4bit.from_bnb(base, r=4)
 
 
-@pytest.mark.parametrize("path", ["fused", "dequant"])
+@pytest.mark.parametrize("path", dispatch.PATHS)
 def test_merge_matches_unmerged_output(path, kernel_device):
     layer = _layer(kernel_device)
     x = torch.randn(4, 7, 100, device=kernel_device)

@@ -1,6 +1,7 @@
 """The pure-torch reference reads bitsandbytes' layouts exactly."""
 
 import copy
+import os
 
 import bitsandbytes.functional as bnbF
 import pytest
@@ -18,11 +19,18 @@ from lora_engine.testing import assert_bitwise_equal
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_reference_dequantize_is_bitwise_bitsandbytes(quant_type, nested, blocksize, dtype):
+    """Bitwise equal to bitsandbytes' float32 decode rounded once to ``dtype``.
+
+    bitsandbytes' native CPU kernels on some processors round half-precision outputs through an extra
+    fp16 step (one ulp apart on a few elements), so the float32 decode is the portable definition.
+    """
     torch.manual_seed(blocksize)
     for shape in [(37, 100), (5, 333)]:
         dense = (torch.randn(shape) * 2).to(dtype)
         packed, state = bnbF.quantize_4bit(dense, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
-        expected = bnbF.dequantize_4bit(packed, state)
+        state32 = copy.copy(state)
+        state32.dtype = torch.float32
+        expected = bnbF.dequantize_4bit(packed, state32).to(dtype)
         assert_bitwise_equal(f"reference {shape}", reference.dequantize_4bit(packed, state, dtype), expected)
 
 
@@ -49,6 +57,7 @@ def test_reference_reads_the_cpu_packed_layout(nested):
 
 
 @pytest.mark.interpreter
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the CPU-packed layout lives on CPU tensors")
 def test_triton_path_rejects_the_cpu_packed_layout_clearly():
     _, repacked, state = _cpu_packed(True)
     x = torch.randn(3, 128)

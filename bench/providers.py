@@ -1,0 +1,245 @@
+"""What the layer benchmark times: our layer (dispatcher and each path) and the anchors, on shared inputs.
+
+Every provider is built from the same ``LayerInputs`` (one quantized weight, one x, one LoRA pair, one dy),
+so all of them compute the same function and are timed in the same process.
+
+    lora_engine                  LoRALinear4bit.from_bnb over the bnb layer; the dispatcher picks the path
+    lora_engine[<path>]          the functional API with the path forced (fused, dequant, dequant_cublas)
+    bnb_peft                     bitsandbytes Linear4bit wrapped by PEFT's LoRA layer (eager)
+    dequant_cublas               bnb dequantize_4bit into a fresh tensor, cuBLAS GEMM, addmm LoRA; backward
+                                 decodes again (the algorithm Unsloth uses)
+    dense_bf16                   cuBLAS on the already-decoded weight, no LoRA (the floor)
+    torch_reference              lora_engine.reference (pure torch, fp32 accumulation)
+    <provider>+graph             the same call replayed from a CUDA graph (decode mode)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+MODES = ("fwd", "fwdbwd", "decode")
+RANK = 16
+LORA_ALPHA = 32
+PATH_PROVIDERS = ("lora_engine[fused]", "lora_engine[dequant]", "lora_engine[dequant_cublas]")
+ANCHORS = ("bnb_peft", "dequant_cublas", "dense_bf16")
+DEFAULT_PROVIDERS = ("lora_engine", *PATH_PROVIDERS, *ANCHORS)
+GRAPH_PROVIDERS = ("lora_engine+graph", "bnb_peft+graph", "dense_bf16+graph")
+ALL_PROVIDERS = (*DEFAULT_PROVIDERS, "torch_reference", *GRAPH_PROVIDERS)
+
+
+@dataclass
+class LayerInputs:
+    """One layer's operands, shared by every provider."""
+
+    n: int
+    k: int
+    m: int
+    dtype: torch.dtype
+    weight: torch.nn.Parameter  # bitsandbytes Params4bit, NF4 + double quant, blocksize 64
+    dense: torch.Tensor  # the decoded weight (the dense anchor's operand)
+    x: torch.Tensor
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    dy: torch.Tensor
+    scaling: float = LORA_ALPHA / RANK
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the 4-bit weight a forward must read: packed codes plus the (nested) absmax."""
+        state = self.weight.quant_state
+        absmax = state.absmax.numel() * state.absmax.element_size()
+        if state.nested:
+            absmax += state.state2.absmax.numel() * 4
+        return self.weight.numel() * self.weight.element_size() + absmax
+
+
+def make_inputs(n: int, k: int, m: int, dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> LayerInputs:
+    """Random operands with LLM-like scales (W ~ N(0, 0.02), x ~ N(0, 1)), seeded by the shape."""
+    import bitsandbytes.functional as bnbF
+
+    from lora_engine.format import quantize_weight
+
+    gen = torch.Generator(device=device).manual_seed(n * 7919 + k * 31 + m)
+
+    def randn(*shape: int, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
+
+    weight = quantize_weight(randn(n, k, std=0.02), quant_type="nf4", blocksize=64, compress_statistics=True)
+    dense = bnbF.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+    return LayerInputs(
+        n, k, m, dtype, weight, dense,
+        x=randn(m, k), lora_A=randn(RANK, k, std=k**-0.5), lora_B=randn(n, RANK, std=0.01), dy=randn(m, n),
+    )  # fmt: skip
+
+
+@dataclass
+class Runnable:
+    """A zero-argument call to time, and the leaves whose grads are reset between calls."""
+
+    fn: Callable[[], object]
+    grad_leaves: tuple[torch.Tensor, ...] = ()
+
+
+def _leaves(t: LayerInputs, mode: str, *, lora: bool = True) -> tuple[torch.Tensor, ...]:
+    """Fresh leaves for x (and A, B): requiring grad in fwdbwd, plain tensors otherwise."""
+    grad = mode == "fwdbwd"
+    tensors = (t.x, t.lora_A, t.lora_B) if lora else (t.x,)
+    return tuple(v.detach().clone().requires_grad_(grad) for v in tensors)
+
+
+def _wrap(forward: Callable[[], torch.Tensor], mode: str, dy: torch.Tensor, leaves) -> Runnable:
+    if mode == "fwdbwd":
+
+        def step() -> None:
+            forward().backward(dy)
+
+        return Runnable(step, tuple(leaves))
+
+    def infer() -> torch.Tensor:
+        with torch.no_grad():
+            return forward()
+
+    return Runnable(infer)
+
+
+def _bnb_base(t: LayerInputs) -> torch.nn.Module:
+    import bitsandbytes as bnb
+
+    base = bnb.nn.Linear4bit(t.k, t.n, bias=False, compute_dtype=t.dtype, quant_type="nf4", device="meta")
+    base.weight = t.weight  # share the one quantized weight
+    return base
+
+
+def _lora_engine_module(t: LayerInputs, mode: str) -> Runnable:
+    import lora_engine
+
+    layer = lora_engine.LoRALinear4bit.from_bnb(_bnb_base(t), r=RANK, lora_alpha=LORA_ALPHA, lora_dtype=t.dtype)
+    x, lora_A, lora_B = _leaves(t, mode)
+    layer.lora_A.data.copy_(lora_A.detach())
+    layer.lora_B.data.copy_(lora_B.detach())
+    layer.train(mode == "fwdbwd")
+    x.requires_grad_(mode == "fwdbwd")
+    return _wrap(lambda: layer(x), mode, t.dy, (x, layer.lora_A, layer.lora_B))
+
+
+def _lora_engine_path(path: str) -> Callable[[LayerInputs, str], Runnable]:
+    def build(t: LayerInputs, mode: str) -> Runnable:
+        import lora_engine
+
+        x, lora_A, lora_B = _leaves(t, mode)
+        state = t.weight.quant_state
+
+        def forward() -> torch.Tensor:
+            with lora_engine.force_path(path):
+                return lora_engine.lora_linear_4bit(x, t.weight, state, lora_A, lora_B, t.scaling)
+
+        return _wrap(forward, mode, t.dy, (x, lora_A, lora_B))
+
+    return build
+
+
+def _bnb_peft(t: LayerInputs, mode: str) -> Runnable:
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    config = LoraConfig(r=RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0)
+    layer = PeftLinear4bit(_bnb_base(t), "default", config, r=RANK, lora_alpha=LORA_ALPHA)
+    layer.to(device=t.x.device)
+    x, lora_A, lora_B = _leaves(t, mode)
+    layer.lora_A["default"].weight = torch.nn.Parameter(lora_A.detach(), requires_grad=mode == "fwdbwd")
+    layer.lora_B["default"].weight = torch.nn.Parameter(lora_B.detach(), requires_grad=mode == "fwdbwd")
+    return _wrap(lambda: layer(x), mode, t.dy, (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight))
+
+
+class _DequantCublasLoRA(torch.autograd.Function):
+    """Decode W to a fresh dense tensor, cuBLAS GEMM, LoRA by addmm; backward decodes W again."""
+
+    @staticmethod
+    def forward(ctx, x, lora_A, lora_B, weight, scaling):
+        import bitsandbytes.functional as bnbF
+
+        w = bnbF.dequantize_4bit(weight.data, weight.quant_state)
+        xa = x @ lora_A.t()
+        y = x @ w.t()
+        y.addmm_(xa, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x, lora_A, lora_B, xa)
+        ctx.weight, ctx.scaling = weight, scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        import bitsandbytes.functional as bnbF
+
+        x, lora_A, lora_B, xa = ctx.saved_tensors
+        s = ctx.scaling
+        w = bnbF.dequantize_4bit(ctx.weight.data, ctx.weight.quant_state)
+        dyb = dy @ lora_B
+        dx = dy @ w
+        dx.addmm_(dyb, lora_A, alpha=s)
+        d_lora_A = (dyb.t() @ x).mul_(s)
+        d_lora_B = (dy.t() @ xa).mul_(s)
+        return dx, d_lora_A, d_lora_B, None, None
+
+
+def _dequant_cublas(t: LayerInputs, mode: str) -> Runnable:
+    x, lora_A, lora_B = _leaves(t, mode)
+    return _wrap(lambda: _DequantCublasLoRA.apply(x, lora_A, lora_B, t.weight, t.scaling), mode, t.dy, (x, lora_A, lora_B))
+
+
+def _dense_bf16(t: LayerInputs, mode: str) -> Runnable:
+    (x,) = _leaves(t, mode, lora=False)
+    return _wrap(lambda: x @ t.dense.t(), mode, t.dy, (x,))
+
+
+def _torch_reference(t: LayerInputs, mode: str) -> Runnable:
+    from lora_engine import reference
+
+    x, lora_A, lora_B = _leaves(t, mode)
+    state = t.weight.quant_state
+    forward = lambda: reference.lora_linear_4bit(x, t.weight, state, lora_A, lora_B, t.scaling)  # noqa: E731
+    return _wrap(forward, mode, t.dy, (x, lora_A, lora_B))
+
+
+def _in_cuda_graph(build: Callable[[LayerInputs, str], Runnable]) -> Callable[[LayerInputs, str], Optional[Runnable]]:
+    def build_graphed(t: LayerInputs, mode: str) -> Optional[Runnable]:
+        if mode == "fwdbwd":
+            return None
+        call = build(t, mode).fn
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # compile and allocate outside the capture
+                call()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            call()
+        return Runnable(graph.replay)
+
+    return build_graphed
+
+
+BUILDERS: dict[str, Callable[[LayerInputs, str], Optional[Runnable]]] = {
+    "lora_engine": _lora_engine_module,
+    **{f"lora_engine[{p}]": _lora_engine_path(p) for p in ("fused", "dequant", "dequant_cublas")},
+    "bnb_peft": _bnb_peft,
+    "dequant_cublas": _dequant_cublas,
+    "dense_bf16": _dense_bf16,
+    "torch_reference": _torch_reference,
+    "lora_engine+graph": _in_cuda_graph(_lora_engine_module),
+    "bnb_peft+graph": _in_cuda_graph(_bnb_peft),
+    "dense_bf16+graph": _in_cuda_graph(_dense_bf16),
+}
+assert set(BUILDERS) == set(ALL_PROVIDERS)
+
+
+def build(provider: str, inputs: LayerInputs, mode: str) -> Optional[Runnable]:
+    """The runnable for ``provider`` in ``mode``, or None where it does not apply (graphs in fwdbwd)."""
+    if provider not in BUILDERS:
+        raise ValueError(f"unknown provider {provider!r}; known: {', '.join(ALL_PROVIDERS)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    return BUILDERS[provider](inputs, mode)

@@ -1,0 +1,88 @@
+"""``python -m bench.tune``: sweep the GEMM kernel's tile configs per regime and report the fastest.
+
+For each shape and M, times ``lora_matmul`` (forward orientation, LoRA epilogue) over candidate
+``MatmulConfig``s on the packed 4-bit weight (the fused path) and on the decoded weight (the GEMM of the
+dequant path), next to cuBLAS on the decoded weight. Writes ``bench/results/<gpu>/tune_matmul.json``; the
+winners feed ``lora_engine.kernels.configs``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .providers import make_inputs
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def candidates(m: int):
+    from lora_engine.kernels.configs import MatmulConfig
+
+    if m <= 16:
+        grid = itertools.product([16], [16, 32, 64], [64], [2, 4], [3], [1, 2, 4, 8, 16])
+    elif m <= 256:
+        grid = itertools.product([32, 64], [32, 64, 128], [64], [4], [2, 3, 4], [1, 2])
+    else:
+        grid = itertools.product([64, 128], [64, 128, 256], [64], [4, 8], [3, 4], [1])
+    for bm, bn, bk, warps, stages, split_k in grid:
+        yield MatmulConfig(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=warps, num_stages=stages,
+                           split_k=split_k)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    import triton.testing
+
+    from lora_engine.format import packed_4bit
+    from lora_engine.kernels.lora_matmul import lora_matmul
+
+    p = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__)
+    p.add_argument("--shapes", nargs="+", default=["4096x4096", "14336x4096", "4096x14336"])
+    p.add_argument("--m", nargs="+", type=int, default=[1, 16, 64, 256, 4096])
+    p.add_argument("--weights", nargs="+", default=["4bit", "dense"], choices=["4bit", "dense"])
+    p.add_argument("--rep-ms", type=int, default=20)
+    args = p.parse_args(argv)
+    rows = []
+    for shape in args.shapes:
+        n, k = map(int, shape.split("x"))
+        for m in args.m:
+            t = make_inputs(n, k, m)
+            packed = packed_4bit(t.weight, t.weight.quant_state)
+            left = (t.x.float() @ t.lora_A.float().t()).contiguous()
+            cublas = triton.testing.do_bench(lambda: t.x @ t.dense.t(), rep=args.rep_ms)
+            for kind in args.weights:
+                weight = packed if kind == "4bit" else t.dense
+                best = None
+                for cfg in candidates(m):
+                    def call(cfg=cfg):
+                        return lora_matmul(t.x, weight, weight_out_by_in=True, right=t.lora_B, left=left,
+                                           scaling=2.0, config=cfg)  # fmt: skip
+                    try:
+                        call()
+                        ms = triton.testing.do_bench(call, rep=args.rep_ms)
+                    except Exception as exc:  # configs that overflow shared memory or registers
+                        ms = None
+                        err = type(exc).__name__
+                    row = dict(N=n, K=k, M=m, weight=kind, config=cfg.__dict__, ms=ms, cublas_ms=cublas)
+                    if ms is None:
+                        row["error"] = err
+                    rows.append(row)
+                    if ms is not None and (best is None or ms < best[0]):
+                        best = (ms, cfg)
+                if best:
+                    print(f"{n}x{k} M={m:5d} {kind:5s}: best {best[0] * 1e3:8.1f} us (cuBLAS dense {cublas * 1e3:8.1f} us)"
+                          f"  {best[1]}", flush=True)  # fmt: skip
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
+    out = RESULTS / gpu
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tune_matmul.json").write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""The benchmark's providers all compute the same layer, so their timings compare like with like."""
+
+import pytest
+import torch
+
+from bench.providers import ALL_PROVIDERS, MODES, build, make_inputs
+from bench.shapes import MODELS, layer_shapes
+
+pytestmark = pytest.mark.interpreter
+
+
+def _eager_providers():
+    return [p for p in ALL_PROVIDERS if not p.endswith("+graph")]
+
+
+def test_every_provider_computes_the_same_layer():
+    inputs = make_inputs(40, 136, 5, dtype=torch.float32, device="cpu")
+    reference = build("torch_reference", inputs, "fwdbwd")
+    reference.fn()
+    expected = [leaf.grad for leaf in reference.grad_leaves]
+    y_expected = build("torch_reference", inputs, "fwd").fn()
+    for provider in _eager_providers():
+        y = build(provider, inputs, "fwd").fn()
+        if provider == "dense_bf16":  # no LoRA term: it must differ by exactly the LoRA product
+            lora = inputs.scaling * (inputs.x @ inputs.lora_A.t()) @ inputs.lora_B.t()
+            torch.testing.assert_close(y + lora, y_expected, rtol=1e-5, atol=1e-5)
+            continue
+        torch.testing.assert_close(y, y_expected, rtol=1e-5, atol=1e-5, msg=f"{provider} forward")
+        run = build(provider, inputs, "fwdbwd")
+        run.fn()
+        for name, leaf, want in zip(("dx", "dA", "dB"), run.grad_leaves, expected):
+            torch.testing.assert_close(leaf.grad, want, rtol=1e-4, atol=1e-5, msg=f"{provider} {name}")
+
+
+def test_unknown_provider_and_mode_are_named():
+    inputs = make_inputs(8, 64, 1, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="unknown provider 'cublas'"):
+        build("cublas", inputs, "fwd")
+    with pytest.raises(ValueError, match="unknown mode 'train'"):
+        build("bnb_peft", inputs, "train")
+    assert set(MODES) == {"fwd", "fwdbwd", "decode"}
+
+
+def test_shape_registry_holds_real_projections():
+    llama = MODELS["llama3-8b"].projections()
+    assert llama["q_proj"] == (4096, 4096) and llama["gate_proj"] == (14336, 4096) and llama["down_proj"] == (4096, 14336)
+    assert llama["k_proj"] == (1024, 4096)
+    shapes = layer_shapes(["llama3-8b", "mistral-7b"])
+    assert len({(n, k) for _, _, n, k in shapes}) == len(shapes), "repeated (N, K) pairs are measured once"
+    with pytest.raises(ValueError, match="unknown model"):
+        layer_shapes(["gpt-5"])
