@@ -21,6 +21,14 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-xdist>=3", "hypothesis>=6", "accelerate>=1.0"],
+        "bench": ["matplotlib", "tqdm"],
+        "test": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "pytest-xdist>=3",
+            "hypothesis>=6",
+            "accelerate>=1.0",
+            "trl>=0.20",  # SFTTrainer compatibility test (skipped when absent)
+        ],
     },
 )
