@@ -45,6 +45,44 @@ def _splits_k(x: torch.Tensor, weight: Weight, path: str) -> bool:
     return matmul_config(x.shape[0], n_out, x.shape[1], x.dtype).split_k > 1
 
 
+def lora_forward(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    weight: Weight,
+    scaling: float,
+    dropout: Optional[Dropout],
+    path: str,
+    keep_left: bool,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The forward pass on 2-D x: ``(y, left)``, with ``left = drop(x)·Aᵀ`` (fp32) when ``keep_left`` (dB needs it).
+
+    Called directly where no gradient is needed, which spares the autograd bookkeeping on the host.
+    """
+    rank = lora_A.shape[0]
+    gemm_weight = _gemm_weight(weight, path, x.dtype)
+    if path == "dequant_cublas":
+        # cuBLAS computes x·Aᵀ faster than the rank-r kernel; the dropout mask needs the kernel
+        left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, lora_A.t().to(x.dtype))
+        scaled_left, right = (left * scaling).to(x.dtype), lora_B.t().to(x.dtype)
+        y = torch.mm(scaled_left, right) if bias is None else torch.addmm(bias.to(x.dtype), scaled_left, right)
+        y.addmm_(x, gemm_weight.t())  # in place: the LoRA term is the GEMM's C operand, no extra copy
+        left = left.float() if keep_left else None
+    elif dropout is None and rank <= IN_LOOP_RANK_LIMIT and not _splits_k(x, weight, path):
+        left = torch.empty((x.shape[0], rank), dtype=torch.float32, device=x.device) if keep_left else None
+        y = lora_matmul(
+            x, gemm_weight, weight_out_by_in=True, right=lora_B, down=lora_A.t(), left_out=left,
+            scaling=scaling, bias=bias,
+        )  # fmt: skip
+    else:
+        # Few rows: cuBLAS's x·Aᵀ beats the rank-r kernel, which has only M / BLOCK_M programs
+        small = dropout is None and x.shape[0] <= SMALL_M
+        left = torch.mm(x, lora_A.t().to(x.dtype)).float() if small else lora_down(x, lora_A.t(), dropout)
+        y = lora_matmul(x, gemm_weight, weight_out_by_in=True, right=lora_B, left=left, scaling=scaling, bias=bias)
+    return y, left
+
+
 class LoRALinearFunction(torch.autograd.Function):
     """``y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + bias`` on 2-D x, through the Triton kernels."""
 
@@ -60,27 +98,7 @@ class LoRALinearFunction(torch.autograd.Function):
         dropout: Optional[Dropout],
         path: str,
     ) -> torch.Tensor:
-        rank = lora_A.shape[0]
-        gemm_weight = _gemm_weight(weight, path, x.dtype)
-        keep_left = ctx.needs_input_grad[2]  # dB needs drop(x)·Aᵀ
-        if path == "dequant_cublas":
-            # cuBLAS computes x·Aᵀ faster than the rank-r kernel; the dropout mask needs the kernel
-            left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, lora_A.t().to(x.dtype))
-            scaled_left, right = (left * scaling).to(x.dtype), lora_B.t().to(x.dtype)
-            y = torch.mm(scaled_left, right) if bias is None else torch.addmm(bias.to(x.dtype), scaled_left, right)
-            y.addmm_(x, gemm_weight.t())  # in place: the LoRA term is the GEMM's C operand, no extra copy
-            left = left.float() if keep_left else None
-        elif dropout is None and rank <= IN_LOOP_RANK_LIMIT and not _splits_k(x, weight, path):
-            left = torch.empty((x.shape[0], rank), dtype=torch.float32, device=x.device) if keep_left else None
-            y = lora_matmul(
-                x, gemm_weight, weight_out_by_in=True, right=lora_B, down=lora_A.t(), left_out=left,
-                scaling=scaling, bias=bias,
-            )  # fmt: skip
-        else:
-            # Few rows: cuBLAS's x·Aᵀ beats the rank-r kernel, which has only M / BLOCK_M programs
-            small = dropout is None and x.shape[0] <= SMALL_M
-            left = torch.mm(x, lora_A.t().to(x.dtype)).float() if small else lora_down(x, lora_A.t(), dropout)
-            y = lora_matmul(x, gemm_weight, weight_out_by_in=True, right=lora_B, left=left, scaling=scaling, bias=bias)
+        y, left = lora_forward(x, lora_A, lora_B, bias, weight, scaling, dropout, path, ctx.needs_input_grad[2])
         ctx.save_for_backward(x, lora_A, lora_B, left)
         ctx.weight, ctx.scaling, ctx.dropout, ctx.path = weight, scaling, dropout, path
         ctx.bias_dtype = bias.dtype if bias is not None else None

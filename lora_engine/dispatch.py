@@ -5,6 +5,7 @@ the path (4-bit decode fused into the GEMM, or decode into a reused buffer follo
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 import os
@@ -70,6 +71,7 @@ def force_path(path: Optional[str]) -> Iterator[None]:
         _forced_path = previous
 
 
+@functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

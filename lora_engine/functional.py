@@ -83,7 +83,7 @@ def _apply(
     training: bool,
     dropout_seed: Optional[int],
 ) -> torch.Tensor:
-    from .autograd import LoRALinearFunction  # imports Triton, which only this path needs
+    from .autograd import LoRALinearFunction, lora_forward  # imports Triton, which only this path needs
 
     in_features = x.shape[-1]
     out_features = lora_B.shape[0]
@@ -103,7 +103,10 @@ def _apply(
     if training and dropout_p > 0:
         seed = reference.draw_dropout_seed() if dropout_seed is None else int(dropout_seed)
         dropout = Dropout(seed, float(dropout_p), in_features)
-    y = LoRALinearFunction.apply(x2d, lora_A, lora_B, bias, weight, float(scaling), dropout, path)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, lora_A, lora_B, bias)):
+        y = LoRALinearFunction.apply(x2d, lora_A, lora_B, bias, weight, float(scaling), dropout, path)
+    else:  # inference: the same kernels without autograd's bookkeeping
+        y, _ = lora_forward(x2d, lora_A, lora_B, bias, weight, float(scaling), dropout, path, keep_left=False)
     return y.reshape(*x.shape[:-1], out_features)
 
 

@@ -147,3 +147,17 @@ def test_dense_lora_linear(kernel_device):
 def test_repr_names_the_adapter(kernel_device):
     text = repr(_layer(kernel_device))
     assert "r=8" in text and "lora_alpha=16" in text and "in_features=100" in text
+
+
+@pytest.mark.parametrize("path", dispatch.PATHS)
+def test_no_grad_call_matches_the_autograd_call(path, kernel_device):
+    """Inference skips autograd's bookkeeping; it must run the same computation."""
+    layer = _layer(kernel_device)
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(7, 100, device=kernel_device)
+    with lora_engine.force_path(path):
+        with_grad = layer(x)
+        with torch.no_grad():
+            without = layer(x)
+    assert with_grad.requires_grad and not without.requires_grad
+    torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=0)
