@@ -5,7 +5,6 @@ the path (4-bit decode fused into the GEMM, or decode into a reused buffer follo
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import logging
 import os
@@ -71,9 +70,15 @@ def force_path(path: Optional[str]) -> Iterator[None]:
         _forced_path = previous
 
 
-@functools.cache
+_triton_found: Optional[bool] = None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    """Whether Triton is installed (probed once: the probe costs microseconds on every call)."""
+    global _triton_found
+    if _triton_found is None:
+        _triton_found = importlib.util.find_spec("triton") is not None
+    return _triton_found
 
 
 def interpreter_enabled() -> bool:
@@ -108,13 +113,18 @@ def use_triton(device: torch.device) -> bool:
 _capabilities: dict[int, tuple[int, int]] = {}
 
 
+@torch.compiler.assume_constant_result  # a device query: a constant to torch.compile, not a traced call
+def _capability(index: Optional[int]) -> tuple[int, int]:
+    index = torch.cuda.current_device() if index is None else index
+    if index not in _capabilities:
+        _capabilities[index] = torch.cuda.get_device_capability(index)
+    return _capabilities[index]
+
+
 def _path_steps(device: Optional[torch.device]) -> tuple[tuple[int, str], ...]:
     if device is None or device.type != "cuda":
         return DEFAULT_PATH_STEPS
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _capabilities:
-        _capabilities[index] = torch.cuda.get_device_capability(index)
-    return PATH_STEPS.get(_capabilities[index], DEFAULT_PATH_STEPS)
+    return PATH_STEPS.get(_capability(device.index), DEFAULT_PATH_STEPS)
 
 
 def choose_path(num_tokens: int, out_features: int, in_features: int, device: Optional[torch.device] = None) -> str:

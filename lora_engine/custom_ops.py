@@ -1,0 +1,191 @@
+"""The fused LoRA linear as ``torch.library`` custom ops, so ``torch.compile`` captures it without graph breaks.
+
+    lora_engine::lora_linear_fwd  (x, A, B, bias, W, ...) -> (y, left)        left = drop(x)·Aᵀ, kept for dB
+    lora_engine::lora_linear_bwd  (dy, x, A, B, left, bias, W, ...) -> (dx, dA, dB, dbias)
+
+Both ops run exactly the code of ``autograd.LoRALinearFunction`` (``lora_forward``, and its backward called
+with a small context object), so eager and compiled training share one implementation. The ops take only tensors
+and plain numbers: a 4-bit W travels as its ``Packed4bit`` tensors plus ``[n, k, blocksize, blocksize2]``, a
+dense W as one tensor plus ``[n, k, 0, 0]``. The dropout seed is a tensor input drawn by the caller
+(``seed_tensor``): drawing it inside the op would hide randomness from the compiler, and reading it on the
+host (``.item()``) while tracing would break the graph. Fake implementations give shapes and dtypes to the
+compiler; the real ones launch the Triton kernels (on CUDA, or in the interpreter under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+
+from .kernels.operands import Dropout, Packed4bit
+
+Weight = Union[Packed4bit, torch.Tensor]
+_EMPTY = (0,)  # shape of the placeholder returned for a gradient or buffer nobody asked for
+
+# int64 seeds drawn like reference.draw_dropout_seed (same generator, same range), kept on the host
+_SEED_HIGH = 2**31 - 1
+
+
+class _Context:
+    """Stands in for the autograd context when ``LoRALinearFunction.backward`` runs inside an op."""
+
+    def __init__(self, needs_input_grad: tuple[bool, ...]) -> None:
+        self.needs_input_grad = needs_input_grad
+        self.saved_tensors: tuple[Optional[torch.Tensor], ...] = ()
+
+
+def weight_parts(weight: Weight) -> tuple[list[torch.Tensor], list[int]]:
+    """Split a 4-bit or dense weight into the tensors and sizes the ops take."""
+    if isinstance(weight, Packed4bit):
+        tensors = [weight.data, weight.code, weight.absmax]
+        if weight.nested:
+            tensors += [weight.absmax2, weight.code2, weight.offset]
+        return tensors, [weight.n, weight.k, weight.blocksize, weight.blocksize2]
+    # never an empty list: the op's autograd wrapper would take an empty int list for an empty tensor list
+    return [weight], [*weight.shape, 0, 0]
+
+
+def _weight(tensors: list[torch.Tensor], sizes: list[int]) -> Weight:
+    """Inverse of :func:`weight_parts`."""
+    if sizes[2] == 0:  # blocksize 0: a dense weight
+        return tensors[0]
+    data, code, absmax, *nested = tensors
+    absmax2, code2, offset = nested if nested else (None, None, None)
+    n, k, blocksize, blocksize2 = sizes
+    return Packed4bit(data, code, absmax, absmax2, code2, offset, n, k, blocksize, blocksize2)
+
+
+def _dropout(dropout_p: float, seed: Optional[torch.Tensor], row_length: int) -> Optional[Dropout]:
+    if seed is None or dropout_p <= 0:
+        return None
+    return Dropout(int(seed.reshape(-1)[0].item()), float(dropout_p), row_length)
+
+
+def seed_tensor(dropout_seed: Optional[int]) -> torch.Tensor:
+    """The dropout seed as a 1-element int64 CPU tensor: ``dropout_seed`` or a draw from torch's CPU generator.
+
+    The draw is the one ``reference.draw_dropout_seed`` makes, without reading it back to Python.
+    """
+    if dropout_seed is not None:
+        return torch.tensor([int(dropout_seed)], dtype=torch.int64)
+    return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64)
+
+
+@torch.library.custom_op("lora_engine::lora_linear_fwd", mutates_args=())
+def lora_linear_fwd(
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    weight: list[torch.Tensor],
+    weight_sizes: list[int],
+    scaling: float,
+    dropout_p: float,
+    dropout_seed: Optional[torch.Tensor],
+    path: str,
+    keep_left: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + bias`` on 2-D x; also returns ``left`` (fp32 [M, r]) when ``keep_left``."""
+    from .autograd import lora_forward  # imports Triton, which only the real implementation needs
+
+    dropout = _dropout(dropout_p, dropout_seed, x.shape[1])
+    y, left = lora_forward(x, lora_A, lora_B, bias, _weight(weight, weight_sizes), scaling, dropout, path, keep_left)
+    if not keep_left or left is None:
+        left = x.new_empty(_EMPTY, dtype=torch.float32)
+    return y, left
+
+
+@lora_linear_fwd.register_fake
+def _(x, lora_A, lora_B, bias, weight, weight_sizes, scaling, dropout_p, dropout_seed, path, keep_left):
+    m, rank = x.shape[0], lora_A.shape[0]
+    left_shape = (m, rank) if keep_left else _EMPTY
+    return x.new_empty((m, lora_B.shape[0])), x.new_empty(left_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("lora_engine::lora_linear_bwd", mutates_args=())
+def lora_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    left: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    weight: list[torch.Tensor],
+    weight_sizes: list[int],
+    scaling: float,
+    dropout_p: float,
+    dropout_seed: Optional[torch.Tensor],
+    path: str,
+    needs_grad: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dA, dB, dbias)``; a gradient not in ``needs_grad`` comes back as an empty placeholder."""
+    from .autograd import LoRALinearFunction
+
+    dropout = _dropout(dropout_p, dropout_seed, x.shape[1])
+    if needs_grad[2] and left.shape != (x.shape[0], lora_A.shape[0]):
+        # the forward did not keep drop(x)·Aᵀ (lora_B needed no gradient then): one low-rank pass redoes it
+        from .kernels.lora_lowrank import lora_down
+
+        left = lora_down(x, lora_A.t(), dropout)
+    ctx = _Context(tuple(needs_grad) + (False,) * 4)
+    ctx.saved_tensors = (x, lora_A, lora_B, left if needs_grad[2] else None)
+    ctx.weight = _weight(weight, weight_sizes)
+    ctx.scaling, ctx.path, ctx.dropout = scaling, path, dropout
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    grads = LoRALinearFunction.backward(ctx, dy)[:4]
+    return tuple(g if g is not None else dy.new_empty(_EMPTY) for g in grads)
+
+
+@lora_linear_bwd.register_fake
+def _(dy, x, lora_A, lora_B, left, bias, weight, weight_sizes, scaling, dropout_p, dropout_seed, path, needs_grad):
+    like = (x, lora_A, lora_B, bias)
+    return tuple(
+        t.new_empty(t.shape) if need and t is not None else dy.new_empty(_EMPTY) for t, need in zip(like, needs_grad)
+    )
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, lora_A, lora_B, bias, weight, weight_sizes, scaling, dropout_p, dropout_seed, path, _ = inputs
+    ctx.save_for_backward(x, lora_A, lora_B, output[1], bias, dropout_seed, *weight)
+    ctx.weight_sizes, ctx.scaling, ctx.dropout_p, ctx.path = weight_sizes, scaling, dropout_p, path
+
+
+def _backward(ctx: Any, dy: torch.Tensor, _dleft: Optional[torch.Tensor]) -> tuple:
+    x, lora_A, lora_B, left, bias, dropout_seed, *weight = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
+    needs[3] = needs[3] and bias is not None
+    grads = lora_linear_bwd(
+        dy, x, lora_A, lora_B, left, bias, weight, ctx.weight_sizes, ctx.scaling, ctx.dropout_p, dropout_seed,
+        ctx.path, needs,
+    )  # fmt: skip
+    dx, d_lora_A, d_lora_B, d_bias = (g if need else None for g, need in zip(grads, needs))
+    # one entry per input, with a list of Nones for the list of weight tensors
+    return dx, d_lora_A, d_lora_B, d_bias, [None] * len(weight), None, None, None, None, None, None
+
+
+torch.library.register_autograd("lora_engine::lora_linear_fwd", _backward, setup_context=_setup_context)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    scaling: float,
+    dropout_p: float,
+    dropout_seed: Optional[int],
+    path: str,
+) -> torch.Tensor:
+    """The fused layer on 2-D x through the custom ops (what ``functional`` runs under ``torch.compile``).
+
+    ``dropout_p`` > 0 means dropout is on (the caller passes 0 outside training).
+    """
+    seed = seed_tensor(dropout_seed) if dropout_p > 0 else None
+    tensors, sizes = weight_parts(weight)
+    keep_left = torch.is_grad_enabled() and lora_B.requires_grad
+    y, _ = lora_linear_fwd(
+        x, lora_A, lora_B, bias, tensors, sizes, float(scaling), float(dropout_p), seed, path, keep_left
+    )
+    return y

@@ -1,0 +1,379 @@
+"""Run PEFT's own LoRA layers through the fused kernels, keeping PEFT's modules, parameters and state dict.
+
+``patch_peft_model(model)`` swaps the ``__class__`` of every live LoRA layer over a bitsandbytes 4-bit base
+(``peft.tuners.lora.bnb.Linear4bit``) or a plain ``nn.Linear`` base (``peft.tuners.lora.layer.Linear``) to a
+subclass that overrides ``forward`` only. Nothing else changes: the module objects, parameter names and
+state-dict keys are PEFT's, so ``save_pretrained``, ``load_adapter``, ``set_adapter``, ``disable_adapter()``
+and ``merge_and_unload()`` run PEFT's code as before. The subclasses keep "Linear" in their names because
+PEFT's ``target_modules="all-linear"`` matches adapter layers by class name.
+
+The fused forward covers one active vanilla LoRA adapter (any scaling, rsLoRA included; dropout on the LoRA
+branch drawn in-kernel; base bias frozen or not). Anything else runs PEFT's forward for that call: DoRA and
+other LoRA variants, ``lora_bias``, mixed-batch ``adapter_names``, several active adapters, merged or
+disabled adapters, and layouts or devices the kernels do not read. The ``PatchReport`` lists those layers
+and why; each reason is logged once.
+
+``register_fused_layers(config)`` is the other route: PEFT builds the fused classes directly in
+``get_peft_model`` (through ``LoraConfig._register_custom_module``, an experimental PEFT API).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import torch
+from peft.tuners.lora.layer import Linear as PeftLinear
+from peft.tuners.lora.layer import LoraLayer
+from torch import nn
+
+from .. import dispatch
+from .. import functional as F
+from ..format import is_cpu_packed
+from ..validation import ACTIVATION_DTYPES
+
+try:  # PEFT defines its 4-bit layer only when bitsandbytes can run 4-bit on this machine
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+except ImportError:  # pragma: no cover - bitsandbytes is a dependency; kept for partial installs
+    bnb = None
+    PeftLinear4bit = None
+
+__all__ = ["PatchReport", "patch_peft_model", "register_fused_layers", "unpatch_peft_model"]
+
+_PATCH_ATTR = "_lora_engine_patch"  # (report, layer name) on each patched layer, for fallbacks seen at run time
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """What :func:`patch_peft_model` did.
+
+    patched: names of the LoRA layers whose forward now runs lora_engine's kernels (when they can).
+    fallbacks: patched layers that run PEFT's own forward, with the reasons: those known when patching, and
+        those met on later calls (outside ``torch.compile``).
+    skipped: LoRA layers left as PEFT made them (types or base layers the kernels do not cover), with why.
+    """
+
+    patched: list[str] = dataclasses.field(default_factory=list)
+    fallbacks: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_patched(self) -> int:
+        return len(self.patched)
+
+    def add_fallback(self, name: str, reason: str) -> None:
+        reasons = self.fallbacks.setdefault(name, [])
+        if reason not in reasons:
+            reasons.append(reason)
+
+    def summary(self) -> str:
+        """A few readable lines: counts, then each fallback and skipped layer with its reason."""
+        total = len(self.patched) + len(self.skipped)
+        backend = dispatch.get_backend()
+        route = "the fused kernels" if backend != "torch" else "the torch reference (backend 'torch')"
+        lines = [f"lora_engine: {len(self.patched)}/{total} PEFT LoRA layers run {route}"]
+        if self.fallbacks:
+            lines.append(f"  {len(self.fallbacks)} fall back to PEFT's forward:")
+            lines += [f"    {name}: {'; '.join(reasons)}" for name, reasons in self.fallbacks.items()]
+        if self.skipped:
+            lines.append(f"  {len(self.skipped)} not patched:")
+            lines += [f"    {name}: {reason}" for name, reason in self.skipped.items()]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _active_adapter(layer: LoraLayer) -> tuple[Optional[str], Optional[str]]:
+    """(the one active adapter of this layer, None) or (None, why the fused forward cannot serve the layer)."""
+    if layer.disable_adapters:
+        return None, "adapters disabled"
+    if layer.merged:
+        return None, "adapter merged into the base weight"
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if not active:
+        return None, "no active adapter in this layer"
+    if len(active) > 1:
+        return None, "several active adapters"
+    name = active[0]
+    if name in layer.lora_variant:
+        is_dora = bool(getattr(layer, "use_dora", {}).get(name, False))
+        return None, "DoRA" if is_dora else f"LoRA variant {type(layer.lora_variant[name]).__name__}"
+    if layer.lora_bias.get(name, False):
+        return None, "lora_bias"
+    lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+    if not (type(lora_A) is nn.Linear and type(lora_B) is nn.Linear and lora_A.bias is None and lora_B.bias is None):
+        return None, "LoRA factors are not bias-free nn.Linear modules"
+    if _has_hooks(lora_A) or _has_hooks(lora_B):
+        return None, "the LoRA modules have forward hooks (e.g. accelerate offloading)"
+    if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
+        return None, f"dropout module {type(layer.lora_dropout[name]).__name__}"
+    if not _is_number(layer.scaling[name]):
+        return None, "scaling is not a Python number"
+    return name, None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Hooks (accelerate's offloading ones included) would run in ``module(x)``, which the fused forward skips."""
+    return hasattr(module, "_hf_hook") or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
+
+
+def _base_reason(layer: LoraLayer) -> Optional[str]:
+    """Why the kernels cannot read this layer's base weight right now (None when they can)."""
+    base = layer.get_base_layer()
+    if _has_hooks(base):
+        return "the base layer has forward hooks (e.g. accelerate offloading)"
+    weight = base.weight
+    if PeftLinear4bit is not None and isinstance(layer, PeftLinear4bit):
+        state = getattr(weight, "quant_state", None)
+        if state is None:
+            return "the base weight is not quantized yet"
+        if is_cpu_packed(state):
+            return "bitsandbytes repacked the base weight for its CPU kernel"
+        return None
+    if weight.dtype not in ACTIVATION_DTYPES or type(weight) not in (nn.Parameter, torch.Tensor):
+        return f"base weight of type {type(weight).__name__} and dtype {weight.dtype}"
+    if weight.requires_grad:
+        return "the base weight is trainable"
+    return None
+
+
+def _device_reason(device: torch.device) -> Optional[str]:
+    if dispatch.get_backend() == "auto" and not dispatch.use_triton(device):
+        return f"Triton cannot run on {device.type} tensors (on CPU it needs TRITON_INTERPRET=1)"
+    return None  # an explicit backend is honoured: "torch" runs the reference, "triton" raises if it cannot run
+
+
+def _layer_reason(layer: LoraLayer) -> Optional[str]:
+    """Why the layer, as it is now, would run PEFT's forward (independent of the input)."""
+    _, reason = _active_adapter(layer)
+    return reason or _base_reason(layer) or _device_reason(layer.get_base_layer().weight.device)
+
+
+class _FusedForward:
+    """The forward shared by both fused classes; everything else is PEFT's."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter, compute, reason = self._fused_plan(x, args, kwargs)
+        if reason is not None:
+            _note_fallback(self, reason)
+            return super().forward(x, *args, **kwargs)
+        return self._fused_forward(x, adapter, compute)
+
+    def _fused_plan(
+        self, x: torch.Tensor, args: tuple, kwargs: dict
+    ) -> tuple[Optional[str], Optional[torch.dtype], Optional[str]]:
+        """(adapter, compute dtype, None) for the fused forward, or (None, None, why PEFT's forward runs)."""
+        if kwargs.get("adapter_names") is not None:
+            return None, None, "mixed-batch adapter_names"
+        extra = sorted(key for key, value in kwargs.items() if value is not None)
+        if args or extra:
+            return None, None, f"extra forward arguments {extra or len(args)}"
+        adapter, reason = _active_adapter(self)
+        if reason is None and (not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES):
+            reason = f"input of type {type(x).__name__} and dtype {getattr(x, 'dtype', None)}"
+        reason = reason or _base_reason(self) or _device_reason(x.device)
+        if reason is not None:
+            return None, None, reason
+        compute, reason = self._compute_dtype(x)
+        if reason is None and x.device.type == "cpu" and dispatch.get_backend() != "torch":
+            dtypes = (compute, self.lora_A[adapter].weight.dtype, self.lora_B[adapter].weight.dtype)
+            if torch.bfloat16 in dtypes:
+                reason = "bf16 in the Triton interpreter (it computes bf16 on raw bits)"
+        return (adapter, compute, None) if reason is None else (None, None, reason)
+
+    def _compute_dtype(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
+        """(the dtype the base product runs in, None), or (None, why the fused forward cannot run)."""
+        raise NotImplementedError
+
+    def _lora_args(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float, float, bool]:
+        """lora_A (r, in), lora_B (out, r), scaling, dropout p and whether dropout is on."""
+        dropout = self.lora_dropout[adapter]
+        p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
+        return self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], p, dropout.training
+
+    def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+if PeftLinear4bit is not None:
+
+    class FusedLoraLinear4bit(_FusedForward, PeftLinear4bit):
+        """PEFT's ``lora.Linear4bit`` with its forward run by ``lora_engine.lora_linear_4bit``."""
+
+        def _compute_dtype(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
+            base = self.get_base_layer()
+            if not base.compute_type_is_set:  # what bitsandbytes' forward does on its first call
+                base.set_compute_type(x)
+                base.compute_type_is_set = True
+            # Under autocast the product runs in the autocast dtype, as bitsandbytes' F.linear would.
+            return _autocast_dtype(x.device) or base.compute_dtype or x.dtype, None
+
+        def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype) -> torch.Tensor:
+            base = self.get_base_layer()
+            lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
+            weight = base.weight
+            y = F.lora_linear_4bit(
+                x.to(compute), weight, weight.quant_state, lora_A, lora_B, scaling, bias=base.bias, dropout_p=p,
+                training=training,
+            )  # fmt: skip
+            return y.to(x.dtype)  # bitsandbytes returns the input's dtype
+
+else:  # pragma: no cover
+    FusedLoraLinear4bit = None
+
+
+class FusedLoraLinear(_FusedForward, PeftLinear):
+    """PEFT's ``lora.Linear`` over an ``nn.Linear`` with its forward run by ``lora_engine.lora_linear``."""
+
+    def _compute_dtype(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
+        autocast = _autocast_dtype(x.device)
+        weight_dtype = self.get_base_layer().weight.dtype
+        if autocast is None and x.dtype != weight_dtype:
+            return None, f"input dtype {x.dtype} differs from the base weight's {weight_dtype}"  # nn.Linear raises
+        return autocast or x.dtype, None  # nn.Linear's rule
+
+    def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype) -> torch.Tensor:
+        base = self.get_base_layer()
+        weight, bias = base.weight, base.bias
+        if weight.dtype != compute:  # autocast: cast the frozen weight, as F.linear does
+            weight = weight.to(compute)
+            bias = bias.to(compute) if bias is not None else None
+        lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
+        return F.lora_linear(x.to(compute), weight, lora_A, lora_B, scaling, bias=bias, dropout_p=p, training=training)
+
+
+_FUSED = {PeftLinear: FusedLoraLinear}
+if PeftLinear4bit is not None:
+    _FUSED[PeftLinear4bit] = FusedLoraLinear4bit
+_ORIGINAL = {fused: original for original, fused in _FUSED.items()}
+
+
+def _note_fallback(layer: nn.Module, reason: str) -> None:
+    """Record a fallback in the layer's report and log each new reason once (not while compiling: the logging
+    call would break the graph, and PEFT's forward is correct there anyway)."""
+    if torch.compiler.is_compiling():
+        return
+    report, name = getattr(layer, _PATCH_ATTR, (None, type(layer).__name__))
+    if report is not None:
+        if reason in report.fallbacks.get(name, ()):
+            return  # already in the report, and in the warning patch_peft_model logged
+        report.add_fallback(name, reason)
+    dispatch.report_once(
+        f"peft-fallback:{reason}",
+        f"lora_engine: PEFT LoRA layer {name} runs PEFT's own forward: {reason} (each reason is reported once)",
+    )
+
+
+def _skip_reason(layer: LoraLayer) -> Optional[str]:
+    """Why a LoRA layer is not patched at all (None when it is a type the fused classes cover)."""
+    kind = type(layer)
+    if kind in _ORIGINAL:
+        return None
+    if kind not in _FUSED:
+        return f"{kind.__module__}.{kind.__qualname__} is not covered (only LoRA over bnb 4-bit or nn.Linear)"
+    if kind is PeftLinear:
+        base = layer.get_base_layer()
+        if getattr(layer, "fan_in_fan_out", False) or not isinstance(base, nn.Linear):
+            return f"base layer {type(base).__name__} stores its weight transposed (fan_in_fan_out)"
+        if type(base).forward is not nn.Linear.forward:
+            return f"base layer {type(base).__name__} has its own forward"
+    return None
+
+
+def patch_peft_model(model: nn.Module) -> PatchReport:
+    """Make every PEFT LoRA layer over a bnb 4-bit or nn.Linear base in ``model`` run the fused kernels.
+
+    ``model`` is a ``PeftModel`` or any module holding PEFT LoRA layers; it is changed in place (calling this
+    again is harmless). Returns a :class:`PatchReport`; layers that will run PEFT's forward are logged once.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch_peft_model needs a torch.nn.Module (a PeftModel), got {type(model).__name__}")
+    report = PatchReport()
+    found = False
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        found = True
+        why_not = _skip_reason(module)
+        if why_not is not None:
+            report.skipped[name] = why_not
+            continue
+        if "forward" in vars(module):
+            # A forward bound on the instance (e.g. an accelerate hook) would shadow the class's forward.
+            report.skipped[name] = "forward is overridden on the instance (e.g. an accelerate hook)"
+            continue
+        module.__class__ = _FUSED.get(type(module), type(module))
+        setattr(module, _PATCH_ATTR, (report, name))
+        report.patched.append(name)
+        reason = _layer_reason(module)
+        if reason is not None:
+            report.add_fallback(name, reason)
+    if not found:
+        raise ValueError(
+            "patch_peft_model found no PEFT LoRA layers in the model: wrap it with peft.get_peft_model(model, "
+            "LoraConfig(...)) or PeftModel.from_pretrained(model, adapter_dir) first"
+        )
+    if report.fallbacks or report.skipped:
+        dispatch.logger.warning("%s", report.summary())
+    return report
+
+
+def unpatch_peft_model(model: nn.Module) -> int:
+    """Give every patched LoRA layer in ``model`` its PEFT class back; returns how many were restored."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpatch_peft_model needs a torch.nn.Module, got {type(model).__name__}")
+    restored = 0
+    for module in model.modules():
+        original = _ORIGINAL.get(type(module))
+        if original is not None:
+            module.__class__ = original
+            vars(module).pop(_PATCH_ATTR, None)
+            restored += 1
+    return restored
+
+
+def _fused_dispatch(target: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> Optional[nn.Module]:
+    """A PEFT custom-module dispatcher: PEFT's own layer for ``target``, in its fused class when covered.
+
+    Returns None for anything else, so PEFT's remaining dispatchers (8-bit, GPTQ, ...) handle it as usual.
+    """
+    from peft.tuners.lora.layer import dispatch_default
+
+    new_module = None
+    if PeftLinear4bit is not None and kwargs.get("loaded_in_4bit", False):
+        from peft.tuners.lora.bnb import dispatch_bnb_4bit
+
+        new_module = dispatch_bnb_4bit(target, adapter_name, config=config, **kwargs)
+    if new_module is None and kwargs.get("parameter_name") is None:
+        base = target.get_base_layer() if isinstance(target, LoraLayer) else target
+        is_bnb = bnb is not None and isinstance(base, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+        if isinstance(base, nn.Linear) and type(base).forward is nn.Linear.forward and not is_bnb:
+            new_module = dispatch_default(target, adapter_name, config=config, **kwargs)
+    if new_module is not None and type(new_module) in _FUSED and _skip_reason(new_module) is None:
+        new_module.__class__ = _FUSED[type(new_module)]
+    return new_module
+
+
+def register_fused_layers(config: Any) -> Any:
+    """Make ``get_peft_model(model, config)`` build fused LoRA layers directly; returns ``config``.
+
+    Uses ``LoraConfig._register_custom_module`` (experimental in PEFT). The registration is not saved with the
+    adapter: a model reloaded with ``PeftModel.from_pretrained`` needs :func:`patch_peft_model`.
+    """
+    from peft import LoraConfig
+
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"register_fused_layers needs a peft.LoraConfig, got {type(config).__name__}")
+    dispatcher: Callable[..., Optional[nn.Module]] = _fused_dispatch
+    config._register_custom_module({nn.Linear: dispatcher})
+    return config

@@ -1,0 +1,161 @@
+"""torch.compile over the fused layers: the custom ops pass torch's operator checks, our layers trace without a
+graph break (fullgraph=True), and compiled forward + backward give what eager gives.
+
+The compiled tests use the default Inductor backend (see BACKEND). The kernels themselves are opaque to the
+compiler (custom ops), so under TRITON_INTERPRET=1 Inductor compiles the surrounding graph for the CPU and calls
+the ops, which run the kernels in the interpreter exactly as in eager mode. Inductor draws random numbers with its own
+generator, so ``fallback_random`` makes the compiled dropout seed the eager one: with it, compiled and eager
+runs drop the same elements and must agree.
+"""
+
+import shutil
+
+import pytest
+import torch
+import torch._inductor.config as inductor_config
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+import lora_engine
+from lora_engine import LoRALinear, LoRALinear4bit, custom_ops
+from lora_engine.format import packed_4bit
+
+pytestmark = pytest.mark.interpreter
+
+# Inductor writes C++ for the CPU part of a graph. Without a C++ compiler, aot_eager still runs the whole path
+# under test (Dynamo's capture with the custom ops, AOT autograd's joint forward/backward graph) and executes
+# the graph eagerly.
+BACKEND = "inductor" if torch.cuda.is_available() or shutil.which("g++") or shutil.which("c++") else "aot_eager"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compiler():
+    torch._dynamo.reset()
+    with inductor_config.patch(fallback_random=True):
+        yield
+    torch._dynamo.reset()
+
+
+def _layer_4bit(dropout: float, device: str) -> LoRALinear4bit:
+    torch.manual_seed(0)
+    layer = LoRALinear4bit(
+        100, 37, r=8, lora_alpha=16, lora_dropout=dropout, compute_dtype=torch.float32, device=torch.device(device)
+    )
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.2)  # fresh B is zero, which hides mistakes in the LoRA term
+    return layer.train()
+
+
+def _op_args(weight, dropout_p: float, keep_left: bool, device: str):
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=gen).to(device).requires_grad_()
+
+    x, lora_A, lora_B, bias = leaf(7, 100), leaf(8, 100), leaf(37, 8), leaf(37)
+    tensors, sizes = custom_ops.weight_parts(weight)
+    seed = custom_ops.seed_tensor(3) if dropout_p else None
+    return (x, lora_A, lora_B, bias, tensors, sizes, 1.5, dropout_p, seed, "fused", keep_left)
+
+
+@pytest.mark.parametrize("weight_kind", ["4bit_nested", "dense"])
+def test_custom_op_passes_torch_opcheck(weight_kind, kernel_device):
+    """Schema, fake (meta) implementation, autograd registration and AOT tracing with dynamic shapes."""
+    layer = _layer_4bit(0.0, kernel_device)
+    if weight_kind == "dense":
+        weight = torch.randn(37, 100, generator=torch.Generator().manual_seed(1)).to(kernel_device)
+        args = _op_args(weight, 0.0, True, kernel_device)
+    else:
+        weight = packed_4bit(layer.weight, layer.weight.quant_state)
+        args = _op_args(weight, 0.1, True, kernel_device)
+    torch.library.opcheck(custom_ops.lora_linear_fwd, args)
+    # keep_left=False while lora_B wants a gradient: the backward op recomputes drop(x)·Aᵀ itself
+    torch.library.opcheck(custom_ops.lora_linear_fwd, args[:-1] + (False,))
+
+
+def _run(module: nn.Module, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Forward and backward from a fixed torch seed; returns the output and the gradients (cleared after)."""
+    torch.manual_seed(seed)
+    y = module(x)
+    (y.float().square().sum()).backward()
+    leaves = [x] + [p for p in module.parameters() if p.requires_grad]
+    grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    return y.detach(), grads
+
+
+def _assert_same(compiled, eager):
+    (y_c, grads_c), (y_e, grads_e) = compiled, eager
+    # Same kernels on the same inputs; only Inductor's own code for the loss may round differently.
+    torch.testing.assert_close(y_c, y_e, rtol=1e-6, atol=1e-6)
+    assert len(grads_c) == len(grads_e)
+    for i, (g_c, g_e) in enumerate(zip(grads_c, grads_e)):
+        assert g_e.abs().max() > 0, f"gradient {i} is zero: the case proves nothing"
+        torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6, msg=f"gradient {i}")
+
+
+@pytest.mark.parametrize("dropout, path", [(0.1, "fused"), (0.0, "dequant")])
+def test_compiled_lora_linear_4bit_matches_eager(dropout, path, kernel_device):
+    layer = _layer_4bit(dropout, kernel_device)
+    x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(2)).to(kernel_device).requires_grad_()
+    with lora_engine.force_path(path):
+        eager = _run(layer, x, seed=5)
+        compiled_layer = torch.compile(layer, backend=BACKEND, fullgraph=True)
+        compiled = _run(compiled_layer, x, seed=5)
+        _assert_same(compiled, eager)
+        if dropout:
+            # the seed is an input of the graph: another torch seed gives other masks, the same seed the same
+            again, other = _run(compiled_layer, x, seed=5), _run(compiled_layer, x, seed=6)
+            assert torch.equal(again[0], compiled[0]) and not torch.equal(other[0], compiled[0])
+
+
+def test_no_graph_breaks_in_the_layers(kernel_device):
+    layer4 = _layer_4bit(0.1, kernel_device)
+    torch.manual_seed(0)
+    dense = LoRALinear(37, 29, r=4, lora_dropout=0.1, device=torch.device(kernel_device)).train()
+    model = nn.Sequential(layer4, nn.ReLU(), dense)
+    x = torch.randn(2, 3, 100, device=kernel_device, requires_grad=True)
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    code = explanation.graphs[0].code
+    assert code.count("lora_engine.lora_linear_fwd") == 2, "both layers must run as the registered custom op"
+
+
+class TwoLayers(nn.Module):
+    is_loaded_in_4bit = True
+
+    def __init__(self) -> None:
+        import bitsandbytes as bnb
+
+        super().__init__()
+        self.q = bnb.nn.Linear4bit(100, 37, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+        self.out = nn.Linear(37, 29)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.q(x)))
+
+
+def test_compiled_patched_peft_model_matches_eager(kernel_device):
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q", "out"], lora_dropout=0.1)
+    model = get_peft_model(TwoLayers().to(kernel_device), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    report = lora_engine.patch_peft_model(model)
+    assert report.num_patched == 2 and not report.fallbacks, str(report)
+    model.train()
+    x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(2)).to(kernel_device).requires_grad_()
+
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    torch._dynamo.reset()
+
+    compiled_model = torch.compile(model, backend=BACKEND, fullgraph=True)
+    _assert_same(_run(compiled_model, x, seed=5), _run(model, x, seed=5))
+    # another sequence length: recompiled with a symbolic token count, which the fake implementations take
+    x = torch.randn(2, 9, 100, generator=torch.Generator().manual_seed(3)).to(kernel_device).requires_grad_()
+    _assert_same(_run(compiled_model, x, seed=6), _run(model, x, seed=6))

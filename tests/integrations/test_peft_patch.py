@@ -1,0 +1,357 @@
+"""patch_peft_model: PEFT's LoRA layers run the fused kernels, keep PEFT's modules and state, and fall back to
+PEFT's forward (reported once) for what the kernels do not cover."""
+
+import logging
+from contextlib import nullcontext
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+from peft.tuners.lora.layer import Linear as PeftLinear
+from torch import nn
+
+import lora_engine
+from lora_engine import dispatch, reference
+from lora_engine.integrations.peft import FusedLoraLinear, FusedLoraLinear4bit, register_fused_layers
+from lora_engine.testing import assert_close_3way
+
+pytestmark = pytest.mark.interpreter
+
+TARGETS = ["q", "k", "out"]
+
+
+class Net(nn.Module):
+    """Two 4-bit projections with odd shapes (NF4 nested with a bias; FP4 plain without, K odd) and a dense one."""
+
+    is_loaded_in_4bit = True  # what transformers sets on a 4-bit model; PEFT then wraps Linear4bit as lora.Linear4bit
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.q = bnb.nn.Linear4bit(100, 37, bias=True, compute_dtype=dtype, quant_type="nf4", compress_statistics=True)
+        self.k = bnb.nn.Linear4bit(37, 45, bias=False, compute_dtype=dtype, quant_type="fp4", compress_statistics=False)
+        self.out = nn.Linear(45, 29, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.k(torch.relu(self.q(x)))))
+
+
+def _net(device: str, dtype: torch.dtype = torch.float32) -> Net:
+    torch.manual_seed(0)
+    return Net(dtype).to(device)  # bitsandbytes quantizes on the move to a device
+
+
+def _randomize_lora_B(model: nn.Module, seed: int = 0) -> None:
+    """Fresh lora_B is zero, which hides every mistake in the LoRA term; give it values as after training."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+
+
+def _peft_net(device: str, dtype: torch.dtype = torch.float32, patch: bool = False, **lora) -> PeftModel:
+    """A PeftModel over ``Net``; equal arguments give equal weights."""
+    torch.manual_seed(1)
+    config = LoraConfig(**{"r": 8, "lora_alpha": 16, "target_modules": TARGETS, **lora})
+    model = get_peft_model(_net(device, dtype), config)
+    _randomize_lora_B(model)
+    if patch:
+        lora_engine.patch_peft_model(model)
+    return model
+
+
+def _layers(model: PeftModel) -> dict[str, nn.Module]:
+    net = model.base_model.model
+    return {name: getattr(net, name) for name in TARGETS}
+
+
+def _x(device: str, dtype: torch.dtype = torch.float32, requires_grad: bool = False) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(3, 5, 100, generator=gen).to(device, dtype).requires_grad_(requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused forward against the definition, layer by layer (three-way rule)
+
+
+def _reference_layer(layer, x, keep, p, dtype):
+    """The layer's math in ``dtype``: x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + b, W decoded exactly from its 4-bit codes."""
+    base = layer.get_base_layer()
+    weight = base.weight
+    w = reference.dequantize_4bit(weight, weight.quant_state) if hasattr(weight, "quant_state") else weight.float()
+    a = layer.lora_A["default"].weight.detach().to(dtype).requires_grad_()
+    b = layer.lora_B["default"].weight.detach().to(dtype).requires_grad_()
+    xr = x.detach().to(dtype).requires_grad_()
+    x_lora = xr if keep is None else xr * keep.to(dtype) / (1 - p)
+    y = xr @ w.to(dtype).t() + layer.scaling["default"] * ((x_lora @ a.t()) @ b.t())
+    if base.bias is not None:
+        y = y + base.bias.detach().to(dtype)
+    return y, (xr, a, b)
+
+
+LAYER_CASES = [
+    (layer, dtype, rslora, p)
+    for layer in TARGETS
+    for dtype in (torch.float32, torch.float16)
+    for rslora, p in ((False, 0.0), (True, 0.1), (False, 0.1), (True, 0.0))
+]
+
+
+@pytest.mark.parametrize(
+    "layer_name, dtype, rslora, p",
+    LAYER_CASES,
+    ids=[f"{n}-{str(d)[6:]}-{'rslora' if r else 'lora'}-p{p}" for n, d, r, p in LAYER_CASES],
+)
+def test_fused_layer_matches_definition(layer_name, dtype, rslora, p, kernel_device):
+    model = _peft_net(kernel_device, dtype, patch=True, use_rslora=rslora, lora_dropout=p)
+    model.train()
+    layer = _layers(model)[layer_name]
+    assert type(layer) in (FusedLoraLinear4bit, FusedLoraLinear)
+    expected_scaling = 16 / 8**0.5 if rslora else 16 / 8
+    assert layer.scaling["default"] == pytest.approx(expected_scaling)
+
+    in_features = layer.get_base_layer().in_features
+    x = _x(kernel_device, dtype)[..., :in_features].contiguous().requires_grad_()
+    keep = None
+    if p:
+        torch.manual_seed(7)  # the layer draws its dropout seed from torch's generator
+        seed = reference.draw_dropout_seed()
+        keep = reference.dropout_keep_mask(seed, 15, in_features, p, x.device).reshape(x.shape)
+    torch.manual_seed(7)
+    y = layer(x)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(kernel_device, dtype)
+    y.backward(dy)
+    got = (y, x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad)
+    assert y.dtype == dtype and got[2].dtype == got[3].dtype == torch.float32  # PEFT keeps adapters in fp32
+
+    results = {}
+    for label, ref_dtype in (("precise", torch.float64), ("same", dtype)):
+        yr, leaves = _reference_layer(layer, x, keep, p, ref_dtype)
+        yr.backward(dy.to(ref_dtype))
+        results[label] = (yr, *(t.grad for t in leaves))
+    for i, name in enumerate(("y", "dx", "dA", "dB")):
+        precise, same = results["precise"][i], results["same"][i]
+        # fp32 LoRA gradients from fp16 activations: allow fp16's rounding of the result, as the kernel tests do
+        atol = 1e-3 * precise.abs().max().item() if dtype == torch.float16 and name in ("dA", "dB") else None
+        assert_close_3way(f"{layer_name} {name}", got[i], precise, same, atol=atol)
+
+
+def test_patched_model_matches_stock_peft_and_keeps_its_state(kernel_device):
+    stock, patched = _peft_net(kernel_device), _peft_net(kernel_device)
+    report = lora_engine.patch_peft_model(patched)
+    assert report.num_patched == 3 and not report.fallbacks and not report.skipped, str(report)
+    assert "3/3 PEFT LoRA layers run the fused kernels" in str(report)
+
+    layers = _layers(patched)
+    assert isinstance(layers["q"], PeftLinear4bit) and type(layers["q"]) is FusedLoraLinear4bit
+    assert isinstance(layers["out"], PeftLinear) and type(layers["out"]) is FusedLoraLinear
+    assert all("Linear" in type(layer).__name__ for layer in layers.values())  # PEFT's all-linear reads names
+    assert [n for n, _ in patched.named_parameters()] == [n for n, _ in stock.named_parameters()]
+    assert list(patched.state_dict()) == list(stock.state_dict())
+
+    x = _x(kernel_device, requires_grad=True)
+    x_stock = x.detach().clone().requires_grad_()
+    y, y_stock = patched(x), stock(x_stock)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(kernel_device)
+    y.backward(dy)
+    y_stock.backward(dy)
+    # fp32 both ways on the same fp32 numbers: only the summation order differs (K <= 100)
+    torch.testing.assert_close(y, y_stock, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x_stock.grad, rtol=1e-5, atol=1e-5)
+    stock_params = dict(stock.named_parameters())
+    for name, param in patched.named_parameters():
+        if param.requires_grad:
+            assert param.grad.abs().max() > 0, name
+            torch.testing.assert_close(param.grad, stock_params[name].grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_torch_backend_runs_the_reference_through_the_patch(kernel_device):
+    stock, patched = _peft_net(kernel_device), _peft_net(kernel_device, patch=True)
+    x = _x(kernel_device)
+    with lora_engine.use_backend("torch"), torch.no_grad():
+        torch.testing.assert_close(patched(x), stock(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fallbacks: PEFT's forward for that call, the layer listed in the report, one log line per reason
+
+
+def _two_adapters(model: PeftModel) -> None:
+    torch.manual_seed(2)
+    model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    _randomize_lora_B(model, seed=5)
+    model.base_model.set_adapter(["default", "other"])
+
+
+FALLBACKS = {
+    # name: (LoraConfig kwargs, change made after patching, forward kwargs, reason)
+    "dora": (dict(use_dora=True), None, {}, "DoRA"),
+    "lora_bias": (dict(lora_bias=True), None, {}, "lora_bias"),
+    "adapter_names": ({}, None, dict(adapter_names=["default", "__base__", "default"]), "mixed-batch adapter_names"),
+    "several_active": ({}, _two_adapters, {}, "several active adapters"),
+    "merged": ({}, lambda m: m.merge_adapter(), {}, "adapter merged into the base weight"),
+    "disabled": ({}, "disable", {}, "adapters disabled"),
+}
+
+
+@pytest.mark.parametrize("case", FALLBACKS, ids=list(FALLBACKS))
+def test_fallback_runs_peft_forward_and_is_reported_once(case, monkeypatch, caplog, kernel_device):
+    config, change, forward_kwargs, reason = FALLBACKS[case]
+    monkeypatch.setattr(dispatch, "_reported", set())  # report_once remembers reasons process-wide
+    stock, patched = _peft_net(kernel_device, **config), _peft_net(kernel_device, **config)
+    report = lora_engine.patch_peft_model(patched)
+    for model in (stock, patched):
+        if callable(change):
+            change(model)
+        model.eval()
+    x = _x(kernel_device)
+    with caplog.at_level(logging.WARNING, logger="lora_engine"), torch.no_grad():
+        for _ in range(2):
+            with patched.disable_adapter() if change == "disable" else nullcontext():
+                y = patched(x, **forward_kwargs)
+            with stock.disable_adapter() if change == "disable" else nullcontext():
+                y_stock = stock(x, **forward_kwargs)
+            assert torch.equal(y, y_stock), "a fallback must be exactly PEFT's forward"
+    assert set(report.fallbacks) == {f"base_model.model.{name}" for name in TARGETS}, str(report)
+    assert all(reason in reasons for reasons in report.fallbacks.values()), str(report)
+    assert reason in str(report)
+    logged = [r for r in caplog.records if reason in r.getMessage()]
+    assert len(logged) == 1, [r.getMessage() for r in caplog.records]
+
+
+def test_fallback_when_triton_cannot_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: no Triton
+    monkeypatch.setattr(dispatch, "_reported", set())
+    stock, patched = _peft_net("cpu"), _peft_net("cpu")
+    report = lora_engine.patch_peft_model(patched)
+    assert len(report.fallbacks) == 3 and "Triton cannot run on cpu tensors" in str(report), str(report)
+    x = _x("cpu")
+    with torch.no_grad():
+        assert torch.equal(patched(x), stock(x))
+
+
+def test_fallback_for_bf16_in_the_interpreter(monkeypatch):
+    """The interpreter computes bf16 on raw bits: under bf16 autocast on CPU the layers run PEFT's forward."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read per call: CPU tensors take the interpreter, also beside a GPU
+    monkeypatch.setattr(dispatch, "_reported", set())
+    stock, patched = _peft_net("cpu"), _peft_net("cpu")
+    report = lora_engine.patch_peft_model(patched)
+    x = _x("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert torch.equal(patched(x), stock(x))
+    assert len(report.fallbacks) == 3 and "bf16 in the Triton interpreter" in str(report), str(report)
+
+
+class ConvAndEmbedding(nn.Module):
+    def __init__(self) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.emb = nn.Embedding(11, 24)
+        self.c_attn = Conv1D(20, 24)  # GPT-2's transposed linear: weight is [in, out]
+        self.out = nn.Linear(20, 7)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.c_attn(self.emb(ids)))
+
+
+def test_layers_the_kernels_do_not_cover_are_left_alone(kernel_device):
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, target_modules=["emb", "c_attn", "out"], fan_in_fan_out=True)
+    stock = get_peft_model(ConvAndEmbedding().to(kernel_device), config)
+    _randomize_lora_B(stock)
+    patched = get_peft_model(ConvAndEmbedding().to(kernel_device), config)
+    patched.load_state_dict(stock.state_dict())
+    report = lora_engine.patch_peft_model(patched)
+    assert report.patched == ["base_model.model.out"], str(report)
+    assert set(report.skipped) == {"base_model.model.emb", "base_model.model.c_attn"}
+    assert "fan_in_fan_out" in report.skipped["base_model.model.c_attn"]
+    assert "not covered" in report.skipped["base_model.model.emb"]
+    assert type(patched.base_model.model.c_attn) is PeftLinear
+    ids = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(0)).to(kernel_device)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(ids), stock(ids), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Undo, repeat, bad input
+
+
+def test_unpatch_restores_peft_classes_and_patching_twice_is_harmless(kernel_device):
+    stock, patched = _peft_net(kernel_device), _peft_net(kernel_device, patch=True)
+    again = lora_engine.patch_peft_model(patched)
+    assert again.num_patched == 3 and type(_layers(patched)["q"]) is FusedLoraLinear4bit
+    assert lora_engine.unpatch_peft_model(patched) == 3
+    assert [type(layer) for layer in _layers(patched).values()] == [PeftLinear4bit, PeftLinear4bit, PeftLinear]
+    assert not any(hasattr(layer, "_lora_engine_patch") for layer in _layers(patched).values())
+    x = _x(kernel_device)
+    with torch.no_grad():
+        assert torch.equal(patched(x), stock(x))
+    assert lora_engine.unpatch_peft_model(patched) == 0
+
+
+def test_bad_input_is_named():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        lora_engine.patch_peft_model("model")
+    with pytest.raises(ValueError, match="no PEFT LoRA layers.*get_peft_model"):
+        lora_engine.patch_peft_model(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(TypeError, match="unpatch_peft_model needs a torch.nn.Module"):
+        lora_engine.unpatch_peft_model(None)
+    with pytest.raises(TypeError, match="peft.LoraConfig"):
+        register_fused_layers({"r": 8})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PEFT's workflows on a patched model
+
+
+def test_save_and_load_round_trip_with_stock_peft(tmp_path, kernel_device):
+    patched = _peft_net(kernel_device, patch=True)
+    patched.save_pretrained(tmp_path / "adapter")
+    stock = PeftModel.from_pretrained(_net(kernel_device), tmp_path / "adapter")
+    assert not any(type(m) in (FusedLoraLinear4bit, FusedLoraLinear) for m in stock.modules())
+    x = _x(kernel_device)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), stock(x), rtol=1e-5, atol=1e-5)
+
+    # A stock adapter loads into a patched model as a second adapter, and set_adapter switches between them.
+    with torch.no_grad():
+        for name, param in stock.named_parameters():
+            if "lora_A" in name:
+                param.mul_(-1.5)
+    stock.save_pretrained(tmp_path / "second")
+    patched.load_adapter(tmp_path / "second", adapter_name="second")
+    assert type(_layers(patched)["q"]) is FusedLoraLinear4bit
+    with torch.no_grad():
+        patched.set_adapter("second")
+        y_second = patched(x)
+        torch.testing.assert_close(y_second, stock(x), rtol=1e-5, atol=1e-5)
+        patched.set_adapter("default")
+        assert not torch.allclose(patched(x), y_second)
+
+
+def test_merge_and_unload_matches_stock(kernel_device):
+    stock, patched = _peft_net(kernel_device), _peft_net(kernel_device, patch=True)
+    x = _x(kernel_device)
+    with torch.no_grad():
+        merged, merged_stock = patched.merge_and_unload(), stock.merge_and_unload()
+        assert type(merged.q) is bnb.nn.Linear4bit and type(merged.out) is nn.Linear
+        assert torch.equal(merged(x), merged_stock(x))
+        assert not torch.equal(merged(x), _net(kernel_device)(x)), "the merge changed nothing"
+
+
+def test_register_fused_layers_builds_fused_layers_in_get_peft_model(kernel_device):
+    patched = _peft_net(kernel_device, patch=True)
+    torch.manual_seed(1)
+    config = register_fused_layers(LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    built = get_peft_model(_net(kernel_device), config)
+    _randomize_lora_B(built)
+    types = [type(layer) for layer in _layers(built).values()]
+    assert types == [FusedLoraLinear4bit, FusedLoraLinear4bit, FusedLoraLinear]
+    assert list(built.state_dict()) == list(patched.state_dict())
+    x = _x(kernel_device)
+    with torch.no_grad():
+        assert torch.equal(built(x), patched(x))
+    assert lora_engine.patch_peft_model(built).num_patched == 3
