@@ -6,6 +6,9 @@ Triton kernels run the forward and all gradients; ``lora_engine.reference`` is t
 correctness and the path taken on CPU-only machines.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from . import reference
 from .dispatch import force_path, get_backend, set_backend, use_backend
 from .functional import dequantize_4bit, lora_linear, lora_linear_4bit
@@ -13,15 +16,60 @@ from .modules import LoRALinear, LoRALinear4bit
 
 __version__ = "0.1.0"
 
+# Integrations load on first use: importing PEFT (and transformers behind it) takes seconds.
+_LAZY = {
+    "PatchReport": ".integrations.peft",
+    "patch_peft_model": ".integrations.peft",
+    "register_fused_layers": ".integrations.peft",
+    "unpatch_peft_model": ".integrations.peft",
+    "delete_adapter": ".integrations.adapters",
+    "inject": ".integrations.adapters",
+    "load_adapter": ".integrations.adapters",
+    "merge_and_unload": ".integrations.adapters",
+    "print_trainable_parameters": ".integrations.adapters",
+    "save_adapter": ".integrations.adapters",
+    "set_adapter": ".integrations.adapters",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from .integrations.peft import PatchReport, patch_peft_model, register_fused_layers, unpatch_peft_model
+    from .integrations.adapters import (
+        delete_adapter,
+        inject,
+        load_adapter,
+        merge_and_unload,
+        print_trainable_parameters,
+        save_adapter,
+        set_adapter,
+    )
+
 __all__ = [
+    "delete_adapter",
+    "inject",
+    "load_adapter",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "save_adapter",
+    "set_adapter",
     "LoRALinear",
     "LoRALinear4bit",
+    "PatchReport",
     "dequantize_4bit",
     "force_path",
     "get_backend",
     "lora_linear",
     "lora_linear_4bit",
+    "patch_peft_model",
     "reference",
+    "register_fused_layers",
     "set_backend",
+    "unpatch_peft_model",
     "use_backend",
 ]

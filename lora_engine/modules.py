@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional
 
@@ -12,8 +13,35 @@ from . import functional as F
 from .format import is_cpu_packed, packed_bytes, quantize_weight, weight_shape
 
 
+@dataclasses.dataclass
+class AdapterWeights:
+    """One named LoRA adapter of a layer: its pair (``lora_A`` (r, in), ``lora_B`` (out, r)) and hyper-parameters."""
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+    r: int
+    lora_alpha: float
+    scaling: float
+    lora_dropout: float
+    use_rslora: bool
+
+
+def _check_adapter_name(name: Any) -> None:
+    # PEFT puts the name inside state-dict keys and ModuleDict keys: a dot would change the key's structure
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+
+
 class _LoRAAdapter(nn.Module):
-    """The trainable low-rank pair shared by both layers: ``lora_A`` (r, in) and ``lora_B`` (out, r)."""
+    """The trainable low-rank pairs shared by both layers, one per named adapter, one of them active.
+
+    The active adapter's pair is registered as the parameters ``lora_A`` and ``lora_B`` (with ``r``,
+    ``lora_alpha``, ``scaling``, ``lora_dropout`` as plain attributes), so a one-adapter layer has exactly the
+    parameters and state-dict keys it always had. The other adapters are parked off the registered parameters:
+    they are not trained, not in ``parameters()`` nor ``state_dict()``, but follow ``.to()``/``.half()``.
+    ``set_adapter(name)`` swaps a parked pair in (the same Parameter objects, so an optimizer holding them
+    keeps working); ``set_adapter(None)`` leaves no adapter active and the layer computes its frozen base alone.
+    """
 
     def _init_lora(
         self,
@@ -24,35 +52,138 @@ class _LoRAAdapter(nn.Module):
         lora_dropout: float,
         device: Optional[torch.device],
         lora_dtype: torch.dtype,
+        use_rslora: bool = False,
+        adapter_name: str = "default",
     ) -> None:
-        if not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         self.in_features = in_features
         self.out_features = out_features
-        self.r = r
-        self.lora_alpha = float(r if lora_alpha is None else lora_alpha)
-        self.scaling = self.lora_alpha / r
-        self.lora_dropout = float(lora_dropout)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=lora_dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, r, device=device, dtype=lora_dtype))
-        self.reset_lora_parameters()
+        self.active_adapter: Optional[str] = None
+        self._parked: dict[str, AdapterWeights] = {}
+        self._adapter_order: list[str] = []
+        self.add_adapter(
+            adapter_name, r, lora_alpha, lora_dropout, use_rslora=use_rslora, lora_dtype=lora_dtype, device=device
+        )
+        self.set_adapter(adapter_name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Every adapter of this layer, in the order they were added."""
+        return list(self._adapter_order)
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: Optional[float] = None,
+        lora_dropout: float = 0.0,
+        *,
+        use_rslora: bool = False,
+        lora_dtype: Optional[torch.dtype] = None,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        """Add a fresh adapter (PEFT's initialisation), parked: ``set_adapter(name)`` makes it the active one.
+
+        ``lora_alpha`` defaults to ``r``; rsLoRA scales by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
+        ``lora_dtype`` defaults to the dtype of the layer's first adapter (fp32 for the first).
+        """
+        _check_adapter_name(name)
+        if name in self._adapter_order:
+            raise ValueError(f"adapter {name!r} already exists on this layer (adapters: {self._adapter_order})")
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
+        if not isinstance(lora_dropout, (int, float)) or not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        if lora_dtype is None:
+            lora_dtype = self.get_adapter(self._adapter_order[0]).lora_A.dtype if self._adapter_order else torch.float32
+        device = device if device is not None else self.weight.device
+        alpha = float(r if lora_alpha is None else lora_alpha)
+        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=lora_dtype))
+        lora_B = nn.Parameter(torch.empty(self.out_features, r, device=device, dtype=lora_dtype))
+        _init_pair(lora_A, lora_B)
+        self._parked[name] = AdapterWeights(lora_A, lora_B, r, alpha, scaling, float(lora_dropout), bool(use_rslora))
+        self._adapter_order.append(name)
+
+    def set_adapter(self, name: Optional[str]) -> None:
+        """Make adapter ``name`` the active one (``None``: none, the layer runs its frozen base alone)."""
+        if name is not None and name not in self._adapter_order:
+            raise ValueError(f"unknown adapter {name!r}; this layer has {self._adapter_order}")
+        if name == self.active_adapter:
+            return
+        if self.active_adapter is not None:
+            self._parked[self.active_adapter] = self.get_adapter(self.active_adapter)
+        if name is None:
+            self.lora_A = None
+            self.lora_B = None
+            self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora = 0, 0.0, 0.0, 0.0, False
+        else:
+            w = self._parked.pop(name)
+            self.lora_A = w.lora_A
+            self.lora_B = w.lora_B
+            self.r, self.lora_alpha, self.scaling = w.r, w.lora_alpha, w.scaling
+            self.lora_dropout, self.use_rslora = w.lora_dropout, w.use_rslora
+        self.active_adapter = name
+
+    def get_adapter(self, name: str) -> AdapterWeights:
+        """Adapter ``name``'s live Parameters and hyper-parameters (the active one's or a parked one's)."""
+        if name == self.active_adapter:
+            return AdapterWeights(
+                self.lora_A, self.lora_B, self.r, self.lora_alpha, self.scaling, self.lora_dropout, self.use_rslora
+            )
+        if name not in self._parked:
+            raise ValueError(f"unknown adapter {name!r}; this layer has {self._adapter_order}")
+        return dataclasses.replace(self._parked[name])
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name``; if it was active, none is active afterwards."""
+        if name not in self._adapter_order:
+            raise ValueError(f"unknown adapter {name!r}; this layer has {self._adapter_order}")
+        if name == self.active_adapter:
+            self.set_adapter(None)
+        del self._parked[name]
+        self._adapter_order.remove(name)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Parked adapters are not registered parameters; move and cast them along with the rest, in place
+        # (the same Parameter objects, as nn.Module does for registered ones).
+        super()._apply(fn, recurse)
+        with torch.no_grad():
+            for w in self._parked.values():
+                for param in (w.lora_A, w.lora_B):
+                    param.data = fn(param.data)
+        return self
 
     def reset_lora_parameters(self) -> None:
         """PEFT's default: A Kaiming-uniform (a = sqrt(5), as nn.Linear), B zero, so training starts at the base."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
+        if self.lora_A is not None:
+            _init_pair(self.lora_A, self.lora_B)
 
     def _lora_delta(self) -> torch.Tensor:
-        """``scaling · B·A`` in fp32."""
+        """``scaling · B·A`` in fp32 (zero when no adapter is active)."""
+        if self.lora_A is None:
+            return torch.zeros((), device=self.weight.device)
         return self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
 
     def extra_repr(self) -> str:
-        return (
+        text = (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout:g}, bias={self.bias is not None}"
         )
+        if self._adapter_order != ["default"] or self.active_adapter != "default":
+            text += f", active_adapter={self.active_adapter!r}, adapters={self._adapter_order}"
+        return text
+
+
+def _init_pair(lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+    """PEFT's default: A Kaiming-uniform (a = sqrt(5), as nn.Linear), B zero, so training starts at the base."""
+    with torch.no_grad():
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        nn.init.zeros_(lora_B)
+
+
+def _base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``x·Wᵀ + bias`` in x's dtype: a layer with no active adapter."""
+    return nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def _frozen(param: Optional[torch.Tensor]) -> Optional[nn.Parameter]:
@@ -66,7 +197,8 @@ class LoRALinear4bit(_LoRAAdapter):
 
     ``weight`` is the bitsandbytes ``Params4bit`` (with ``.quant_state``), read in place by the kernels; the
     state dict carries bitsandbytes' own keys (``weight``, ``weight.absmax``, ``weight.quant_map``, ...)
-    plus ``lora_A`` and ``lora_B``. Inputs are cast to ``compute_dtype`` (when set) and the output back.
+    plus ``lora_A`` and ``lora_B`` (the active adapter's). Inputs are cast to ``compute_dtype`` (when set) and the
+    output back. More named adapters: ``add_adapter``, ``set_adapter``, ``delete_adapter`` (see ``_LoRAAdapter``).
     """
 
     def __init__(
@@ -85,11 +217,15 @@ class LoRALinear4bit(_LoRAAdapter):
         quant_storage: torch.dtype = torch.uint8,
         device: Optional[torch.device] = None,
         lora_dtype: torch.dtype = torch.float32,
+        use_rslora: bool = False,
+        adapter_name: str = "default",
     ) -> None:
         super().__init__()
         dense = nn.Linear(in_features, out_features, bias=bias, device=device)
         weight = quantize_weight(dense.weight.data, quant_type, blocksize, compress_statistics, quant_storage)
-        self._setup(weight, dense.bias, r, lora_alpha, lora_dropout, compute_dtype, lora_dtype)
+        self._setup(
+            weight, dense.bias, r, lora_alpha, lora_dropout, compute_dtype, lora_dtype, use_rslora, adapter_name
+        )
 
     def _setup(
         self,
@@ -100,12 +236,17 @@ class LoRALinear4bit(_LoRAAdapter):
         lora_dropout: float,
         compute_dtype: Optional[torch.dtype],
         lora_dtype: torch.dtype,
+        use_rslora: bool = False,
+        adapter_name: str = "default",
     ) -> None:
         out_features, in_features = weight_shape(weight, weight.quant_state)
         self.weight = weight
         self.bias = _frozen(bias)
         self.compute_dtype = compute_dtype
-        self._init_lora(in_features, out_features, r, lora_alpha, lora_dropout, packed_bytes(weight).device, lora_dtype)
+        device = packed_bytes(weight).device
+        self._init_lora(
+            in_features, out_features, r, lora_alpha, lora_dropout, device, lora_dtype, use_rslora, adapter_name
+        )
 
     @classmethod
     def from_linear(
@@ -121,13 +262,15 @@ class LoRALinear4bit(_LoRAAdapter):
         compute_dtype: Optional[torch.dtype] = None,
         quant_storage: torch.dtype = torch.uint8,
         lora_dtype: torch.dtype = torch.float32,
+        use_rslora: bool = False,
+        adapter_name: str = "default",
     ) -> "LoRALinear4bit":
         """Quantize ``linear``'s weight through bitsandbytes and add a fresh LoRA adapter."""
         weight = quantize_weight(linear.weight.data, quant_type, blocksize, compress_statistics, quant_storage)
         bias = linear.bias.detach().clone() if linear.bias is not None else None
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(weight, bias, r, lora_alpha, lora_dropout, compute_dtype, lora_dtype)
+        layer._setup(weight, bias, r, lora_alpha, lora_dropout, compute_dtype, lora_dtype, use_rslora, adapter_name)
         return layer
 
     @classmethod
@@ -140,6 +283,8 @@ class LoRALinear4bit(_LoRAAdapter):
         *,
         compute_dtype: Optional[torch.dtype] = None,
         lora_dtype: torch.dtype = torch.float32,
+        use_rslora: bool = False,
+        adapter_name: str = "default",
     ) -> "LoRALinear4bit":
         """Wrap a quantized ``bitsandbytes.nn.Linear4bit``: its weight and bias are shared, not copied (and frozen)."""
         weight = linear4bit.weight
@@ -148,7 +293,9 @@ class LoRALinear4bit(_LoRAAdapter):
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         compute_dtype = compute_dtype if compute_dtype is not None else getattr(linear4bit, "compute_dtype", None)
-        layer._setup(weight, linear4bit.bias, r, lora_alpha, lora_dropout, compute_dtype, lora_dtype)
+        layer._setup(
+            weight, linear4bit.bias, r, lora_alpha, lora_dropout, compute_dtype, lora_dtype, use_rslora, adapter_name
+        )
         return layer
 
     @property
@@ -157,6 +304,8 @@ class LoRALinear4bit(_LoRAAdapter):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compute = self.compute_dtype or x.dtype
+        if self.lora_A is None:  # no adapter active on this layer
+            return _base_linear(x.to(compute), self.dequantize(compute), self.bias).to(x.dtype)
         y = F.lora_linear_4bit(
             x.to(compute), self.weight, self.weight.quant_state, self.lora_A, self.lora_B, self.scaling,
             bias=self.bias, dropout_p=self.lora_dropout, training=self.training,
@@ -169,7 +318,7 @@ class LoRALinear4bit(_LoRAAdapter):
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        """An nn.Linear holding ``W + scaling·B·A`` (and the bias) in the compute dtype."""
+        """An nn.Linear holding ``W + scaling·B·A`` (the active adapter; and the bias) in the compute dtype."""
         dtype = self.compute_dtype or self.weight.quant_state.dtype
         merged = self.dequantize(torch.float32) + self._lora_delta()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=merged.device)
@@ -203,7 +352,9 @@ class LoRALinear4bit(_LoRAAdapter):
             self.weight = Params4bit.from_prequantized(state_dict[weight_key], stats, device=device)
             n_k = weight_shape(self.weight, self.weight.quant_state)
             if n_k != (self.out_features, self.in_features):
-                error_msgs.append(f"{weight_key}: checkpoint is {n_k}, layer is {(self.out_features, self.in_features)}")
+                error_msgs.append(
+                    f"{weight_key}: checkpoint is {n_k}, layer is {(self.out_features, self.in_features)}"
+                )
         rest = {key: value for key, value in state_dict.items() if key != weight_key and key not in quant_keys}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if weight_key in missing_keys and weight_key in state_dict:
@@ -228,16 +379,22 @@ class LoRALinear(_LoRAAdapter):
         device: Optional[torch.device] = None,
         dtype: Optional[torch.dtype] = None,
         lora_dtype: torch.dtype = torch.float32,
+        use_rslora: bool = False,
+        adapter_name: str = "default",
     ) -> None:
         super().__init__()
         dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._setup(dense.weight, dense.bias, r, lora_alpha, lora_dropout, lora_dtype)
+        self._setup(dense.weight, dense.bias, r, lora_alpha, lora_dropout, lora_dtype, use_rslora, adapter_name)
 
-    def _setup(self, weight, bias, r, lora_alpha, lora_dropout, lora_dtype) -> None:
+    def _setup(
+        self, weight, bias, r, lora_alpha, lora_dropout, lora_dtype, use_rslora=False, adapter_name="default"
+    ) -> None:
         out_features, in_features = weight.shape
         self.weight = _frozen(weight)
         self.bias = _frozen(bias)
-        self._init_lora(in_features, out_features, r, lora_alpha, lora_dropout, weight.device, lora_dtype)
+        self._init_lora(
+            in_features, out_features, r, lora_alpha, lora_dropout, weight.device, lora_dtype, use_rslora, adapter_name
+        )
 
     @classmethod
     def from_linear(
@@ -248,14 +405,18 @@ class LoRALinear(_LoRAAdapter):
         lora_dropout: float = 0.0,
         *,
         lora_dtype: torch.dtype = torch.float32,
+        use_rslora: bool = False,
+        adapter_name: str = "default",
     ) -> "LoRALinear":
         """Add a LoRA adapter to ``linear``, sharing (and freezing) its weight and bias."""
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer._setup(linear.weight, linear.bias, r, lora_alpha, lora_dropout, lora_dtype)
+        layer._setup(linear.weight, linear.bias, r, lora_alpha, lora_dropout, lora_dtype, use_rslora, adapter_name)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_A is None:  # no adapter active on this layer
+            return _base_linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
         y = F.lora_linear(
             x.to(self.weight.dtype), self.weight, self.lora_A, self.lora_B, self.scaling,
             bias=self.bias, dropout_p=self.lora_dropout, training=self.training,
@@ -264,7 +425,7 @@ class LoRALinear(_LoRAAdapter):
 
     @torch.no_grad()
     def merge(self) -> nn.Linear:
-        """An nn.Linear holding ``W + scaling·B·A`` (and the bias) in the weight's dtype."""
+        """An nn.Linear holding ``W + scaling·B·A`` (the active adapter; and the bias) in the weight's dtype."""
         linear = nn.Linear(
             self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device,
             dtype=self.weight.dtype,
