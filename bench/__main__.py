@@ -124,7 +124,7 @@ def run_cpu() -> int:
     print("forward + backward; error = max |result - float64| over y, dx, dA, dB.")
     print("No GPU here: the Triton rows run in Triton's CPU interpreter; these timings say nothing about speed.\n")
     print(f"| {'implementation':<36} | {'dtype':<8} | {'max error':>10} | {'wall s':>8} |")
-    print(f"|{"-" * 38}|{'-' * 10}|{'-' * 12}|{'-' * 10}|")
+    print(f"|{'-' * 38}|{'-' * 10}|{'-' * 12}|{'-' * 10}|")
     worst = 0.0
     rows = [("torch", None, torch.float32)] + [("triton", p, dt) for p in lora_engine.dispatch.PATHS
                                                for dt in (torch.float32, torch.float16)]  # fmt: skip
