@@ -33,8 +33,11 @@ def assert_close_3way(
     """``max|actual - precise| <= 2 * max|same_dtype - precise| + atol``.
 
     ``precise`` is the computation in float64; ``same_dtype`` is plain torch in ``actual``'s dtype, so the
-    kernel may err at most twice as much as torch itself does. ``atol`` defaults to one ulp of the output's
-    largest magnitude. NaN and Inf must appear exactly where the precise result has them.
+    kernel may err at most twice as much as torch itself does. ``atol`` defaults to four ulps of the output's
+    largest magnitude: where an output's error comes from a few independent rounding chains (at M = 1 the
+    gradient of B is dy times the one row of x·Aᵀ), the maximum is noisy; over 30 seeds the kernel's and torch's
+    errors on x·Aᵀ at M = 1 had a median ratio of 1.0 and a worst of 2.9. A wrong index, mask or scale is off
+    by orders of magnitude more. NaN and Inf must appear exactly where the precise result has them.
     """
     assert actual.shape == precise.shape == same_dtype.shape, (
         f"{name}: shapes differ: {tuple(actual.shape)}, {tuple(precise.shape)}, {tuple(same_dtype.shape)}"
@@ -43,7 +46,7 @@ def assert_close_3way(
     finite = p.isfinite()
     scale = p[finite].abs().max().item() if finite.any() else 0.0
     if atol is None:
-        atol = torch.finfo(actual.dtype).eps * max(scale, 1e-30)
+        atol = 4 * torch.finfo(actual.dtype).eps * max(scale, 1e-30)
     torch_err = (s - p)[finite].abs().max().item() if finite.any() else 0.0
     bound = 2.0 * torch_err + atol
     if (a.isnan() != p.isnan()).any() or (a.isinf() != p.isinf()).any():
