@@ -126,8 +126,9 @@ def run_cpu() -> int:
     print(f"| {'implementation':<36} | {'dtype':<8} | {'max error':>10} | {'wall s':>8} |")
     print(f"|{'-' * 38}|{'-' * 10}|{'-' * 12}|{'-' * 10}|")
     worst = 0.0
-    rows = [("torch", None, torch.float32)] + [("triton", p, dt) for p in lora_engine.dispatch.PATHS
-                                               for dt in (torch.float32, torch.float16)]  # fmt: skip
+    # the gemv path serves at most 16 tokens over row-aligned blocks: not this layer (its tests cover it)
+    paths = [p for p in lora_engine.dispatch.PATHS if p != "gemv"]
+    rows = [("torch", None, torch.float32)] + [("triton", p, dt) for p in paths for dt in (torch.float32, torch.float16)]
     for backend, path, dtype in rows:
         results, seconds = run(backend, path, dtype)
         err = max((r.double() - e).abs().max().item() / max(e.abs().max().item(), 1e-12) for r, e in zip(results, exact))

@@ -4,7 +4,8 @@ Every provider is built from the same ``LayerInputs`` (one quantized weight, one
 so all of them compute the same function and are timed in the same process.
 
     lora_engine                  LoRALinear4bit.from_bnb over the bnb layer; the dispatcher picks the path
-    lora_engine[<path>]          the functional API with the path forced (fused, dequant, dequant_cublas)
+    lora_engine[<path>]          the functional API with the path forced (fused, dequant, dequant_cublas, gemv;
+                                 gemv only where it applies: at most 16 tokens)
     bnb_peft                     bitsandbytes Linear4bit wrapped by PEFT's LoRA layer (eager)
     dequant_cublas               bnb dequantize_4bit into a fresh tensor, cuBLAS GEMM, addmm LoRA; backward
                                  decodes again (the algorithm Unsloth uses)
@@ -20,10 +21,12 @@ from typing import Callable, Optional
 
 import torch
 
+from lora_engine import dispatch
+
 MODES = ("fwd", "fwdbwd", "decode")
 RANK = 16
 LORA_ALPHA = 32
-PATH_PROVIDERS = ("lora_engine[fused]", "lora_engine[dequant]", "lora_engine[dequant_cublas]")
+PATH_PROVIDERS = tuple(f"lora_engine[{p}]" for p in dispatch.PATHS)
 ANCHORS = ("bnb_peft", "dequant_cublas", "dense_bf16")
 DEFAULT_PROVIDERS = ("lora_engine", *PATH_PROVIDERS, *ANCHORS)
 GRAPH_PROVIDERS = ("lora_engine+graph", "bnb_peft+graph", "dense_bf16+graph")
@@ -125,9 +128,13 @@ def _lora_engine_module(t: LayerInputs, mode: str) -> Runnable:
     return _wrap(lambda: layer(x), mode, t.dy, (x, layer.lora_A, layer.lora_B))
 
 
-def _lora_engine_path(path: str) -> Callable[[LayerInputs, str], Runnable]:
-    def build(t: LayerInputs, mode: str) -> Runnable:
+def _lora_engine_path(path: str) -> Callable[[LayerInputs, str], Optional[Runnable]]:
+    def build(t: LayerInputs, mode: str) -> Optional[Runnable]:
         import lora_engine
+        from lora_engine.kernels.configs import GEMV_MAX_TOKENS
+
+        if path == "gemv" and t.m > GEMV_MAX_TOKENS:
+            return None  # the call would take the dequant path: not a gemv measurement
 
         x, lora_A, lora_B = _leaves(t, mode)
         state = t.weight.quant_state
@@ -224,7 +231,7 @@ def _in_cuda_graph(build: Callable[[LayerInputs, str], Runnable]) -> Callable[[L
 
 BUILDERS: dict[str, Callable[[LayerInputs, str], Optional[Runnable]]] = {
     "lora_engine": _lora_engine_module,
-    **{f"lora_engine[{p}]": _lora_engine_path(p) for p in ("fused", "dequant", "dequant_cublas")},
+    **{f"lora_engine[{p}]": _lora_engine_path(p) for p in dispatch.PATHS},
     "bnb_peft": _bnb_peft,
     "dequant_cublas": _dequant_cublas,
     "dense_bf16": _dense_bf16,

@@ -84,3 +84,32 @@ def lowrank_config(m: int) -> LowRankConfig:
 
 DEQUANT_BLOCK = 1024  # elements decoded per program of the dequantize kernel (512 packed bytes)
 DEQUANT_BLOCK_INTERPRETER = 256
+
+
+GEMV_MAX_TOKENS = 16  # rows of x the 4-bit GEMV serves (the decode regime)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Tiles of the 4-bit GEMV: BLOCK_N rows of W per program, K swept in BLOCK_K steps, M padded to M_PAD."""
+
+    m_pad: int
+    block_n: int
+    block_k: int
+    block_r: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def gemv_config(m: int, rank: int) -> GemvConfig:
+    """Tiles for the GEMV over ``m`` <= GEMV_MAX_TOKENS rows with a rank-``rank`` LoRA term.
+
+    Not yet tuned on a GPU: the per-step product holds m_pad x BLOCK_N x BLOCK_K fp32 values, kept near 8K
+    so it stays in registers, and narrow row blocks give thousands of programs on Llama-sized weights.
+    """
+    m_pad = triton.next_power_of_2(max(m, 1))
+    block_r = min(triton.next_power_of_2(max(rank, 1)), 32)
+    if interpreter_active():
+        return GemvConfig(m_pad=m_pad, block_n=8, block_k=64, block_r=block_r, num_warps=1, num_stages=1)
+    block_k = 256
+    return GemvConfig(m_pad=m_pad, block_n=max(2, 8192 // (m_pad * block_k)), block_k=block_k, block_r=block_r)

@@ -8,7 +8,9 @@ W is frozen (4-bit ``Packed4bit`` or a dense tensor) and gets no gradient.
 
 Paths for a 4-bit W: "fused" decodes W inside the GEMM's K loop; "dequant" decodes it once per call into a
 shared workspace and runs the same Triton GEMM with the LoRA epilogue; "dequant_cublas" decodes the same way
-but runs the big product on cuBLAS (``torch.addmm``) with the LoRA term as its C operand.
+but runs the big product on cuBLAS (``torch.addmm``) with the LoRA term as its C operand; "gemv" (at most
+``GEMV_MAX_TOKENS`` rows) streams the packed bytes once through a GEMV with the LoRA term and bias fused, and
+its backward takes the "dequant" route.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from . import dispatch
 from .kernels.configs import matmul_config
 from .kernels.dequantize import dequantize_4bit
 from .kernels.dropout import dropout_scale_
+from .kernels.lora_gemv import gemv_supported, lora_gemv_4bit
 from .kernels.lora_lowrank import lora_da, lora_down, lora_dy_pass
 from .kernels.lora_matmul import IN_LOOP_RANK_LIMIT, lora_matmul
 from .kernels.operands import Dropout, Packed4bit
@@ -30,7 +33,7 @@ Weight = Union[Packed4bit, torch.Tensor]
 
 def _gemm_weight(weight: Weight, path: str, dtype: torch.dtype) -> Weight:
     """The weight operand of the GEMM: the packed 4-bit weight (fused path) or it decoded into the workspace."""
-    if isinstance(weight, Packed4bit) and path in ("dequant", "dequant_cublas"):
+    if isinstance(weight, Packed4bit) and path in ("dequant", "dequant_cublas", "gemv"):
         buffer = dispatch.dequant_workspace(weight.data.device, dtype, weight.n * weight.k)
         return dequantize_4bit(weight, dtype, out=buffer)
     return weight
@@ -61,6 +64,17 @@ def lora_forward(
     Called directly where no gradient is needed, which spares the autograd bookkeeping on the host.
     """
     rank = lora_A.shape[0]
+    if path == "gemv":
+        if isinstance(weight, Packed4bit) and gemv_supported(x.shape[0], weight):
+            left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, lora_A.t().to(x.dtype))
+            y = lora_gemv_4bit(x, weight, right=lora_B, left=left, scaling=scaling, bias=bias)
+            return y, (left.float() if keep_left else None)
+        dispatch.report_once(
+            "gemv-unsupported",
+            "lora_engine: the gemv path serves at most 16 tokens over a 4-bit weight whose in_features are a multiple "
+            "of its blocksize; other calls take the dequant path",
+        )
+        path = "dequant"
     gemm_weight = _gemm_weight(weight, path, x.dtype)
     if path == "dequant_cublas":
         # cuBLAS computes x·Aᵀ faster than the rank-r kernel; the dropout mask needs the kernel

@@ -15,13 +15,14 @@ import torch
 logger = logging.getLogger("lora_engine")
 
 BACKENDS = ("auto", "triton", "torch")
-PATHS = ("fused", "dequant", "dequant_cublas")
+PATHS = ("fused", "dequant", "dequant_cublas", "gemv")
 
 # Path by token count M, per GPU architecture: ascending (min_tokens, path) steps, read from layer
 # benchmarks (`python -m bench`, results in bench/results/<gpu>/layer.md). On sm_90 the in-loop decode of the
 # "fused" path measured slower than decoding W once per call at every M (its per-element code lookups cost
 # more than the GEMM), so no step picks it; it stays available through `force_path`. From a few hundred
-# tokens cuBLAS beats the Triton GEMM on the decoded weight.
+# tokens cuBLAS beats the Triton GEMM on the decoded weight. The "gemv" path (at most 16 tokens, streaming the
+# packed bytes once) is not in any table until it is measured on that architecture.
 PATH_STEPS: dict[tuple[int, int], tuple[tuple[int, str], ...]] = {
     (9, 0): ((0, "dequant"), (256, "dequant_cublas")),
 }

@@ -95,6 +95,7 @@ def drive_launchers(quick: bool) -> None:
 
     from lora_engine.format import packed_4bit
     from lora_engine.kernels.dequantize import dequantize_4bit
+    from lora_engine.kernels.lora_gemv import gemv_supported, lora_gemv_4bit
     from lora_engine.kernels.lora_lowrank import lora_da, lora_down, lora_dy_pass
     from lora_engine.kernels.lora_matmul import lora_matmul
     from lora_engine.kernels.operands import Dropout
@@ -109,6 +110,12 @@ def drive_launchers(quick: bool) -> None:
         weight = packed_4bit(packed, state)
         for dtype in dtypes:
             dequantize_4bit(weight, dtype)
+            for m in [1, 16] if quick else [1, 4, 16]:
+                if gemv_supported(m, weight):
+                    x, lora_B = torch.randn(m, k, dtype=dtype), torch.randn(n, 16, dtype=dtype)
+                    lora_gemv_4bit(x, weight, right=lora_B, left=torch.empty(m, 16), scaling=2.0,
+                                   bias=torch.randn(n, dtype=dtype))  # fmt: skip
+                    lora_gemv_4bit(x, weight)
             for m in token_counts:
                 x, dy = torch.randn(m, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
                 lora_A, lora_B = torch.randn(16, k, dtype=dtype), torch.randn(n, 16, dtype=dtype)

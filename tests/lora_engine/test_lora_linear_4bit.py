@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import lora_engine
+import lora_engine.autograd
 from lora_engine import dispatch, reference
 from lora_engine.testing import assert_close_3way
 
@@ -26,6 +27,7 @@ SHAPES = {
     "straddle": (37, 100, 64),  # K % blocksize != 0: blocks straddle rows; K even: paired nibble decode
     "odd_k": (45, 75, 32),  # K odd: every other row starts in the middle of a byte
     "aligned": (70, 96, 32),  # blocksize divides K: one scale per row per K step
+    "wide_blocks": (37, 256, 128),  # blocksize divides K and exceeds the K step of some kernels
 }
 
 
@@ -59,6 +61,20 @@ def _cases(dtypes):
 
 CASES = _cases([torch.float16, torch.float32])
 GPU_CASES = _cases([torch.bfloat16])
+
+
+def _gemv_cases(dtypes):
+    """The gemv path over the token counts it serves (its backward takes the dequant route); "straddle" checks
+    that a weight it cannot read row by row falls back to the dequant path with the same results."""
+    primary = list(itertools.product([1, 2, 7, 16], ["nf4", "fp4"], [False, True], dtypes))
+    shapes = ["aligned", "wide_blocks", "straddle"]
+    secondary = list(itertools.product([1, 8, 16, 64], [False, True], [0.0, 0.1], ["gemv"], shapes))
+    random.Random(1).shuffle(secondary)
+    return [Case(*p, *s) for p, s in zip(primary, secondary)]
+
+
+GEMV_CASES = _gemv_cases([torch.float16, torch.float32])
+GPU_GEMV_CASES = _gemv_cases([torch.bfloat16])
 
 
 def _inputs(case: Case, device: str):
@@ -137,6 +153,26 @@ def test_matches_reference(case, kernel_device):
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: c.id)
 def test_matches_reference_bf16(case, kernel_device):
     _check_case(case, kernel_device)
+
+
+def _check_gemv_case(case: Case, device: str, monkeypatch) -> None:
+    launches = []
+    gemv = lora_engine.autograd.lora_gemv_4bit
+    monkeypatch.setattr(lora_engine.autograd, "lora_gemv_4bit", lambda *a, **kw: launches.append(1) or gemv(*a, **kw))
+    _check_case(case, device)
+    expected = 0 if case.shape == "straddle" else 1
+    assert len(launches) == expected, f"the gemv kernel ran {len(launches)} times, expected {expected}"
+
+
+@pytest.mark.parametrize("case", GEMV_CASES, ids=lambda c: c.id)
+def test_gemv_path_matches_reference(case, kernel_device, monkeypatch):
+    _check_gemv_case(case, kernel_device, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_GEMV_CASES, ids=lambda c: c.id)
+def test_gemv_path_matches_reference_bf16(case, kernel_device, monkeypatch):
+    _check_gemv_case(case, kernel_device, monkeypatch)
 
 
 def test_reference_backend_matches_precise():

@@ -1,0 +1,152 @@
+"""Few-token forward over a 4-bit weight: a GEMV that streams W's packed bytes once, LoRA term and bias fused.
+
+    out[M, N] = x[M, K] · deq(W)ᵀ + scaling · left[M, R] · B[N, R]ᵀ + bias[N]        M ≤ GEMV_MAX_TOKENS
+
+The decode regime (one to a few tokens per call) reads W and does almost no arithmetic: a tiled GEMM leaves
+most of its tile rows empty, and a dense GEMM reads a 16-bit weight four times the size of the packed one.
+Here each program owns BLOCK_N rows of W and walks all of K: one byte load gives two elements, their codes
+come from a 16-entry table held in registers (``tl.gather``; a global-memory gather per element costs more
+than the multiply-adds it feeds), and each block scale is loaded once per row per quantization block. All M
+tokens use the same decoded tile (an [M_PAD, BLOCK_N, BLOCK_K] broadcast product in fp32), so W is read once
+whatever M is. ``left = drop(x)·Aᵀ`` arrives precomputed: it is M x R, a negligible product.
+
+Requires ``K % blocksize == 0`` (no quantization block straddles two rows, so a tile's scales are per row);
+``gemv_supported`` says whether a call qualifies. Layout of W: see ``decode.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import GEMV_MAX_TOKENS, GemvConfig, gemv_config
+from .decode import block_scales
+from .operands import Packed4bit
+
+
+@triton.jit
+def _lora_gemv_4bit_kernel(
+    X_ptr, W_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+    Left_ptr, Right_ptr, bias_ptr, Out_ptr,
+    M, N, K, R, blocksize2, scaling,
+    stride_xm, stride_xk,
+    stride_lm, stride_lr,
+    stride_rn, stride_rr,
+    stride_om, stride_on,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+):  # fmt: skip
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_m = tl.arange(0, M_PAD)
+    m_mask = offs_m < M
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_pair = tl.arange(0, BLOCK_K // 2)
+    codes = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BLOCK_N, 16))
+    row_bytes = offs_n.to(tl.int64) * (K // 2)
+    blocks_per_row = K // BLOCKSIZE
+    x_rows = X_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+
+    acc = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        pairs = k0 // 2 + offs_pair
+        packed = tl.load(
+            W_ptr + row_bytes[:, None] + pairs[None, :], mask=n_mask[:, None] & (pairs < K // 2)[None, :], other=0
+        ).to(tl.int32)
+        # high nibble = even element: interleaving the two lookups restores the row order
+        values = tl.interleave(tl.gather(codes, packed >> 4, axis=1), tl.gather(codes, packed & 15, axis=1))
+        if BLOCK_K > BLOCKSIZE:
+            # several whole blocks per step: one scale per (row, block), broadcast over the block's elements
+            SCALES: tl.constexpr = BLOCK_K // BLOCKSIZE
+            blocks = k0 // BLOCKSIZE + tl.arange(0, SCALES)
+            scale_mask = n_mask[:, None] & (blocks < blocks_per_row)[None, :]
+            block_idx = offs_n.to(tl.int64)[:, None] * blocks_per_row + blocks[None, :]
+            scale = block_scales(
+                absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_idx, scale_mask, blocksize2, NESTED
+            )
+            values = tl.reshape(
+                tl.reshape(values, (BLOCK_N, SCALES, BLOCKSIZE)) * scale[:, :, None], (BLOCK_N, BLOCK_K)
+            )
+        else:
+            # the step lies inside one block of each row (BLOCKSIZE is a multiple of BLOCK_K)
+            block_idx = offs_n.to(tl.int64) * blocks_per_row + k0 // BLOCKSIZE
+            scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block_idx, n_mask, blocksize2, NESTED)
+            values = values * scale[:, None]
+        ks = k0 + offs_k
+        x = tl.load(x_rows + ks[None, :] * stride_xk, mask=m_mask[:, None] & (ks < K)[None, :], other=0.0)
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * values[None, :, :], axis=2)
+
+    if LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            rs = r0 + offs_r
+            left = tl.load(
+                Left_ptr + offs_m[:, None] * stride_lm + rs[None, :] * stride_lr,
+                mask=m_mask[:, None] & (rs < R)[None, :],
+                other=0.0,
+            )
+            right = tl.load(
+                Right_ptr + offs_n[:, None] * stride_rn + rs[None, :] * stride_rr,
+                mask=n_mask[:, None] & (rs < R)[None, :],
+                other=0.0,
+            )
+            acc += scaling * tl.sum(left.to(tl.float32)[:, None, :] * right.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = Out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
+    tl.store(out_ptrs, acc.to(Out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def gemv_supported(num_tokens: int, weight: Packed4bit) -> bool:
+    """Whether the GEMV serves ``num_tokens`` rows over ``weight`` (few tokens; no block straddles two rows)."""
+    return num_tokens <= GEMV_MAX_TOKENS and weight.k % weight.blocksize == 0
+
+
+def lora_gemv_4bit(
+    x: torch.Tensor,
+    weight: Packed4bit,
+    *,
+    right: Optional[torch.Tensor] = None,
+    left: Optional[torch.Tensor] = None,
+    scaling: float = 1.0,
+    bias: Optional[torch.Tensor] = None,
+    config: Optional[GemvConfig] = None,
+) -> torch.Tensor:
+    """``x · deq(W)ᵀ + scaling · left · rightᵀ + bias`` in x's dtype, for at most ``GEMV_MAX_TOKENS`` rows of x.
+
+    x: [M, K], any strides. right: [N, R] (B) and left: [M, R] (drop(x)·Aᵀ), both or neither. bias: [N].
+    ``config`` overrides the tiles (``python -m bench.tune`` sweeps them).
+    """
+    m, k = x.shape
+    if k != weight.k:
+        raise ValueError(f"lora_gemv_4bit: x is [{m}, {k}] but the weight is [{weight.n}, {weight.k}]")
+    if not gemv_supported(m, weight):
+        raise ValueError(
+            f"lora_gemv_4bit serves at most {GEMV_MAX_TOKENS} rows over a weight whose K ({weight.k}) is a multiple "
+            f"of its blocksize ({weight.blocksize}); got {m} rows"
+        )
+    if (left is None) != (right is None):
+        raise ValueError("lora_gemv_4bit: give `left` and `right` together, or neither")
+    out = torch.empty((m, weight.n), dtype=x.dtype, device=x.device)
+    if m == 0 or weight.n == 0:
+        return out
+    rank = right.shape[1] if right is not None else 0
+    cfg = config or gemv_config(m, rank)
+    dummy = out
+    lt, rt = (left, right) if right is not None else (dummy, dummy)
+    grid = (triton.cdiv(weight.n, cfg.block_n),)
+    _lora_gemv_4bit_kernel[grid](
+        x, *weight.kernel_args(), lt, rt, bias if bias is not None else dummy, out,
+        m, weight.n, k, rank, weight.blocksize2, float(scaling),
+        x.stride(0), x.stride(1),
+        lt.stride(0) if left is not None else 0, lt.stride(1) if left is not None else 0,
+        rt.stride(0) if right is not None else 0, rt.stride(1) if right is not None else 0,
+        out.stride(0), out.stride(1),
+        M_PAD=cfg.m_pad, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
+        BLOCKSIZE=weight.blocksize, NESTED=weight.nested, LORA=right is not None, HAS_BIAS=bias is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
