@@ -63,6 +63,9 @@ def decode_4bit_tile(
     """
     cols = col0 + tl.arange(0, BLOCK_COLS)
     row_ok = rows < N
+    # The 16 codes held in registers, looked up with tl.gather: a global-memory gather per element costs more
+    # than the tensor-core work it feeds.
+    table = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (rows.shape[0], 16))
     mask = row_ok[:, None] & (cols[None, :] < K)
     row_start = rows.to(tl.int64) * K
     if PAIRED:
@@ -70,14 +73,12 @@ def decode_4bit_tile(
         pair_mask = row_ok[:, None] & (pairs[None, :] < K // 2)
         packed = tl.load(W_ptr + (row_start // 2)[:, None] + pairs[None, :], mask=pair_mask, other=0)
         packed = packed.to(tl.int32)
-        high = tl.load(code_ptr + (packed >> 4))
-        low = tl.load(code_ptr + (packed & 15))
-        values = tl.interleave(high, low)
+        values = tl.interleave(tl.gather(table, packed >> 4, axis=1), tl.gather(table, packed & 15, axis=1))
     else:
         flat = row_start[:, None] + cols[None, :]
         packed = tl.load(W_ptr + flat // 2, mask=mask, other=0)
         nibble = (packed.to(tl.int32) >> (4 - 4 * (flat % 2)).to(tl.int32)) & 15
-        values = tl.load(code_ptr + nibble)
+        values = tl.gather(table, nibble, axis=1)
     if SCALE_PER_ROW:
         blocks = row_start // BLOCKSIZE + col0 // BLOCKSIZE
         scale = block_scales(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blocks, row_ok, blocksize2, NESTED)
