@@ -39,8 +39,8 @@ def candidates(m: int):
 def gemv_candidates(m: int, rank: int):
     from lora_engine.kernels.configs import GemvConfig, gemv_config
 
-    block_r = gemv_config(m, rank).block_r
-    m_pad = gemv_config(m, rank).m_pad
+    default = gemv_config(m, rank)
+    m_pad, block_r = default.m_pad, default.block_r
     for bn, bk, warps, stages in itertools.product([2, 4, 8, 16, 32, 64], [128, 256, 512], [1, 2, 4, 8], [1, 2, 3]):
         if m_pad * bn * bk <= 32768:  # the per-step product must fit in registers
             yield GemvConfig(m_pad=m_pad, block_n=bn, block_k=bk, block_r=block_r, num_warps=warps, num_stages=stages)

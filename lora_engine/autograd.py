@@ -23,7 +23,7 @@ from . import dispatch
 from .kernels.configs import matmul_config
 from .kernels.dequantize import dequantize_4bit
 from .kernels.dropout import dropout_scale_
-from .kernels.lora_gemv import gemv_supported, lora_gemv_4bit
+from .kernels.lora_gemv import lora_gemv_4bit
 from .kernels.lora_lowrank import lora_da, lora_down, lora_dy_pass
 from .kernels.lora_matmul import IN_LOOP_RANK_LIMIT, lora_matmul
 from .kernels.operands import Dropout, Packed4bit
@@ -64,17 +64,10 @@ def lora_forward(
     Called directly where no gradient is needed, which spares the autograd bookkeeping on the host.
     """
     rank = lora_A.shape[0]
-    if path == "gemv":
-        if isinstance(weight, Packed4bit) and gemv_supported(x.shape[0], weight):
-            left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, lora_A.t().to(x.dtype))
-            y = lora_gemv_4bit(x, weight, right=lora_B, left=left, scaling=scaling, bias=bias)
-            return y, (left.float() if keep_left else None)
-        dispatch.report_once(
-            "gemv-unsupported",
-            "lora_engine: the gemv path serves at most 16 tokens over a 4-bit weight whose in_features are a multiple "
-            "of its blocksize; other calls take the dequant path",
-        )
-        path = "dequant"
+    if path == "gemv":  # functional.resolve_path sends only calls the GEMV serves here
+        left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, lora_A.t().to(x.dtype))
+        y = lora_gemv_4bit(x, weight, right=lora_B, left=left, scaling=scaling, bias=bias)
+        return y, (left.float() if keep_left else None)
     gemm_weight = _gemm_weight(weight, path, x.dtype)
     if path == "dequant_cublas":
         # cuBLAS computes x·Aᵀ faster than the rank-r kernel; the dropout mask needs the kernel

@@ -72,6 +72,21 @@ def lora_linear(
     return _apply(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
 
 
+def _resolve_path(num_tokens: int, weight: Packed4bit, device: torch.device) -> str:
+    """The dispatcher's path for this call, with "gemv" replaced by "dequant" where the GEMV cannot serve it."""
+    from .kernels.lora_gemv import gemv_supported
+
+    path = dispatch.choose_path(num_tokens, weight.n, weight.k, device)
+    if path == "gemv" and not gemv_supported(num_tokens, weight):
+        dispatch.report_once(
+            "gemv-unsupported",
+            "lora_engine: the gemv path serves at most 16 tokens over a 4-bit weight whose in_features are a multiple "
+            "of its blocksize; other calls take the dequant path",
+        )
+        path = "dequant"
+    return path
+
+
 def _apply(
     x: torch.Tensor,
     weight: Packed4bit | torch.Tensor,
@@ -89,7 +104,7 @@ def _apply(
     out_features = lora_B.shape[0]
     x2d = x.reshape(-1, in_features)
     is_4bit = isinstance(weight, Packed4bit)
-    path = dispatch.choose_path(x2d.shape[0], out_features, in_features, x.device) if is_4bit else "dense"
+    path = _resolve_path(x2d.shape[0], weight, x.device) if is_4bit else "dense"
     if torch.compiler.is_compiling():
         # The registered custom op runs the same autograd function, opaque to the compiler (no graph break).
         # Eager calls skip it: its dispatch costs ~10x an autograd.Function call on the host (~170 vs ~12 µs
