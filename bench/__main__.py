@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from pathlib import Path
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -39,10 +36,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
-
-
 def run_gpu(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
@@ -56,7 +49,7 @@ def run_gpu(args: argparse.Namespace) -> int:
     cases = [(s, mode, m) for s in shapes for mode in args.modes
              for m in (args.m_decode if mode == "decode" else args.m_train)]  # fmt: skip
     records: list[dict] = []
-    out = args.out or RESULTS / _slug(env["gpu"])
+    out = args.out or measure.results_dir(env["gpu"])
     bar = tqdm(total=len(cases) * len(args.providers), unit="run", dynamic_ncols=True)
     for (model, proj, n, k), mode, m in cases:
         inputs = make_inputs(n, k, m)
@@ -90,8 +83,10 @@ def run_gpu(args: argparse.Namespace) -> int:
 
 
 def run_cpu() -> int:
-    """Correctness and wall time of the reference and of each interpreted kernel path on one small layer."""
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first Triton import
+    """Correctness and wall time of the reference and of each interpreted kernel path on one small layer.
+
+    Needs the interpreter (``TRITON_INTERPRET=1``), set by :func:`main` before anything imports Triton.
+    """
     import time
 
     import torch
@@ -139,15 +134,24 @@ def run_cpu() -> int:
     return 0 if worst < 1e-4 else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    if args.cpu:
-        return run_cpu()
+def _wants_cpu_table(argv: list[str]) -> bool:
+    """Whether this run prints the CPU table, decided before anything imports Triton (importing torch does not)."""
     import torch
 
-    if not torch.cuda.is_available():
-        return run_cpu()
-    return run_gpu(args)
+    return "--cpu" in argv or not torch.cuda.is_available()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cpu = _wants_cpu_table(argv)
+    if cpu:
+        # Triton fixes its mode when first imported, and the providers import PEFT and bitsandbytes, which import
+        # it: the interpreter must be asked for before parsing the arguments.
+        from lora_engine.kernels.runtime import ENV_VAR
+
+        os.environ.setdefault(ENV_VAR, "1")
+    args = _parse(argv)
+    return run_cpu() if cpu else run_gpu(args)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
-from pathlib import Path
 
 import torch
 
 from .shapes import MODELS
 
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -113,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:12s} step {r['step_s']:.3f} s  {r['tokens_per_s']:9.0f} tokens/s  peak {r['peak_gib']:.2f} GiB")
     print(f"  speedup {patched['tokens_per_s'] / stock['tokens_per_s']:.2f}x, "
           f"peak memory {patched['peak_gib'] / stock['peak_gib']:.2f}x")  # fmt: skip
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
-    out = RESULTS / gpu
+    from .measure import results_dir
+
+    out = results_dir(torch.cuda.get_device_name())
     out.mkdir(parents=True, exist_ok=True)
     record = dict(gpu=torch.cuda.get_device_name(), **vars(args), stock=stock, lora_engine=patched)
     (out / f"e2e-{args.model}-{args.layers}l.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import datetime
 import platform
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .providers import Runnable
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def results_dir(gpu_name: str) -> Path:
+    """``bench/results/<gpu>/``, the GPU's name as a slug (e.g. ``nvidia-h100-80gb-hbm3``): every result of a GPU."""
+    return RESULTS / re.sub(r"[^A-Za-z0-9]+", "-", gpu_name).strip("-").lower()
+
 
 RECORD_FIELDS = ("gpu", "model", "proj", "N", "K", "M", "mode", "provider", "median_ms", "p20_ms", "p80_ms",
                  "peak_mib", "tflops", "gbps")  # fmt: skip
@@ -32,10 +42,7 @@ def environment() -> dict[str, Any]:
 
 
 def peak_extra_mib(run: Runnable) -> float:
-    """Peak memory one call allocates above what is live before it (decode workspaces included)."""
-    from lora_engine import dispatch
-
-    dispatch.release_workspaces()
+    """Peak memory one call allocates above what is live before it (its decoded weights included)."""
     for leaf in run.grad_leaves:
         leaf.grad = None
     torch.cuda.synchronize()

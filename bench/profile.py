@@ -8,11 +8,16 @@ things to read when a path is slower than expected.
 from __future__ import annotations
 
 import argparse
+import importlib
 from collections import defaultdict
+from collections.abc import Iterator
 
 import torch
 
-from .providers import ALL_PROVIDERS, DEFAULT_PROVIDERS, MODES, build, make_inputs
+from .providers import ALL_PROVIDERS, DEFAULT_PROVIDERS, MODES, Runnable, build, make_inputs
+
+# Modules of lora_engine.kernels whose compiled Triton kernels are listed (every module that launches one).
+KERNEL_MODULES = ("dequantize", "dropout", "lora_gemv", "lora_lowrank", "lora_matmul")
 
 
 def kernel_times(fn, calls: int = 5) -> dict[str, float]:
@@ -35,10 +40,8 @@ def kernel_times(fn, calls: int = 5) -> dict[str, float]:
 
 def triton_resources() -> list[str]:
     """One line per compiled variant of lora_engine's Triton kernels: registers, spills, shared bytes."""
-    from lora_engine.kernels import dequantize, dropout, lora_lowrank, lora_matmul
-
     lines = []
-    for module in (dequantize, dropout, lora_lowrank, lora_matmul):
+    for module in (importlib.import_module(f"lora_engine.kernels.{module_name}") for module_name in KERNEL_MODULES):
         for name in dir(module):
             kernel = getattr(module, name)
             caches = getattr(kernel, "device_caches", None)
@@ -54,26 +57,38 @@ def triton_resources() -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line: shape, token counts, modes and providers to profile."""
     p = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     p.add_argument("--shape", nargs=2, type=int, default=[4096, 4096], metavar=("N", "K"))
     p.add_argument("--m", nargs="+", type=int, default=[1, 8192])
     p.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=MODES)
     p.add_argument("--providers", nargs="+", default=list(DEFAULT_PROVIDERS), choices=ALL_PROVIDERS)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def cases(
+    args: argparse.Namespace, dtype: torch.dtype = torch.bfloat16, device: str = "cuda"
+) -> Iterator[tuple[str, Runnable | None]]:
+    """A label and the runnable of each M, mode and provider asked for (None where the provider does not apply)."""
     n, k = args.shape
     for m in args.m:
-        inputs = make_inputs(n, k, m)
+        inputs = make_inputs(n, k, m, dtype=dtype, device=device)
         for mode in args.modes:
             for provider in args.providers:
-                run = build(provider, inputs, mode)
-                if run is None:
-                    continue
-                times = kernel_times(run.fn)
-                total = sum(times.values())
-                print(f"\n{provider} {mode} N={n} K={k} M={m}: {total:.1f} us of kernels per call")
-                for kernel, us in list(times.items())[:8]:
-                    print(f"  {us:9.1f} us  {kernel[:110]}")
+                yield f"{provider} {mode} N={n} K={k} M={m}", build(provider, inputs, mode)
+
+
+def main(argv: list[str] | None = None) -> int:
+    for label, run in cases(parse_args(argv)):
+        if run is None:
+            print(f"\n{label}: does not apply")
+            continue
+        times = kernel_times(run.fn)
+        total = sum(times.values())
+        print(f"\n{label}: {total:.1f} us of kernels per call")
+        for kernel, us in list(times.items())[:8]:
+            print(f"  {us:9.1f} us  {kernel[:110]}")
     print("\nTriton kernels compiled:")
     for line in triton_resources():
         print("  " + line)

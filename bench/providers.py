@@ -5,7 +5,8 @@ so all of them compute the same function and are timed in the same process.
 
     lora_engine                  LoRALinear4bit.from_bnb over the bnb layer; the dispatcher picks the path
     lora_engine[<path>]          the functional API with the path forced (fused, dequant, dequant_cublas, gemv;
-                                 gemv only where it applies: at most 16 tokens)
+                                 gemv only where it serves the call: at most 16 tokens, K a multiple of the
+                                 blocksize)
     bnb_peft                     bitsandbytes Linear4bit wrapped by PEFT's LoRA layer (eager)
     dequant_cublas               bnb dequantize_4bit into a fresh tensor, cuBLAS GEMM, addmm LoRA; backward
                                  decodes again (the algorithm Unsloth uses)
@@ -131,9 +132,10 @@ def _lora_engine_module(t: LayerInputs, mode: str) -> Runnable:
 def _lora_engine_path(path: str) -> Callable[[LayerInputs, str], Optional[Runnable]]:
     def build(t: LayerInputs, mode: str) -> Optional[Runnable]:
         import lora_engine
-        from lora_engine.kernels.configs import GEMV_MAX_TOKENS
+        from lora_engine.format import packed_4bit
+        from lora_engine.kernels.lora_gemv import gemv_supported
 
-        if path == "gemv" and t.m > GEMV_MAX_TOKENS:
+        if path == "gemv" and not gemv_supported(t.m, packed_4bit(t.weight, t.weight.quant_state)):
             return None  # the call would take the dequant path: not a gemv measurement
 
         x, lora_A, lora_B = _leaves(t, mode)
@@ -244,7 +246,8 @@ assert set(BUILDERS) == set(ALL_PROVIDERS)
 
 
 def build(provider: str, inputs: LayerInputs, mode: str) -> Optional[Runnable]:
-    """The runnable for ``provider`` in ``mode``, or None where it does not apply (graphs in fwdbwd)."""
+    """The runnable for ``provider`` in ``mode``, or None where it does not apply (graphs in fwdbwd, the gemv path
+    on a call it does not serve)."""
     if provider not in BUILDERS:
         raise ValueError(f"unknown provider {provider!r}; known: {', '.join(ALL_PROVIDERS)}")
     if mode not in MODES:

@@ -3,8 +3,12 @@
 For each shape and M, times ``lora_matmul`` (forward orientation, LoRA epilogue) over candidate
 ``MatmulConfig``s on the packed 4-bit weight (the fused path) and on the decoded weight (the GEMM of the
 dequant path), and, for M <= 16, ``lora_gemv_4bit`` (the gemv path) over candidate ``GemvConfig``s, next to
-cuBLAS on the decoded weight. Writes ``bench/results/<gpu>/tune_matmul.json``; the winners feed
-``lora_engine.kernels.configs``.
+cuBLAS on the decoded weight. Prints the fastest config of each case and writes every candidate's time, with
+the GPU, library versions and date, to ``bench/results/<gpu>/tune_matmul.json``.
+
+The output is a report, not an input: nothing reads it at run time. The tiles the kernels use are the
+hand-written ones in ``lora_engine.kernels.configs`` (``kernels/configs.py``); to adopt a winner, edit the
+tiles of its regime there and cite the measurement beside them.
 """
 
 from __future__ import annotations
@@ -12,14 +16,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import re
-from pathlib import Path
 
-import torch
-
+from .measure import environment, results_dir
 from .providers import make_inputs
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def candidates(m: int):
@@ -107,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
                 if best:
                     print(f"{n}x{k} M={m:5d} {kind:5s}: best {best[0] * 1e3:8.1f} us (cuBLAS dense {cublas * 1e3:8.1f} us)"
                           f"  {best[1]}", flush=True)  # fmt: skip
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower()
-    out = RESULTS / gpu
+    env = environment()
+    out = results_dir(env["gpu"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "tune_matmul.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (out / "tune_matmul.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
     return 0
 
 

@@ -1,24 +1,20 @@
 """Tile configurations for every kernel, in one place.
 
 The Triton interpreter (``TRITON_INTERPRET=1``) cannot autotune (timing configs needs a GPU driver) and runs
-every program in numpy, so it gets one small fixed config per kernel. On a GPU the configs below are
-reasonable defaults; per-architecture tuning replaces them without touching the kernels.
+every program in numpy, so it gets one small fixed config per kernel. On a GPU the configs below are set by
+hand from measurements (``python -m bench.tune`` reports the fastest tiles per regime; a change here cites it).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
+from .runtime import interpreter_active
+
 MIN_DOT = 16  # smallest tile edge tl.dot accepts
-
-
-def interpreter_active() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def dot_precision(dtype: torch.dtype) -> str:

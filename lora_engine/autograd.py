@@ -7,10 +7,14 @@
 W is frozen (4-bit ``Packed4bit`` or a dense tensor) and gets no gradient.
 
 Paths for a 4-bit W: "fused" decodes W inside the GEMM's K loop; "dequant" decodes it once per call into a
-shared workspace and runs the same Triton GEMM with the LoRA epilogue; "dequant_cublas" decodes the same way
+fresh buffer and runs the same Triton GEMM with the LoRA epilogue; "dequant_cublas" decodes the same way
 but runs the big product on cuBLAS (``torch.addmm``) with the LoRA term as its C operand; "gemv" (at most
 ``GEMV_MAX_TOKENS`` rows) streams the packed bytes once through a GEMV with the LoRA term and bias fused, and
-its backward takes the "dequant" route.
+its backward takes the "dequant" route. The decode buffers come from torch's caching allocator: a buffer
+shared between layers would be overwritten by another thread's layer, or freed under a captured CUDA graph.
+
+A backward that must itself be differentiable (``create_graph=True``, e.g. a gradient penalty) recomputes the
+layer with torch operations on the decoded weight, so second-order terms are exact.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import dispatch
+from . import dispatch, reference
 from .kernels.configs import matmul_config
 from .kernels.dequantize import dequantize_4bit
 from .kernels.dropout import dropout_scale_
@@ -32,10 +36,9 @@ Weight = Union[Packed4bit, torch.Tensor]
 
 
 def _gemm_weight(weight: Weight, path: str, dtype: torch.dtype) -> Weight:
-    """The weight operand of the GEMM: the packed 4-bit weight (fused path) or it decoded into the workspace."""
+    """The weight operand of the GEMM: the packed 4-bit weight (fused path), or it decoded into a fresh buffer."""
     if isinstance(weight, Packed4bit) and path in ("dequant", "dequant_cublas", "gemv"):
-        buffer = dispatch.dequant_workspace(weight.data.device, dtype, weight.n * weight.k)
-        return dequantize_4bit(weight, dtype, out=buffer)
+        return dequantize_4bit(weight, dtype)
     return weight
 
 
@@ -113,29 +116,66 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, lora_A, lora_B, left = ctx.saved_tensors
-        need_x, need_A, need_B, need_bias = ctx.needs_input_grad[:4]
-        scaling, dropout = ctx.scaling, ctx.dropout
-        dx = d_lora_A = d_lora_B = d_bias = None
-        if need_B:
-            dyb, d_lora_B = lora_dy_pass(dy, lora_B, left, scaling)
-            d_lora_B = d_lora_B.to(lora_B.dtype)
-        elif need_x or need_A:
-            dyb = lora_down(dy, lora_B)
-        if need_x:
-            gemm_weight = _gemm_weight(ctx.weight, ctx.path, dy.dtype)
-            if ctx.path == "dequant_cublas":
-                dx = torch.mm((dyb * scaling).to(dy.dtype), lora_A.to(dy.dtype))
-                if dropout is not None:
-                    dropout_scale_(dx, dropout)
-                dx.addmm_(dy, gemm_weight)
-            else:
-                dx = lora_matmul(
-                    dy, gemm_weight, weight_out_by_in=False, right=lora_A.t(), left=dyb, scaling=scaling,
-                    dropout=dropout,
-                )  # fmt: skip
-        if need_A:
-            d_lora_A = lora_da(dyb, x, scaling, dropout).to(lora_A.dtype)
-        if need_bias:
-            d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return dx, d_lora_A, d_lora_B, d_bias, None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True: these gradients will be differentiated again
+            return _differentiable_backward(ctx, dy)
+        with dispatch.device_guard(dy.device):
+            return lora_backward(ctx, dy)
+
+
+def lora_backward(ctx, dy: torch.Tensor) -> tuple:
+    """The kernels' gradients ``(dx, dA, dB, dbias, None, ...)`` from a context holding what the forward saved.
+
+    ``ctx`` carries ``saved_tensors`` (x, A, B, left), ``needs_input_grad``, ``weight``, ``scaling``,
+    ``dropout``, ``path`` and ``bias_dtype``: the autograd context, or the custom op's stand-in.
+    """
+    x, lora_A, lora_B, left = ctx.saved_tensors
+    need_x, need_A, need_B, need_bias = ctx.needs_input_grad[:4]
+    scaling, dropout = ctx.scaling, ctx.dropout
+    dx = d_lora_A = d_lora_B = d_bias = None
+    if need_B:
+        dyb, d_lora_B = lora_dy_pass(dy, lora_B, left, scaling)
+        d_lora_B = d_lora_B.to(lora_B.dtype)
+    elif need_x or need_A:
+        dyb = lora_down(dy, lora_B)
+    if need_x:
+        gemm_weight = _gemm_weight(ctx.weight, ctx.path, dy.dtype)
+        if ctx.path == "dequant_cublas":
+            dx = torch.mm((dyb * scaling).to(dy.dtype), lora_A.to(dy.dtype))
+            if dropout is not None:
+                dropout_scale_(dx, dropout)
+            dx.addmm_(dy, gemm_weight)
+        else:
+            dx = lora_matmul(
+                dy, gemm_weight, weight_out_by_in=False, right=lora_A.t(), left=dyb, scaling=scaling,
+                dropout=dropout,
+            )  # fmt: skip
+    if need_A:
+        d_lora_A = lora_da(dyb, x, scaling, dropout).to(lora_A.dtype)
+    if need_bias:
+        d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return dx, d_lora_A, d_lora_B, d_bias, None, None, None, None
+
+
+def _differentiable_backward(ctx, dy: torch.Tensor) -> tuple:
+    """The gradients as torch operations on the decoded weight, recorded by autograd (for double backward)."""
+    dispatch.report_once(
+        "double-backward",
+        "lora_engine: a backward with create_graph=True runs the layer's gradients as torch operations (second-"
+        "order terms included), not through the kernels",
+    )
+    x, lora_A, lora_B, _ = ctx.saved_tensors
+    weight, dropout = ctx.weight, ctx.dropout
+    with dispatch.device_guard(dy.device):
+        dense = dequantize_4bit(weight, torch.float32) if isinstance(weight, Packed4bit) else weight.float()
+    x_lora = x.float()
+    if dropout is not None:
+        keep = reference.dropout_keep_mask(dropout.seed, x.shape[0], x.shape[1], dropout.p, x.device)
+        x_lora = x_lora * (keep.float() * dropout.inv_keep_prob)
+    # the bias adds a constant: the gradients of x, A and B do not depend on it
+    y = x.float() @ dense.t() + ctx.scaling * ((x_lora @ lora_A.float().t()) @ lora_B.float().t())
+    wanted = [t for t, need in zip((x, lora_A, lora_B), ctx.needs_input_grad[:3]) if need]
+    grads = iter(torch.autograd.grad(y, wanted, dy.float(), create_graph=True) if wanted else ())
+    dx, d_lora_A, d_lora_B = (next(grads).to(t.dtype) if need else None
+                              for t, need in zip((x, lora_A, lora_B), ctx.needs_input_grad[:3]))  # fmt: skip
+    d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
+    return dx, d_lora_A, d_lora_B, d_bias, None, None, None, None

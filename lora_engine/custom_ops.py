@@ -3,7 +3,7 @@
     lora_engine::lora_linear_fwd  (x, A, B, bias, W, ...) -> (y, left)        left = drop(x)·Aᵀ, kept for dB
     lora_engine::lora_linear_bwd  (dy, x, A, B, left, bias, W, ...) -> (dx, dA, dB, dbias)
 
-Both ops run exactly the code of ``autograd.LoRALinearFunction`` (``lora_forward``, and its backward called
+Both ops run exactly the code of ``autograd.LoRALinearFunction`` (``lora_forward``, and ``lora_backward`` called
 with a small context object), so eager and compiled training share one implementation. The ops take only tensors
 and plain numbers: a 4-bit W travels as its ``Packed4bit`` tensors plus ``[n, k, blocksize, blocksize2]``, a
 dense W as one tensor plus ``[n, k, 0, 0]``. The dropout seed is a tensor input drawn by the caller
@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from . import dispatch
 from .kernels.operands import Dropout, Packed4bit
 
 Weight = Union[Packed4bit, torch.Tensor]
@@ -28,7 +29,7 @@ _SEED_HIGH = 2**31 - 1
 
 
 class _Context:
-    """Stands in for the autograd context when ``LoRALinearFunction.backward`` runs inside an op."""
+    """Stands in for the autograd context when ``autograd.lora_backward`` runs inside an op."""
 
     def __init__(self, needs_input_grad: tuple[bool, ...]) -> None:
         self.needs_input_grad = needs_input_grad
@@ -88,9 +89,14 @@ def lora_linear_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + bias`` on 2-D x; also returns ``left`` (fp32 [M, r]) when ``keep_left``."""
     from .autograd import lora_forward  # imports Triton, which only the real implementation needs
+    from .kernels import runtime
 
+    runtime.load_kernels()
     dropout = _dropout(dropout_p, dropout_seed, x.shape[1])
-    y, left = lora_forward(x, lora_A, lora_B, bias, _weight(weight, weight_sizes), scaling, dropout, path, keep_left)
+    with dispatch.device_guard(x.device):
+        y, left = lora_forward(
+            x, lora_A, lora_B, bias, _weight(weight, weight_sizes), scaling, dropout, path, keep_left
+        )
     if not keep_left or left is None:
         left = x.new_empty(_EMPTY, dtype=torch.float32)
     return y, left
@@ -120,20 +126,21 @@ def lora_linear_bwd(
     needs_grad: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dA, dB, dbias)``; a gradient not in ``needs_grad`` comes back as an empty placeholder."""
-    from .autograd import LoRALinearFunction
+    from .autograd import lora_backward
 
     dropout = _dropout(dropout_p, dropout_seed, x.shape[1])
-    if needs_grad[2] and left.shape != (x.shape[0], lora_A.shape[0]):
-        # the forward did not keep drop(x)·Aᵀ (lora_B needed no gradient then): one low-rank pass redoes it
-        from .kernels.lora_lowrank import lora_down
-
-        left = lora_down(x, lora_A.t(), dropout)
     ctx = _Context(tuple(needs_grad) + (False,) * 4)
-    ctx.saved_tensors = (x, lora_A, lora_B, left if needs_grad[2] else None)
     ctx.weight = _weight(weight, weight_sizes)
     ctx.scaling, ctx.path, ctx.dropout = scaling, path, dropout
     ctx.bias_dtype = bias.dtype if bias is not None else None
-    grads = LoRALinearFunction.backward(ctx, dy)[:4]
+    with dispatch.device_guard(dy.device):
+        if needs_grad[2] and left.shape != (x.shape[0], lora_A.shape[0]):
+            # the forward did not keep drop(x)·Aᵀ (lora_B needed no gradient then): one low-rank pass redoes it
+            from .kernels.lora_lowrank import lora_down
+
+            left = lora_down(x, lora_A.t(), dropout)
+        ctx.saved_tensors = (x, lora_A, lora_B, left if needs_grad[2] else None)
+        grads = lora_backward(ctx, dy)[:4]
     return tuple(g if g is not None else dy.new_empty(_EMPTY) for g in grads)
 
 

@@ -1,16 +1,30 @@
-"""Which implementation runs a call: the backend (Triton kernels or the torch reference) and, for Triton,
-the path (4-bit decode fused into the GEMM, or decode into a reused buffer followed by a dense GEMM).
+"""Which implementation runs a call, and where.
+
+The backend: the Triton kernels or the torch reference. ``set_backend`` sets the process default;
+``use_backend`` and ``force_path`` hold for a block of code in the calling thread or asyncio task only (they
+live in ``contextvars``), so threads serving different models do not see each other's choices.
+
+For a 4-bit weight on the Triton backend, the path (``PATHS``), picked by token count from a per-architecture
+table measured with ``python -m bench``:
+    fused           the 4-bit decode inside the GEMM's K loop (no dense copy of W)
+    dequant         W decoded once per call into a fresh buffer, then the Triton GEMM with the LoRA epilogue
+    dequant_cublas  the same decode, then cuBLAS with the LoRA term as its C operand
+    gemv            at most ``GEMV_MAX_TOKENS`` rows: a GEMV streaming the packed bytes once, LoRA term fused
+The decode buffers come from torch's caching allocator, which keeps them apart per stream and per CUDA graph.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import logging
-import os
-from typing import Iterator, Optional
+import sys
+from typing import Callable, ContextManager, Iterable, Iterator, Optional
 
 import torch
+
+from .kernels import runtime
 
 logger = logging.getLogger("lora_engine")
 
@@ -18,57 +32,91 @@ BACKENDS = ("auto", "triton", "torch")
 PATHS = ("fused", "dequant", "dequant_cublas", "gemv")
 
 # Path by token count M, per GPU architecture: ascending (min_tokens, path) steps, read from layer
-# benchmarks (`python -m bench`, results in bench/results/<gpu>/layer.md). On sm_90 the in-loop decode of the
-# "fused" path measured slower than decoding W once per call at every M (its per-element code lookups cost
-# more than the GEMM), so no step picks it; it stays available through `force_path`. From a few hundred
-# tokens cuBLAS beats the Triton GEMM on the decoded weight. The "gemv" path (at most 16 tokens, streaming the
-# packed bytes once) is not in any table until it is measured on that architecture.
+# benchmarks (`python -m bench`, results in bench/results/<gpu>/layer.md). On sm_90 the fused path's in-loop
+# decode measured slower than decoding W once per call at every M, so no step picks it (those measurements
+# predate its register-table lookup); it stays available through `force_path`. From a few hundred tokens
+# cuBLAS beats the Triton GEMM on the decoded weight. The gemv path is in no table until it is measured.
 PATH_STEPS: dict[tuple[int, int], tuple[tuple[int, str], ...]] = {
     (9, 0): ((0, "dequant"), (256, "dequant_cublas")),
 }
 DEFAULT_PATH_STEPS = ((0, "dequant"), (256, "dequant_cublas"))  # unknown GPUs and the interpreter
 
-_backend = "auto"
-_forced_path: Optional[str] = None
+_process_backend = "auto"
+_scoped_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lora_engine_backend", default=None)
+_forced_path: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lora_engine_forced_path", default=None)
+# Bumped whenever any setting changes. torch.compile cannot read a ContextVar: it takes the settings as constants
+# when it traces a call and guards on this counter, so it traces again after a change.
+_settings_epoch = 0
 _reported: set[str] = set()
 
 
-def set_backend(backend: str) -> None:
-    """Choose the implementation: ``"triton"`` (raises where Triton cannot run), ``"torch"`` (the reference)
-    or ``"auto"`` (Triton on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``; else torch)."""
-    global _backend
+def _constant_for_compiler(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)``: torch.compile calls ``fn`` once while tracing and uses the
+    result as a constant (no graph break). That function imports ``torch._dynamo``, which takes seconds and imports
+    Triton, so at import time this sets the marker it sets (``tests/lora_engine/test_dispatch.py`` checks that
+    the two agree)."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_for_compiler
+def _scoped_settings() -> tuple[Optional[str], Optional[str]]:
+    """The (backend, path) of the innermost :func:`use_backend` / :func:`force_path` here, None where none."""
+    return _scoped_backend.get(), _forced_path.get()
+
+
+def _current_settings() -> tuple[Optional[str], Optional[str]]:
+    # comparing the counter makes torch.compile guard on it (a plain read would not)
+    return _scoped_settings() if _settings_epoch >= 0 else (None, None)
+
+
+@contextlib.contextmanager
+def _scoped(var: contextvars.ContextVar, value: Optional[str]) -> Iterator[None]:
+    global _settings_epoch
+    token = var.set(value)
+    _settings_epoch += 1
+    try:
+        yield
+    finally:
+        var.reset(token)
+        _settings_epoch += 1
+
+
+def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    _backend = backend
+
+
+def set_backend(backend: str) -> None:
+    """Choose the process's default implementation: ``"triton"`` (raises where Triton cannot run), ``"torch"``
+    (the reference) or ``"auto"`` (Triton on CUDA tensors, and on fp16/fp32 CPU tensors under
+    ``TRITON_INTERPRET=1``; else torch). A :func:`use_backend` block overrides it in its own thread or task."""
+    global _process_backend, _settings_epoch
+    _check_backend(backend)
+    _process_backend = backend
+    _settings_epoch += 1
 
 
 def get_backend() -> str:
-    """The backend chosen by :func:`set_backend` (``"auto"`` by default)."""
-    return _backend
+    """The backend in force here: the innermost :func:`use_backend` of this thread or task, else the default."""
+    scoped = _current_settings()[0]
+    return _process_backend if scoped is None else scoped
 
 
-@contextlib.contextmanager
-def use_backend(backend: str) -> Iterator[None]:
-    """Temporarily switch the backend."""
-    previous = get_backend()
-    set_backend(backend)
-    try:
-        yield
-    finally:
-        set_backend(previous)
+def use_backend(backend: str) -> ContextManager[None]:
+    """Switch the backend for the enclosed block, in the calling thread or asyncio task only."""
+    _check_backend(backend)
+    return _scoped(_scoped_backend, backend)
 
 
-@contextlib.contextmanager
-def force_path(path: Optional[str]) -> Iterator[None]:
-    """Run the Triton backend through one path regardless of shape (for tests and benchmarks)."""
-    global _forced_path
+def force_path(path: Optional[str]) -> ContextManager[None]:
+    """Run the Triton backend through one path regardless of shape, in the enclosed block of this thread or task
+    (for tests and benchmarks; ``None`` restores the dispatcher's choice)."""
     if path is not None and path not in PATHS:
         raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
-    previous, _forced_path = _forced_path, path
-    try:
-        yield
-    finally:
-        _forced_path = previous
+    return _scoped(_forced_path, path)
 
 
 _triton_found: Optional[bool] = None
@@ -82,10 +130,6 @@ def triton_available() -> bool:
     return _triton_found
 
 
-def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def report_once(key: str, message: str) -> None:
     """Log a fallback or notable choice once per process instead of hiding it or repeating it per call."""
     if key not in _reported:
@@ -93,28 +137,53 @@ def report_once(key: str, message: str) -> None:
         logger.warning(message)
 
 
-def use_triton(device: torch.device) -> bool:
-    """Whether a call on ``device`` runs the Triton kernels; raises if the backend demands what cannot run."""
-    runnable = triton_available() and (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()))
-    if _backend == "torch":
+def _triton_unusable(device: torch.device, dtypes: Iterable[torch.dtype]) -> Optional[str]:
+    """Why the kernels cannot give a right answer for a call on ``device`` with ``dtypes`` (None when they can)."""
+    if not triton_available():
+        return "Triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type != "cpu" or not runtime.interpreter_active():
+        return (
+            f"Triton cannot run on {device.type} tensors (use CUDA tensors, or set {runtime.ENV_VAR}=1 before "
+            "importing anything to run the kernels on CPU in Triton's interpreter)"
+        )
+    if torch.bfloat16 in dtypes:
+        return "bfloat16 on CPU: Triton's interpreter computes bf16 on raw bits, so the results would be wrong"
+    return None
+
+
+def use_triton(device: torch.device, dtypes: Iterable[torch.dtype] = ()) -> bool:
+    """Whether a call on ``device`` with operands of ``dtypes`` runs the Triton kernels (else the reference).
+
+    Backend "triton" raises where the kernels cannot run or would be wrong; "auto" takes the reference there,
+    and reports it once where that is a surprise (CUDA without Triton, bf16 in the interpreter).
+    """
+    backend = get_backend()
+    if backend == "torch":
         return False
-    if _backend == "triton":
-        if not runnable:
-            why = "Triton is not installed" if not triton_available() else f"Triton cannot run on {device} tensors"
-            raise RuntimeError(
-                f"lora_engine backend 'triton': {why} (use CUDA tensors, or set TRITON_INTERPRET=1 before importing "
-                "lora_engine to run the kernels on CPU in the interpreter)"
-            )
+    reason = _triton_unusable(device, tuple(dtypes))
+    if reason is None:
+        if not torch.compiler.is_compiling():  # loaded by the first eager call; the compiled op loads them too
+            runtime.load_kernels()
         return True
-    if not runnable and device.type == "cuda":
-        report_once("no-triton-cuda", "lora_engine: Triton is not installed; CUDA calls use the slow torch reference")
-    return runnable
+    if backend == "triton":
+        raise RuntimeError(f"lora_engine backend 'triton': {reason}")
+    if device.type == "cuda" or torch.bfloat16 in dtypes:
+        report_once(f"reference:{reason}", f"lora_engine: {reason}; these calls run the slow torch reference")
+    return False
+
+
+def device_guard(device: torch.device) -> ContextManager:
+    """Make ``device`` current while kernels launch: Triton launches on the current CUDA device, and a model
+    split over several GPUs calls layers whose tensors live on other ones."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 _capabilities: dict[int, tuple[int, int]] = {}
 
 
-@torch.compiler.assume_constant_result  # a device query: a constant to torch.compile, not a traced call
+@_constant_for_compiler  # a device query: a constant to torch.compile, not a traced call
 def _capability(index: Optional[int]) -> tuple[int, int]:
     index = torch.cuda.current_device() if index is None else index
     if index not in _capabilities:
@@ -130,32 +199,11 @@ def _path_steps(device: Optional[torch.device]) -> tuple[tuple[int, str], ...]:
 
 def choose_path(num_tokens: int, out_features: int, in_features: int, device: Optional[torch.device] = None) -> str:
     """The path (one of ``PATHS``) for a 4-bit layer seeing ``num_tokens`` rows on ``device``."""
-    if _forced_path is not None:
-        return _forced_path
+    forced = _current_settings()[1]
+    if forced is not None:
+        return forced
     path = PATHS[0]
     for min_tokens, step_path in _path_steps(device):
         if num_tokens >= min_tokens:
             path = step_path
     return path
-
-
-_workspaces: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def dequant_workspace(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """A flat buffer of at least ``numel`` elements, shared by all layers on ``device`` (grown on demand).
-
-    Layers run one after another on a stream, so one buffer per device and dtype holds each decoded weight
-    just long enough for its GEMM.
-    """
-    key = (device, dtype)
-    buffer = _workspaces.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(numel, dtype=dtype, device=device)
-        _workspaces[key] = buffer
-    return buffer
-
-
-def release_workspaces() -> None:
-    """Free the decode workspaces (they are re-created on the next call that needs one)."""
-    _workspaces.clear()

@@ -14,10 +14,11 @@ and say so.
 
 from __future__ import annotations
 
-import weakref
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .kernels.operands import Packed4bit
 
@@ -81,6 +82,46 @@ def weight_shape(weight: torch.Tensor, quant_state: Any) -> tuple[int, int]:
     return n, k
 
 
+PACKED_STATS_KEY = "quant_state.bitsandbytes__"  # + quant type: the JSON-packed non-tensor entries of a quant state
+_STATS_TENSORS = ("absmax", "quant_map")
+_STATS_FIELDS = ("quant_type", "blocksize", "dtype", "shape")
+_NESTED_TENSORS = ("nested_absmax", "nested_quant_map")
+_NESTED_FIELDS = ("nested_blocksize", "nested_dtype", "nested_offset")
+
+
+def check_quant_stats(stats: Mapping[str, Any], quant_type: str = "nf4") -> tuple[list[str], list[str]]:
+    """The entries a 4-bit weight's statistics lack, and those bitsandbytes does not know: ``(missing, unknown)``.
+
+    ``stats`` is the ``weight.*`` part of a state dict with the ``weight.`` prefix stripped, as bitsandbytes'
+    ``QuantState.as_dict(packed=True)`` writes it (``absmax``, ``quant_map``, ``nested_absmax``, ``nested_quant_map``,
+    ``quant_state.bitsandbytes__nf4``) or unpacked (``quant_type``, ``blocksize``, ... as entries of their own).
+    A missing packed entry is named for ``quant_type``. Raises ValueError for a packed entry that does not decode.
+    """
+    from bitsandbytes.functional import QuantState
+    from bitsandbytes.utils import unpack_tensor_to_dict
+
+    packed_keys = {PACKED_STATS_KEY + name for name in QUANT_TYPES}
+    unknown = [key for key in stats if key not in packed_keys and key not in QuantState.valid_qs_keys]
+    fields = {key: value for key, value in stats.items() if key in QuantState.valid_qs_keys}
+    packed = [key for key in stats if key in packed_keys]
+    if len(packed) > 1:
+        raise ValueError(f"the statistics hold several packed quant states: {', '.join(packed)}")
+    if packed:
+        try:
+            fields.update(unpack_tensor_to_dict(stats[packed[0]]))
+        except Exception as error:  # a checkpoint may hold any bytes there
+            raise ValueError(f"{packed[0]} does not decode to a bitsandbytes quant state: {error}") from error
+    has_fields = bool(packed) or "quant_type" in fields  # else the packed entry holding them is missing
+    nested = any(key.startswith("nested_") for key in fields)
+    required = _STATS_TENSORS + (_NESTED_TENSORS if nested else ())
+    if has_fields:
+        required += _STATS_FIELDS + (_NESTED_FIELDS if nested else ())
+    missing = [key for key in required if key not in fields]
+    if not has_fields:
+        missing.append(PACKED_STATS_KEY + quant_type)
+    return missing, unknown
+
+
 def packed_bytes(weight: torch.Tensor) -> torch.Tensor:
     """The packed codes as a flat uint8 view (any quant_storage dtype is reinterpreted, not converted)."""
     data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
@@ -126,20 +167,43 @@ def packed_4bit(weight: torch.Tensor, quant_state: Any) -> Packed4bit:
     return Packed4bit(data, code, quant_state.absmax.reshape(-1), None, None, None, n, k, quant_state.blocksize, 0)
 
 
-_packed_cache: "weakref.WeakKeyDictionary[Any, tuple[tuple[int, int], Packed4bit]]" = weakref.WeakKeyDictionary()
+# quant state (by identity: bitsandbytes' QuantState is unhashable) -> (what the operands were built from, operands)
+_packed_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _built_from(weight: torch.Tensor, quant_state: Any) -> tuple:
+    """Where the packed bytes and statistics live, and the sizes of the format: the operands stay valid while this
+    does. (The cached operands keep the old tensors alive, so a replaced tensor cannot reappear at the same address.)
+    """
+    data = packed_bytes(weight)
+    state2 = quant_state.state2 if getattr(quant_state, "nested", False) else None
+    offset = getattr(quant_state, "offset", None)
+    return (
+        data.device,
+        data.data_ptr(),
+        data.numel(),
+        quant_state.absmax.data_ptr(),
+        quant_state.code.data_ptr(),
+        None if state2 is None else (state2.absmax.data_ptr(), state2.code.data_ptr(), state2.blocksize),
+        offset.data_ptr() if isinstance(offset, torch.Tensor) else offset,
+        tuple(quant_state.shape),
+        quant_state.blocksize,
+        quant_state.quant_type,
+        is_cpu_packed(quant_state),
+    )
 
 
 def packed_4bit_cached(weight: torch.Tensor, quant_state: Any) -> Packed4bit:
-    """``packed_4bit`` validated once per weight: reused while the packed bytes and absmax stay where they were."""
-    key = (packed_bytes(weight).data_ptr(), quant_state.absmax.data_ptr()) if quant_state is not None else None
-    try:
-        cached = _packed_cache.get(quant_state)
-    except TypeError:  # a quant state that cannot be weakly referenced is simply not cached
-        return packed_4bit(weight, quant_state)
-    if cached is not None and cached[0] == key:
+    """``packed_4bit``, validated and built once per weight and rebuilt when its bytes or statistics are replaced
+    (``load_state_dict``, ``.to()``, a new ``Params4bit`` or quant state); in-place value changes need nothing."""
+    if quant_state is None:
+        return packed_4bit(weight, quant_state)  # raises, naming the problem
+    built_from = _built_from(weight, quant_state)
+    cached = _packed_cache.get(quant_state)
+    if cached is not None and cached[0] == built_from:
         return cached[1]
     packed = packed_4bit(weight, quant_state)
-    _packed_cache[quant_state] = (key, packed)
+    _packed_cache[quant_state] = (built_from, packed)
     return packed
 
 

@@ -9,7 +9,7 @@ import torch
 from . import dispatch, reference
 from .format import packed_4bit, packed_4bit_cached, packed_bytes, weight_shape
 from .kernels.operands import Dropout, Packed4bit
-from .validation import check_lora_linear_args
+from .validation import check_frozen_weight, check_lora_linear_args
 
 
 def lora_linear_4bit(
@@ -29,12 +29,14 @@ def lora_linear_4bit(
 
     x: [..., in_features] fp16/bf16/fp32, any strides; weight: the packed ``Params4bit`` (or its data) and
     ``quant_state`` its bitsandbytes QuantState; lora_A: (r, in_features); lora_B: (out_features, r).
-    Dropout (on the LoRA branch only) applies when ``training`` and ``dropout_p > 0``; its seed is drawn from
-    torch's CPU generator unless ``dropout_seed`` is given. Returns [..., out_features] in x's dtype.
+    Dropout (on the LoRA branch only) applies when ``training`` and ``dropout_p > 0``; its seed, an int in
+    [0, 2**63), is drawn from torch's CPU generator unless ``dropout_seed`` is given. Returns [..., out_features]
+    in x's dtype. The kernels launch on x's device.
     """
     n, k = weight_shape(weight, quant_state)
-    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, packed_bytes(weight).device)
-    if not dispatch.use_triton(x.device):
+    check_frozen_weight(weight, "lora_linear_4bit")
+    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, packed_bytes(weight).device, dropout_seed)
+    if not dispatch.use_triton(x.device, _dtypes(x, lora_A, lora_B, bias)):
         return reference.lora_linear_4bit(
             x, weight, quant_state, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed=dropout_seed
         )
@@ -59,17 +61,18 @@ def lora_linear(
     """``y = x·Wᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ + bias`` with W a frozen dense [out_features, in_features] weight."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError("weight must be a 2-D tensor [out_features, in_features]")
-    if weight.requires_grad:
-        raise ValueError(
-            "lora_linear keeps the base weight frozen but weight.requires_grad is True; call weight.requires_grad_(False)"
-        )
+    check_frozen_weight(weight, "lora_linear")
     n, k = weight.shape
-    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device)
-    if not dispatch.use_triton(x.device):
+    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
+    if not dispatch.use_triton(x.device, _dtypes(x, weight, lora_A, lora_B, bias)):
         return reference.lora_linear(
             x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed=dropout_seed
         )
     return _apply(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
+
+
+def _dtypes(*tensors: Optional[torch.Tensor]) -> tuple[torch.dtype, ...]:
+    return tuple(t.dtype for t in tensors if t is not None)
 
 
 def _resolve_path(num_tokens: int, weight: Packed4bit, device: torch.device) -> str:
@@ -106,7 +109,7 @@ def _apply(
     is_4bit = isinstance(weight, Packed4bit)
     path = _resolve_path(x2d.shape[0], weight, x.device) if is_4bit else "dense"
     if torch.compiler.is_compiling():
-        # The registered custom op runs the same autograd function, opaque to the compiler (no graph break).
+        # The registered custom op runs the same forward and backward, opaque to the compiler (no graph break).
         # Eager calls skip it: its dispatch costs ~10x an autograd.Function call on the host (~170 vs ~12 µs
         # measured on a CI CPU core), which small layers would feel.
         from .custom_ops import lora_linear as lora_linear_op
@@ -118,10 +121,11 @@ def _apply(
     if training and dropout_p > 0:
         seed = reference.draw_dropout_seed() if dropout_seed is None else int(dropout_seed)
         dropout = Dropout(seed, float(dropout_p), in_features)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, lora_A, lora_B, bias)):
-        y = LoRALinearFunction.apply(x2d, lora_A, lora_B, bias, weight, float(scaling), dropout, path)
-    else:  # inference: the same kernels without autograd's bookkeeping
-        y, _ = lora_forward(x2d, lora_A, lora_B, bias, weight, float(scaling), dropout, path, keep_left=False)
+    with dispatch.device_guard(x.device):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, lora_A, lora_B, bias)):
+            y = LoRALinearFunction.apply(x2d, lora_A, lora_B, bias, weight, float(scaling), dropout, path)
+        else:  # inference: the same kernels without autograd's bookkeeping
+            y, _ = lora_forward(x2d, lora_A, lora_B, bias, weight, float(scaling), dropout, path, keep_left=False)
     return y.reshape(*x.shape[:-1], out_features)
 
 
@@ -129,8 +133,9 @@ def dequantize_4bit(weight: torch.Tensor, quant_state: Any, dtype: Optional[torc
     """Dense [N, K] copy of a bitsandbytes 4-bit weight (one Triton launch; the reference where Triton can't run)."""
     dtype = dtype or quant_state.dtype
     device = packed_bytes(weight).device
-    if not dispatch.use_triton(device):
+    if not dispatch.use_triton(device, (dtype,)):
         return reference.dequantize_4bit(weight, quant_state, dtype)
     from .kernels.dequantize import dequantize_4bit as dequantize_kernel
 
-    return dequantize_kernel(packed_4bit_cached(weight, quant_state), dtype)
+    with dispatch.device_guard(device):
+        return dequantize_kernel(packed_4bit_cached(weight, quant_state), dtype)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from .format import is_cpu_packed, packed_bytes, quantize_weight, weight_shape
+from .format import check_quant_stats, is_cpu_packed, packed_bytes, quantize_weight, weight_shape
 
 
 @dataclasses.dataclass
@@ -186,6 +186,12 @@ def _base_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
+def _check_floating_input(x: torch.Tensor) -> None:
+    # the layers cast x to their compute dtype and the output back: an integer x would come back truncated
+    if isinstance(x, torch.Tensor) and not x.dtype.is_floating_point:
+        raise TypeError(f"input must be a floating point tensor, got {x.dtype}")
+
+
 def _frozen(param: Optional[torch.Tensor]) -> Optional[nn.Parameter]:
     if param is None:
         return None
@@ -195,10 +201,13 @@ def _frozen(param: Optional[torch.Tensor]) -> Optional[nn.Parameter]:
 class LoRALinear4bit(_LoRAAdapter):
     """``y = x·deq(W)ᵀ + (lora_alpha / r)·(dropout(x)·Aᵀ)·Bᵀ + bias`` over a frozen bitsandbytes 4-bit W.
 
-    ``weight`` is the bitsandbytes ``Params4bit`` (with ``.quant_state``), read in place by the kernels; the
+    ``weight`` is the bitsandbytes ``Params4bit`` (with ``.quant_state``), frozen, read in place by the kernels; the
     state dict carries bitsandbytes' own keys (``weight``, ``weight.absmax``, ``weight.quant_map``, ...)
-    plus ``lora_A`` and ``lora_B`` (the active adapter's). Inputs are cast to ``compute_dtype`` (when set) and the
-    output back. More named adapters: ``add_adapter``, ``set_adapter``, ``delete_adapter`` (see ``_LoRAAdapter``).
+    plus ``lora_A`` and ``lora_B`` (the active adapter's). ``load_state_dict`` is all or nothing: a 4-bit weight
+    comes with its statistics and its own format; a dense ``weight`` alone (an nn.Linear state dict) is quantized
+    in the layer's format; on any error the layer is left as it was. Floating-point inputs are cast to
+    ``compute_dtype`` (when set) and the output back. More named adapters: ``add_adapter``, ``set_adapter``,
+    ``delete_adapter`` (see ``_LoRAAdapter``).
     """
 
     def __init__(
@@ -240,7 +249,7 @@ class LoRALinear4bit(_LoRAAdapter):
         adapter_name: str = "default",
     ) -> None:
         out_features, in_features = weight_shape(weight, weight.quant_state)
-        self.weight = weight
+        self.weight = weight.requires_grad_(False)  # frozen even where a float quant_storage would let it train
         self.bias = _frozen(bias)
         self.compute_dtype = compute_dtype
         device = packed_bytes(weight).device
@@ -303,6 +312,7 @@ class LoRALinear4bit(_LoRAAdapter):
         return self.weight.quant_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_floating_input(x)
         compute = self.compute_dtype or x.dtype
         if self.lora_A is None:  # no adapter active on this layer
             return _base_linear(x.to(compute), self.dequantize(compute), self.bias).to(x.dtype)
@@ -342,23 +352,115 @@ class LoRALinear4bit(_LoRAAdapter):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
+        # All or nothing: the new weight is built and every other entry checked before anything is assigned. A
+        # problem goes to error_msgs, on which load_state_dict raises whatever ``strict`` says (as it does for
+        # nn.Linear's size mismatches), and the layer stays as it was.
+        weight_key = prefix + "weight"
+        stats_prefix = weight_key + "."
+        rest = {key: value for key, value in state_dict.items() if key != weight_key}
+        stats = {key[len(stats_prefix) :]: rest.pop(key) for key in list(rest) if key.startswith(stats_prefix)}
+        own = {prefix + name: tensor for name, tensor in self._own_tensors().items() if prefix + name in rest}
+        weight, problems = None, []
+        if weight_key in state_dict:
+            try:
+                weight, unknown = self._checkpoint_weight(state_dict[weight_key], stats, weight_key)
+                unexpected_keys.extend(f"{stats_prefix}{key}" for key in unknown)
+            except Exception as error:  # noqa: BLE001 - whatever a checkpoint holds is reported, not half loaded
+                problems.append(f"{weight_key}: {error}")
+        problems += [problem for key, tensor in own.items() if (problem := _entry_problem(key, rest[key], tensor))]
+        if problems:
+            error_msgs.extend(problems)
+            rest = {key: value for key, value in rest.items() if key not in own}  # copy none of them
+        saved = {key: (tensor, tensor.detach().clone()) for key, tensor in own.items() if not problems}
+        n_errors = len(error_msgs)
+        # torch loads lora_A, lora_B and bias, and keeps its account of missing and unexpected keys
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        missing_keys[:] = [key for key in missing_keys if key not in state_dict]  # the weight, and entries not copied
+        if len(error_msgs) > n_errors:
+            # a copy failed in a way the checks above cannot foresee (a meta tensor): undo the copies made
+            with torch.no_grad():
+                for key, (tensor, value) in saved.items():
+                    setattr(self, key[len(prefix) :], tensor)  # assign=True replaces the Parameter itself
+                    tensor.copy_(value)
+        elif weight is not None and not problems:
+            self.weight = weight
+
+    def _own_tensors(self) -> dict[str, torch.Tensor]:
+        """The parameters and persistent buffers torch's load handles itself: all but the 4-bit weight."""
+        persistent = {name: b for name, b in self._buffers.items() if name not in self._non_persistent_buffers_set}
+        tensors = {**self._parameters, **persistent}
+        return {name: tensor for name, tensor in tensors.items() if tensor is not None and name != "weight"}
+
+    def _checkpoint_weight(self, data: Any, stats: dict[str, Any], key: str) -> tuple[Any, list[str]]:
+        """The layer's new frozen ``Params4bit`` from a checkpoint's ``weight`` and its statistics (``weight.*``,
+        prefix stripped), and the statistics' names bitsandbytes does not know; raises naming the problem.
+
+        A dense weight without statistics (nn.Linear's state dict) is quantized in the layer's own format.
+        """
         from bitsandbytes.nn import Params4bit
 
-        weight_key = prefix + "weight"
-        quant_keys = [key for key in state_dict if key.startswith(weight_key + ".")]
-        if weight_key in state_dict and quant_keys:
-            stats = {key[len(weight_key) + 1 :]: state_dict[key] for key in quant_keys}
-            device = packed_bytes(self.weight).device
-            self.weight = Params4bit.from_prequantized(state_dict[weight_key], stats, device=device)
-            n_k = weight_shape(self.weight, self.weight.quant_state)
-            if n_k != (self.out_features, self.in_features):
-                error_msgs.append(
-                    f"{weight_key}: checkpoint is {n_k}, layer is {(self.out_features, self.in_features)}"
+        shape = [self.out_features, self.in_features]
+        if not torch.overrides.is_tensor_like(data):
+            raise TypeError(f"expected a tensor from the checkpoint, got {type(data).__name__}")
+        if not stats:
+            packed_size = (self.out_features * self.in_features + 1) // 2
+            looks_packed = data.numel() * data.element_size() == packed_size and list(data.shape) != shape
+            if not data.dtype.is_floating_point or looks_packed:
+                raise ValueError(
+                    f"4-bit weight without its quantization statistics ({key}.absmax, {key}.quant_map, "
+                    f"{key}.quant_state.bitsandbytes__{self.weight.quant_state.quant_type}, ...)"
                 )
-        rest = {key: value for key, value in state_dict.items() if key != weight_key and key not in quant_keys}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if weight_key in missing_keys and weight_key in state_dict:
-            missing_keys.remove(weight_key)
+            if list(data.shape) != shape:
+                raise ValueError(
+                    f"size mismatch: the checkpoint's dense weight is {list(data.shape)}, the layer is {shape}"
+                )
+            return self._quantize_like_weight(data), []
+        missing, unknown = check_quant_stats(stats, self.weight.quant_state.quant_type)
+        if missing:
+            names = ", ".join(f"{key}.{name}" for name in missing)
+            raise ValueError(f"4-bit weight without its quantization statistics: missing {names}")
+        known = {name: value for name, value in stats.items() if name not in unknown}
+        device = packed_bytes(self.weight).device
+        weight = Params4bit.from_prequantized(data, known, requires_grad=False, device=device)
+        logical = list(weight.quant_state.shape or ())
+        if data.dim() == 2 and list(data.shape) == logical and data.shape[1] > 1:
+            raise ValueError(
+                f"a dense {logical} weight together with 4-bit quantization statistics: a checkpoint holds either the "
+                "packed 4-bit weight with its statistics or a dense weight alone"
+            )
+        n_k = list(weight_shape(weight, weight.quant_state))  # also checks the packed dtype, byte count, statistics
+        if n_k != shape:
+            raise ValueError(f"size mismatch: the checkpoint's 4-bit weight is {n_k}, the layer is {shape}")
+        return weight, unknown
+
+    def _quantize_like_weight(self, dense: torch.Tensor) -> Any:
+        """``dense`` quantized as the layer's weight is: quant type, blocksize, nesting, dtype, storage, device."""
+        state = self.weight.quant_state
+        if is_cpu_packed(state):  # bitsandbytes' CPU repacking keeps the original format aside
+            nested, dtype = state.original_nested, state.original_dtype
+            storage = getattr(state, "original_storage_type", torch.uint8)
+        else:
+            nested, dtype, storage = state.nested, state.dtype, self.weight.dtype
+        # copied into the layer's dense dtype first, as nn.Linear's load_state_dict would, then quantized
+        return quantize_weight(
+            dense.detach().to(dtype), state.quant_type, state.blocksize, nested, storage,
+            device=packed_bytes(self.weight).device,
+        )  # fmt: skip
+
+
+def _entry_problem(key: str, value: Any, tensor: torch.Tensor) -> Optional[str]:
+    """What torch's load would reject for a parameter or buffer (its messages), checked before anything is copied."""
+    if not torch.overrides.is_tensor_like(value):
+        return (
+            f'While copying the parameter named "{key}", expected torch.Tensor or Tensor-like object from checkpoint '
+            f"but received {type(value)}"
+        )
+    if value.shape != tensor.shape:
+        return (
+            f"size mismatch for {key}: copying a param with shape {value.shape} from checkpoint, "
+            f"the shape in current model is {tensor.shape}."
+        )
+    return None
 
 
 class LoRALinear(_LoRAAdapter):
@@ -415,6 +517,7 @@ class LoRALinear(_LoRAAdapter):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_floating_input(x)
         if self.lora_A is None:  # no adapter active on this layer
             return _base_linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
         y = F.lora_linear(

@@ -13,7 +13,7 @@ import torch
 
 from .format import is_cpu_packed, packed_bytes, unpack_cpu_packed, weight_shape
 from .kernels.operands import KEEP_BITS
-from .validation import check_lora_linear_args
+from .validation import check_frozen_weight, check_lora_linear_args
 
 _U32 = 0xFFFFFFFF
 # Philox-4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3"), as tl.randint uses.
@@ -128,7 +128,8 @@ def lora_linear_4bit(
 ) -> torch.Tensor:
     """``x·deq(W)ᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ + bias`` in fp32, returned in x's dtype; W frozen."""
     n, k = weight_shape(weight, quant_state)
-    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, packed_bytes(weight).device)
+    check_frozen_weight(weight, "lora_linear_4bit")
+    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, packed_bytes(weight).device, dropout_seed)
     dense = dequantize_4bit(weight, quant_state, torch.float32)
     return _lora_linear(x, dense, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
 
@@ -148,6 +149,7 @@ def lora_linear(
     """``x·Wᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ + bias`` for a dense frozen W, in fp32, returned in x's dtype."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
+    check_frozen_weight(weight, "lora_linear")
     n, k = weight.shape
-    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device)
-    return _lora_linear(x, weight.detach(), lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
+    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
+    return _lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)

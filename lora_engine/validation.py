@@ -8,6 +8,16 @@ from typing import Optional
 import torch
 
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DROPOUT_SEED_LIMIT = 2**63  # seeds are int64 on the host and in the kernels (two 32-bit Philox key words)
+
+
+def check_frozen_weight(weight: torch.Tensor, function: str) -> None:
+    """The base weight gets no gradient: refuse one that asks for it rather than leave it silently untrained."""
+    if weight.requires_grad:
+        raise ValueError(
+            f"{function} keeps the base weight frozen but weight.requires_grad is True; call "
+            "weight.requires_grad_(False) (train the LoRA factors, or use a dense layer to train the weight)"
+        )
 
 
 def check_lora_linear_args(
@@ -20,6 +30,7 @@ def check_lora_linear_args(
     bias: Optional[torch.Tensor],
     dropout_p: float,
     weight_device: torch.device,
+    dropout_seed: Optional[int] = None,
 ) -> None:
     """Validate ``y = x·Wᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ + bias`` for W of shape [out_features, in_features]."""
     if not isinstance(x, torch.Tensor):
@@ -51,6 +62,12 @@ def check_lora_linear_args(
         raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+    if dropout_seed is not None and (
+        not isinstance(dropout_seed, int)
+        or isinstance(dropout_seed, bool)
+        or not 0 <= dropout_seed < DROPOUT_SEED_LIMIT
+    ):
+        raise ValueError(f"dropout_seed must be an int in [0, 2**63) or None, got {dropout_seed!r}")
     named = [("x", x), ("weight", None), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)]
     for name, t in named:
         device = weight_device if name == "weight" else (t.device if t is not None else None)

@@ -27,7 +27,7 @@ except ImportError:
 def pytest_collection_modifyitems(config, items):
     can_run_kernels = HAS_TRITON and (KERNEL_DEVICE == "cuda" or INTERPRETER)
     skip_kernels = pytest.mark.skip(reason="needs Triton with CUDA, or TRITON_INTERPRET=1")
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (the interpreter computes bf16 on raw bits)")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (bf16 kernels, CUDA graphs, speed)")
     for item in items:
         if "interpreter" in item.keywords and not can_run_kernels:
             item.add_marker(skip_kernels)

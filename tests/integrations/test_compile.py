@@ -159,3 +159,29 @@ def test_compiled_patched_peft_model_matches_eager(kernel_device):
     # another sequence length: recompiled with a symbolic token count, which the fake implementations take
     x = torch.randn(2, 9, 100, generator=torch.Generator().manual_seed(3)).to(kernel_device).requires_grad_()
     _assert_same(_run(compiled_model, x, seed=6), _run(model, x, seed=6))
+
+
+def test_compiled_layer_follows_a_changed_backend_and_path(monkeypatch, kernel_device):
+    """torch.compile takes the backend and path as constants when it traces, and traces again when a
+    ``use_backend`` / ``force_path`` block changes them (it guards on a counter of setting changes)."""
+    paths = []
+    real_op = custom_ops.lora_linear
+
+    def recording_op(x, weight, lora_A, lora_B, bias, scaling, dropout_p, dropout_seed, path):
+        paths.append(path)
+        return real_op(x, weight, lora_A, lora_B, bias, scaling, dropout_p, dropout_seed, path)
+
+    monkeypatch.setattr(custom_ops, "lora_linear", recording_op)
+    layer = _layer_4bit(0.0, kernel_device).eval()
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    x = torch.randn(5, 100, device=kernel_device)
+    with torch.no_grad():
+        with lora_engine.force_path("fused"):
+            y_fused = compiled(x)
+        with lora_engine.force_path("dequant"):
+            y_dequant = compiled(x)
+        with lora_engine.use_backend("torch"):
+            y_torch = compiled(x)
+    assert paths == ["fused", "dequant"], "each setting traced once; the torch backend calls no kernel op"
+    torch.testing.assert_close(y_fused, y_torch, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_dequant, y_torch, rtol=1e-5, atol=1e-5)

@@ -92,13 +92,14 @@ def compile_launches(drive, archs: list[int]) -> list[dict]:
 def drive_launchers(quick: bool) -> None:
     """Call every launcher the layer uses, over the dtypes and regimes that select distinct kernel variants."""
     import bitsandbytes.functional as bnbF
-
-    from lora_engine.format import packed_4bit
     from lora_engine.kernels.dequantize import dequantize_4bit
+    from lora_engine.kernels.dropout import dropout_scale_
     from lora_engine.kernels.lora_gemv import gemv_supported, lora_gemv_4bit
     from lora_engine.kernels.lora_lowrank import lora_da, lora_down, lora_dy_pass
     from lora_engine.kernels.lora_matmul import lora_matmul
     from lora_engine.kernels.operands import Dropout
+
+    from lora_engine.format import packed_4bit
 
     dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16, torch.float32]
     token_counts = [1, 4096] if quick else [1, 64, 4096]
@@ -131,6 +132,7 @@ def drive_launchers(quick: bool) -> None:
                 lora_down(x, lora_A.t(), drop)
                 lora_dy_pass(dy, lora_B, left, 2.0)
                 lora_da(left, x, 2.0, drop)
+                dropout_scale_(torch.randn(m, k, dtype=dtype), drop)  # dx of the dequant_cublas path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,3 +116,45 @@ def test_nan_and_inf_propagate_like_the_reference(backend, kernel_device):
     expected = reference.lora_linear_4bit(x, ops["weight"], ops["quant_state"], ops["lora_A"], ops["lora_B"], 2.0)
     assert torch.equal(y.isnan(), expected.isnan()) and torch.equal(y.isinf(), expected.isinf())
     assert y[1].isnan().all() and y[0].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "seed", [2**64, 2**63, -1, 1.5, True, "7"], ids=["2**64", "2**63", "-1", "float", "bool", "str"]
+)
+def test_dropout_seed_out_of_range_is_named(backend, seed):
+    message = r"dropout_seed must be an int in \[0, 2\*\*63\)"
+    with lora_engine.use_backend(backend), pytest.raises(ValueError, match=message):
+        _call(**_operands(), dropout_p=0.1, training=True, dropout_seed=seed)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("seed", [0, 2**31 + 5, 2**40 + 3, 2**63 - 1])
+def test_kernels_and_reference_drop_the_same_elements_over_the_seed_range(seed, kernel_device):
+    """Seeds take the whole int64 range: both 32-bit halves of the Philox key reach the kernels as in the reference."""
+    ops = _operands(kernel_device)
+    ops["x"].requires_grad_()
+    kwargs = dict(dropout_p=0.5, training=True, dropout_seed=seed)
+    with lora_engine.use_backend("triton"):
+        y = _call(**ops, **kwargs)
+        (d_x,) = torch.autograd.grad(y.sum(), ops["x"])
+    with lora_engine.use_backend("torch"):
+        y_ref = _call(**ops, **kwargs)
+        (d_x_ref,) = torch.autograd.grad(y_ref.sum(), ops["x"])
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(d_x, d_x_ref, rtol=1e-4, atol=1e-3)
+    other = dict(kwargs, dropout_seed=seed ^ (1 << 62))  # differs only in the high key word
+    with lora_engine.use_backend("torch"):
+        assert not torch.allclose(_call(**ops, **other), y_ref, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_trainable_4bit_weight_is_refused(backend):
+    """A float quant_storage lets the packed weight require grad; it would be listed as trainable and never
+    trained, so the call refuses it, as for a dense base weight."""
+    from lora_engine.format import quantize_weight
+
+    weight = quantize_weight(torch.randn(37, 96), quant_storage=torch.float32).requires_grad_(True)
+    ops = _operands(k=96) | {"weight": weight, "quant_state": weight.quant_state}
+    with lora_engine.use_backend(backend), pytest.raises(ValueError, match="requires_grad"):
+        _call(**ops)

@@ -161,3 +161,37 @@ def test_no_grad_call_matches_the_autograd_call(path, kernel_device):
             without = layer(x)
     assert with_grad.requires_grad and not without.requires_grad
     torch.testing.assert_close(without, with_grad.detach(), rtol=0, atol=0)
+
+
+def _int_input_layer(kind: str) -> nn.Module:
+    if kind.startswith("4bit"):
+        layer = LoRALinear4bit(64, 24, r=4, compute_dtype=torch.float16)
+    else:
+        layer = LoRALinear(64, 24, r=4)
+    if kind.endswith("no_adapter"):
+        layer.set_adapter(None)
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["4bit_compute_fp16", "4bit_compute_fp16_no_adapter", "dense", "dense_no_adapter"])
+def test_integer_input_is_rejected_not_truncated(kind):
+    """A cast to the compute dtype must not turn an integer input into a float computation with an int result."""
+    layer = _int_input_layer(kind)
+    with lora_engine.use_backend("torch"), pytest.raises(TypeError, match="torch.int64"):
+        layer(torch.ones(2, 64, dtype=torch.int64))
+
+
+def test_base_weight_is_frozen_whatever_it_was():
+    """Even a float-storage 4-bit weight that requires grad is frozen on wrap, so parameters() shows it untrained."""
+    base = bnb.nn.Linear4bit(64, 24, quant_type="nf4", quant_storage=torch.float32).to("cpu")
+    base.weight.requires_grad_(True)
+    layers = {
+        "from_bnb": LoRALinear4bit.from_bnb(base, r=4),
+        "from_linear": LoRALinear4bit.from_linear(nn.Linear(64, 24), r=4, quant_storage=torch.float32),
+        "__init__": LoRALinear4bit(64, 24, r=4, quant_storage=torch.float32),
+    }
+    for name, layer in layers.items():
+        assert layer.weight.dtype == torch.float32, name
+        trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
+        assert trainable == ["lora_A", "lora_B"], f"{name}: trainable {trainable}"
+    assert layers["from_bnb"].weight is base.weight, "from_bnb shares the weight (and freezes it)"

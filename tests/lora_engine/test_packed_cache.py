@@ -1,0 +1,64 @@
+"""The kernels' view of a 4-bit weight is built once per weight and rebuilt when its tensors are replaced."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lora_engine
+from lora_engine import format as fmt
+from lora_engine import reference
+from lora_engine.format import quantize_weight
+
+pytestmark = pytest.mark.interpreter
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """Count how often the operands are validated and built."""
+    calls = []
+    original = fmt.packed_4bit
+
+    def counting(weight, quant_state):
+        calls.append(quant_state)
+        return original(weight, quant_state)
+
+    monkeypatch.setattr(fmt, "packed_4bit", counting)
+    return calls
+
+
+def _call(x, weight):
+    torch.manual_seed(3)
+    lora_A, lora_B = torch.randn(4, x.shape[1], device=x.device), torch.randn(weight.quant_state.shape[0], 4,
+                                                                              device=x.device)  # fmt: skip
+    y = lora_engine.lora_linear_4bit(x, weight, weight.quant_state, lora_A, lora_B, 1.0)
+    with lora_engine.use_backend("torch"):
+        expected = lora_engine.lora_linear_4bit(x, weight, weight.quant_state, lora_A, lora_B, 1.0)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    return y
+
+
+def test_built_once_and_rebuilt_when_the_weight_is_replaced(builds, kernel_device):
+    weight = quantize_weight(torch.randn(24, 128), "nf4", 64, True, device=kernel_device)
+    x = torch.randn(3, 128, device=kernel_device)
+    _call(x, weight)
+    _call(x, weight)
+    assert len(builds) == 1, "the second call rebuilt the operands"
+
+    other = quantize_weight(torch.randn(24, 128), "nf4", 64, True, device=kernel_device)
+    weight.data = other.data.clone()  # new bytes, same quant state object (statistics no longer match: fine here)
+    _call(x, weight)
+    assert len(builds) == 2, "new packed bytes must rebuild the operands"
+
+    weight.quant_state = copy.deepcopy(other.quant_state)  # a new quant state object
+    y = _call(x, weight)
+    assert len(builds) == 3
+    torch.testing.assert_close(reference.dequantize_4bit(weight, weight.quant_state), reference.dequantize_4bit(
+        other, other.quant_state))  # fmt: skip
+    assert y.isfinite().all()
+
+    weight.quant_state.absmax = weight.quant_state.absmax.clone()  # replaced statistics on the same state
+    _call(x, weight)
+    assert len(builds) == 4
