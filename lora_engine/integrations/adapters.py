@@ -10,22 +10,29 @@ or ending in ``"." + entry``; a string is a regular expression matched against t
 ``base_model.model.<module>.lora_A.weight``), which ``peft.PeftModel.from_pretrained`` loads onto the same
 base model; ``load_adapter`` reads adapters saved by PEFT or by ``save_adapter``. Several adapters live on one
 base: ``load_adapter(..., adapter_name=...)`` adds one, ``set_adapter`` switches, the base weights stay put.
+
+``inject`` and ``load_adapter`` are all or nothing: they check everything before changing the model, and undo what
+they changed if a later step still fails. ``load_adapter`` honours every ``LoraConfig`` field that decides what the
+adapter computes, refuses by name those it does not implement (``_LORA_CONFIG_FIELDS``), and warns about keys that
+are no ``LoraConfig`` field, as PEFT does.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
 
-from ..modules import LoRALinear, LoRALinear4bit, _LoRAAdapter
+from ..format import weight_shape
+from ..modules import LoRALinear, LoRALinear4bit, _check_adapter_name, _LoRAAdapter
 
 __all__ = [
     "ParameterCount",
@@ -47,17 +54,6 @@ ALL_LINEAR = "all-linear"
 # Heads that "all-linear" leaves alone when the model has no output embeddings: PEFT's SEQ_CLS_HEAD_NAMES.
 # A freshly initialised head is trained whole, not through a low-rank update.
 CLASSIFIER_HEADS = ("score", "classifier")
-# LoraConfig fields whose non-default values change what an adapter computes in ways these layers do not.
-_UNSUPPORTED_CONFIG = {
-    "use_dora": (False, None),
-    "lora_bias": (False, None),
-    "bias": ("none", None),
-    "fan_in_fan_out": (False, None),
-    "modules_to_save": (None, []),
-    "target_parameters": (None, []),
-    "trainable_token_indices": (None, [], {}),
-    "layer_replication": (None, []),
-}
 
 TargetModules = Union[str, Iterable[str]]
 
@@ -115,15 +111,20 @@ def _matches(name: str, target_modules: TargetModules) -> bool:
     return any(name == t or name.endswith("." + t) for t in target_modules)
 
 
+def _all_linear(model: nn.Module) -> list[str]:
+    """The modules "all-linear" selects: every linear layer but the output head."""
+    heads = _head_prefixes(model)
+    return [
+        name
+        for name, module in model.named_modules()
+        if name and _is_linear(module) and not any(name == h or name.startswith(h + ".") for h in heads)
+    ]
+
+
 def _resolve_targets(model: nn.Module, target_modules: TargetModules) -> list[str]:
     """The names of the modules ``target_modules`` selects; raises when none, or one that cannot be wrapped."""
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
-        heads = _head_prefixes(model)
-        names = [
-            name
-            for name, module in model.named_modules()
-            if name and _is_linear(module) and not any(name == h or name.startswith(h + ".") for h in heads)
-        ]
+        names = _all_linear(model)
     else:
         if not isinstance(target_modules, str):
             target_modules = list(target_modules)
@@ -143,6 +144,53 @@ def _resolve_targets(model: nn.Module, target_modules: TargetModules) -> list[st
     return names
 
 
+class _Undo:
+    """How to take back changes to a model: the steps recorded as they are made, plus each LoRA layer's active
+    adapter and every parameter's requires_grad (parked adapters' included) as they were when this was made."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.steps: list[Callable[[], None]] = []
+        self.active = [(layer, layer.active_adapter) for layer in lora_layers(model).values()]
+        self.requires_grad = [(param, param.requires_grad) for param in _all_parameters(model)]
+
+    def add(self, step: Callable[[], None]) -> None:
+        self.steps.append(step)
+
+    def restore_flags(self) -> None:
+        """Each LoRA layer that existed back on its active adapter, every parameter that existed back to its flag."""
+        for layer, name in self.active:
+            layer.set_adapter(name)
+        for param, flag in self.requires_grad:
+            param.requires_grad_(flag)
+
+    def rollback(self) -> None:
+        for step in reversed(self.steps):
+            step()
+        self.restore_flags()
+
+
+@contextlib.contextmanager
+def _all_or_nothing(model: nn.Module) -> Iterator[_Undo]:
+    """Run the block's changes to ``model``; if it raises, take them all back before the error propagates."""
+    undo = _Undo(model)
+    try:
+        yield undo
+    except BaseException:
+        undo.rollback()
+        raise
+
+
+def _all_parameters(model: nn.Module) -> list[torch.Tensor]:
+    """The model's parameters and its LoRA layers' parked adapters (which ``parameters()`` does not list)."""
+    params = list(model.parameters())
+    for layer in lora_layers(model).values():
+        for name in layer.adapter_names:
+            if name != layer.active_adapter:
+                weights = layer.get_adapter(name)
+                params += [weights.lora_A, weights.lora_B]
+    return params
+
+
 def _wrap(
     model: nn.Module,
     name: str,
@@ -152,11 +200,19 @@ def _wrap(
     lora_dropout: float,
     use_rslora: bool,
     lora_dtype: torch.dtype,
+    undo: _Undo,
 ) -> _LoRAAdapter:
-    """Give module ``name`` adapter ``adapter_name`` (parked if the module is already a LoRA layer)."""
+    """Give module ``name`` adapter ``adapter_name`` (parked if the module is already a LoRA layer), recording in
+    ``undo`` how to take it back."""
     module = model.get_submodule(name)
     kwargs = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, lora_dtype=lora_dtype)
     if isinstance(module, _LoRAAdapter):
+
+        def remove(layer: _LoRAAdapter = module) -> None:
+            if adapter_name in layer.adapter_names:  # add_adapter may have failed before adding it
+                layer.delete_adapter(adapter_name)
+
+        undo.add(remove)
         module.add_adapter(adapter_name, **kwargs)
         return module
     reason = _unsupported_reason(module)
@@ -167,8 +223,10 @@ def _wrap(
     else:
         layer = LoRALinear.from_linear(module, adapter_name=adapter_name, **kwargs)
     layer.train(module.training)
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, layer)
+    parent = model.get_submodule(name.rpartition(".")[0])
+    child = name.rpartition(".")[2]
+    setattr(parent, child, layer)
+    undo.add(lambda: setattr(parent, child, module))
     return layer
 
 
@@ -219,15 +277,17 @@ def inject(
     adapters, matching LoRA layers get one more. Afterwards ``adapter_name`` is the active adapter and its
     ``lora_A`` / ``lora_B`` are the only parameters that require grad. ``lora_alpha`` defaults to ``r``.
 
-    HF Trainer refuses to train a transformers model loaded in 4 bits unless PEFT wraps it; there, use PEFT and
+    All or nothing: if wrapping a module fails, the modules already wrapped are put back and the model is as it
+    was. HF Trainer refuses to train a transformers model loaded in 4 bits unless PEFT wraps it; there, use PEFT and
     :func:`lora_engine.patch_peft_model`. ``inject`` is for custom training loops and models outside transformers.
     """
     _check_new_name(model, adapter_name)
     names = _resolve_targets(model, target_modules)
-    for name in names:
-        _wrap(model, name, adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_dtype)
-    set_adapter(model, adapter_name)
-    _freeze_all_but_active(model, trainable=True)
+    with _all_or_nothing(model) as undo:
+        for name in names:
+            _wrap(model, name, adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_dtype, undo)
+        set_adapter(model, adapter_name)
+        _freeze_all_but_active(model, trainable=True)
     return model
 
 
@@ -366,19 +426,115 @@ def save_adapter(model: nn.Module, save_directory: Union[str, os.PathLike], adap
     return directory
 
 
+class _Field(NamedTuple):
+    """How ``load_adapter`` treats one field of PEFT's ``LoraConfig``."""
+
+    handling: str  # "implemented", "harmless" (does not change what the loaded adapter computes) or "refused"
+    why: str = ""
+    no_op: tuple[Any, ...] = ()  # a refused field still loads when its value is one of these
+
+
+def _implemented(why: str = "") -> _Field:
+    return _Field("implemented", why)
+
+
+def _harmless(why: str = "") -> _Field:
+    return _Field("harmless", why)
+
+
+def _refused(why: str, *no_op: Any) -> _Field:
+    return _Field("refused", why, no_op)
+
+
+# init_lora_weights values that only set initial values, which the loaded weights overwrite
+_INITS_OVERWRITTEN = (True, False, "gaussian", "eva", "orthogonal")
+# Every field of peft.LoraConfig and its PeftConfig bases (PEFT 0.21.2), decided from what PEFT does with it when it
+# loads an adapter onto nn.Linear / Linear4bit layers. tests/integrations/test_adapter_loading.py fails when PEFT
+# has a field this table lacks, and checks the harmless ones against PEFT's outputs.
+_LORA_CONFIG_FIELDS: dict[str, _Field] = {
+    "peft_type": _implemented("must be LORA"),
+    "r": _implemented(),
+    "lora_alpha": _implemented(),
+    "lora_dropout": _implemented(),
+    "use_rslora": _implemented(),
+    "rank_pattern": _implemented(),
+    "alpha_pattern": _implemented(),
+    "target_modules": _implemented("the modules it selects must be exactly those the weights name"),
+    "exclude_modules": _implemented("as target_modules"),
+    "layers_to_transform": _implemented("keeps only these layer indices, as PEFT's check_target_module_exists"),
+    "layers_pattern": _implemented("the ModuleList layers_to_transform indexes"),
+    "task_type": _harmless("picks PEFT's model wrapper; the classifier head it trains comes as modules_to_save"),
+    "auto_mapping": _harmless("the base model's class, for AutoPeftModel"),
+    "peft_version": _harmless(),
+    "base_model_name_or_path": _harmless("the caller passes the base model"),
+    "revision": _harmless("the caller passes the base model"),
+    "inference_mode": _harmless("PEFT's from_pretrained replaces it by not is_trainable, as load_adapter does"),
+    "fan_in_fan_out": _harmless("PEFT resets it on nn.Linear, ignores it on Linear4bit; Conv1D is not wrapped here"),
+    "eva_config": _harmless("sets initial values only; the ranks EVA chose are in rank_pattern"),
+    "loftq_config": _harmless("read only with init_lora_weights='loftq' (refused)"),
+    "corda_config": _harmless("read only with init_lora_weights='corda' (refused)"),
+    "lora_ga_config": _harmless("read only with init_lora_weights='lora_ga' (refused)"),
+    "qalora_group_size": _harmless("read only with use_qalora (refused)"),
+    "megatron_config": _harmless("read only to wrap Megatron parallel layers, which are refused by type"),
+    "megatron_core": _harmless("as megatron_config"),
+    "runtime_config": _harmless("never saved (PEFT drops it from a config file); it only speeds up DoRA's init"),
+    "init_lora_weights": _refused(
+        "PiSSA, OLoRA, CorDA, LoRA-GA and LoftQ rewrite the base weight when PEFT loads the adapter, whose weights "
+        "complete that rewritten base; MiCA keeps lora_B frozen in training",
+        *_INITS_OVERWRITTEN,
+    ),
+    "bias": _refused("'all' and 'lora_only' train the base layers' biases, saved with the adapter", "none", None),
+    "modules_to_save": _refused("trained copies of whole modules (a classifier head) replace the model's", None, []),
+    "trainable_token_indices": _refused("trained embedding rows replace the model's", None, [], {}),
+    "layer_replication": _refused("stacks copies of decoder layers, each with its own adapter", None, []),
+    "target_parameters": _refused("LoRA on bare nn.Parameters (MoE experts), not on linear layers", None, []),
+    "lora_bias": _refused("lora_B has a trained bias", False, None),
+    "use_dora": _refused("DoRA rescales each output by a trained magnitude", False, None),
+    "alora_invocation_tokens": _refused("aLoRA applies the adapter only from the invocation tokens on", None),
+    "use_qalora": _refused(
+        "QA-LoRA pools the input in groups of qalora_group_size before lora_A (PEFT: GPTQ layers only)", False, None
+    ),
+    "velora_config": _refused("VeLoRA trains through its own compressed-activation backward", None),
+    "monteclora_config": _refused("MonteCLoRA perturbs the LoRA weights with Monte Carlo samples", None),
+    "use_bdlora": _refused("BD-LoRA makes lora_A or lora_B block-diagonal, stored compactly", None),
+    "arrow_config": _refused("Arrow routes each token among several adapters", None),
+    "kasa_config": _refused("KaSA truncates the base weight's SVD and puts a trained diagonal between A and B", None),
+    "ensure_weight_tying": _refused("ties the adapter of a tied output head to the embedding's", False, None),
+}
+
+
+def _check_config(config: dict[str, Any], config_path: Path) -> None:
+    """Refuse a config whose adapter computes what these layers do not; warn about keys LoraConfig lacks."""
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters load here")
+    for key, value in config.items():
+        field = _LORA_CONFIG_FIELDS.get(key)
+        if field is not None and field.handling == "refused" and value not in field.no_op:
+            raise NotImplementedError(
+                f"{config_path}: {key}={value!r} is not supported by lora_engine.load_adapter ({field.why}); load "
+                "the adapter with PEFT (PeftModel.from_pretrained) and run lora_engine.patch_peft_model on the model"
+            )
+    unknown = sorted(set(config) - set(_LORA_CONFIG_FIELDS))
+    if unknown:
+        # PEFT drops such keys with a warning too (PeftConfigMixin.from_peft_type): a newer PEFT wrote them
+        warnings.warn(
+            f"{config_path}: ignoring {unknown}, which are no fields of PEFT's LoraConfig (written by a newer "
+            "PEFT? if they change what the adapter computes, load it with that PEFT instead)",
+            stacklevel=4,  # the line that called load_adapter
+        )
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and (config.get("layers_to_transform") is not None or config.get("layers_pattern")):
+        raise ValueError(f"{config_path}: layers_to_transform and layers_pattern need a list of target_modules")
+    if config.get("layers_pattern") and config.get("layers_to_transform") is None:
+        raise ValueError(f"{config_path}: layers_pattern is set but layers_to_transform is not")
+
+
 def _read_adapter(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config_path = directory / CONFIG_NAME
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: not a PEFT adapter directory")
     config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{config_path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters load here")
-    for key, defaults in _UNSUPPORTED_CONFIG.items():
-        if config.get(key, defaults[0]) not in defaults:
-            raise NotImplementedError(
-                f"{config_path}: {key}={config[key]!r} is not supported by lora_engine.load_adapter "
-                "(load it with PEFT and use lora_engine.patch_peft_model instead)"
-            )
+    _check_config(config, config_path)
     if (directory / WEIGHTS_NAME).is_file():
         from safetensors.torch import load_file
 
@@ -396,17 +552,149 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB]
 def _group_weights(state: dict[str, torch.Tensor], source: Path) -> dict[str, dict[str, torch.Tensor]]:
     """{module name: {"A": lora_A, "B": lora_B}} from PEFT's keys."""
     grouped: dict[str, dict[str, torch.Tensor]] = {}
+    keys: dict[tuple[str, str], str] = {}
     for key, tensor in state.items():
         match = _KEY.match(key)
         if match is None:
             raise NotImplementedError(f"{source}: unexpected tensor {key!r} (lora_engine loads LoRA A/B weights only)")
+        if (match["module"], match["which"]) in keys:
+            raise ValueError(f"{source}: {key!r} and {keys[match['module'], match['which']]!r} are the same weight")
+        keys[match["module"], match["which"]] = key
         grouped.setdefault(match["module"], {})[match["which"]] = tensor
     for name, pair in grouped.items():
         if set(pair) != {"A", "B"}:
             raise ValueError(f"{source}: module {name!r} has lora_{next(iter(pair))} but not its partner")
+        for which, tensor in pair.items():
+            if not tensor.is_floating_point():
+                raise ValueError(
+                    f"{source}: module {name!r} has a {tensor.dtype} lora_{which}; LoRA weights are floating point"
+                )
     if not grouped:
         raise ValueError(f"{source}: the adapter holds no LoRA weights")
     return grouped
+
+
+def _layer_index(name: str, layers_pattern: Union[str, list[str], None]) -> Optional[int]:
+    """The index after ``layers_pattern`` (default: the first numbered name component but the first), as PEFT."""
+    if not layers_pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        match = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in patterns)), None)
+    return None if match is None else int(match["idx"])
+
+
+def _config_selects(config: dict[str, Any], name: str, all_linear: Iterable[str]) -> bool:
+    """Whether PEFT puts the adapter on module ``name`` (peft.tuners.tuners_utils.check_target_module_exists).
+
+    ``target_modules=None`` (PEFT then takes its architecture's defaults) leaves the choice to the weights, but
+    exclude_modules and layers_to_transform still apply.
+    """
+    exclude = config.get("exclude_modules")
+    if exclude and (re.fullmatch(exclude, name) if isinstance(exclude, str) else _matches(name, exclude)):
+        return False
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        # PEFT turns "all-linear" into the full names of the linear layers; a regex never meets layers_to_transform
+        return name in all_linear if targets.lower() == ALL_LINEAR else re.fullmatch(targets, name) is not None
+    if targets is not None and name in targets:
+        return True  # a full name: PEFT applies no layer filter
+    if targets is not None and not any(name.endswith("." + t) for t in targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    index = _layer_index(name, config.get("layers_pattern"))
+    return index is not None and (index == layers if isinstance(layers, int) else index in layers)
+
+
+class _LayerLoad(NamedTuple):
+    """One module's share of an adapter, checked against the model."""
+
+    name: str
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    r: int
+    lora_alpha: float
+
+
+def _features(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of a module ``_unsupported_reason`` accepts."""
+    if isinstance(module, _LoRAAdapter):
+        return module.out_features, module.in_features
+    if _is_bnb_linear4bit(module):
+        return weight_shape(module.weight, getattr(module.weight, "quant_state", None))  # raises if not quantized
+    return tuple(module.weight.shape)
+
+
+def _plan_load(
+    model: nn.Module, directory: Path, config: dict[str, Any], grouped: dict[str, dict[str, torch.Tensor]]
+) -> list[_LayerLoad]:
+    """Check the adapter's every module against the model, changing nothing: it exists, can be wrapped, is selected by
+    the config (and every module the config selects has weights), and its rank and shapes match."""
+    modules = dict(model.named_modules())
+    absent = [name for name in grouped if name not in modules]
+    if absent:
+        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+        raise ValueError(
+            f"{directory}: the adapter has weights for module {absent[0]!r}{more}, which the model does not have "
+            "(is this the base model the adapter was trained on?)"
+        )
+    for name in grouped:
+        reason = _unsupported_reason(modules[name])
+        if reason is not None:
+            raise TypeError(f"{directory}: module {name!r} is {reason}; lora_engine cannot put the adapter there")
+    all_linear = set(_all_linear(model)) if isinstance(config.get("target_modules"), str) else set()
+    candidates = grouped if config.get("target_modules") is None else [name for name in modules if name]
+    selected = {name for name in candidates if _config_selects(config, name, all_linear)}
+    selection = (
+        ", ".join(
+            f"{key}={config.get(key)!r}"
+            for key in ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+            if config.get(key) is not None
+        )
+        or "target_modules=None"
+    )
+    unselected = sorted(set(grouped) - selected)
+    if unselected:
+        raise ValueError(
+            f"{directory}: the adapter has weights for modules its config does not select ({selection}): "
+            f"{unselected}; PEFT would not put the adapter there"
+        )
+    unweighted = sorted(selected - set(grouped))
+    if unweighted:
+        raise ValueError(
+            f"{directory}: its config ({selection}) selects modules the weights file has no LoRA weights for: "
+            f"{unweighted}; is this the base model the adapter was trained on?"
+        )
+
+    r_default, alpha_default = config.get("r", 8), config.get("lora_alpha", 8)
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    plans = []
+    for name, pair in grouped.items():
+        lora_A, lora_B = pair["A"], pair["B"]
+        r = _pattern_lookup(rank_pattern, name, r_default)
+        alpha = _pattern_lookup(alpha_pattern, name, alpha_default)
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"{directory}: module {name!r} has rank {r!r} per the config; ranks are positive integers")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise TypeError(f"{directory}: module {name!r} has lora_alpha {alpha!r} per the config; it is a number")
+        if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != r or lora_B.shape[1] != r:
+            raise ValueError(
+                f"{directory}: module {name!r} has lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}, "
+                f"but its rank per the config is {r}"
+            )
+        try:
+            out_features, in_features = _features(modules[name])
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{directory}: module {name!r}: {error}") from error
+        if lora_A.shape[1] != in_features or lora_B.shape[0] != out_features:
+            raise ValueError(
+                f"{directory}: module {name!r} is [{out_features}, {in_features}] but the adapter's lora_A is "
+                f"{tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}"
+            )
+        plans.append(_LayerLoad(name, lora_A, lora_B, r, float(alpha)))
+    return plans
 
 
 def load_adapter(
@@ -422,52 +710,53 @@ def load_adapter(
     On a model without lora_engine layers the adapter is injected where its weights say (its config gives
     alpha, dropout, rsLoRA and the rank/alpha patterns) and becomes active, everything else frozen, as
     ``PeftModel.from_pretrained``. On a model that has adapters it is added under ``adapter_name`` and the
-    active adapter stays as it was (``set_adapter`` switches), as ``PeftModel.load_adapter``. Its weights
-    require grad only if ``is_trainable`` (and it is active).
+    active adapter and every ``requires_grad`` stay as they were (``set_adapter`` switches), as
+    ``PeftModel.load_adapter``. Its weights require grad only if ``is_trainable`` (and it is active).
+
+    All or nothing: the config, every module the weights name (present, wrappable, selected by ``target_modules`` /
+    ``exclude_modules`` / ``layers_to_transform``, rank and shapes matching) and every tensor (floating point) are
+    checked before the model changes, and on any error the model is left as it was. Config fields that change what
+    the adapter computes and are not implemented here raise ``NotImplementedError`` naming them.
     """
     directory = Path(adapter_path)
     config, state = _read_adapter(directory)
     grouped = _group_weights(state, directory)
+    _check_adapter_name(adapter_name)
     _check_new_name(model, adapter_name)
+    if not (isinstance(lora_dtype, torch.dtype) and lora_dtype.is_floating_point):
+        raise ValueError(f"lora_dtype must be a floating-point torch.dtype, got {lora_dtype!r}")
+    dropout, use_rslora = config.get("lora_dropout", 0.0), config.get("use_rslora", False)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"{directory}: lora_dropout is {dropout!r}; it must be in [0, 1)")
+    if not isinstance(use_rslora, bool):
+        raise TypeError(f"{directory}: use_rslora is {use_rslora!r}; it must be true or false")
+    plans = _plan_load(model, directory, config, grouped)
+
     fresh = not lora_layers(model)
-    previous = None if fresh else _active_adapter(model)
-    modules = dict(model.named_modules())
-    for name in grouped:
-        if name not in modules:
-            raise ValueError(
-                f"{directory}: the adapter has weights for module {name!r}, which the model does not have "
-                "(is this the base model the adapter was trained on?)"
+    with _all_or_nothing(model) as undo:
+        layers = []
+        for plan in plans:
+            layer = _wrap(
+                model, plan.name, adapter_name, plan.r, plan.lora_alpha, dropout, use_rslora, lora_dtype, undo
             )
-    r_default, alpha_default = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    use_rslora, dropout = bool(config.get("use_rslora", False)), float(config.get("lora_dropout", 0.0))
-    for name, pair in grouped.items():
-        lora_A, lora_B = pair["A"], pair["B"]
-        r = _pattern_lookup(rank_pattern, name, r_default)
-        if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != r or lora_B.shape[1] != r:
-            raise ValueError(
-                f"{directory}: module {name!r} has lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}, "
-                f"but its rank per the config is {r}"
-            )
-        alpha = float(_pattern_lookup(alpha_pattern, name, alpha_default))
-        layer = _wrap(model, name, adapter_name, r, alpha, dropout, use_rslora, lora_dtype)
-        target = layer.get_adapter(adapter_name)
-        if target.lora_A.shape != lora_A.shape or target.lora_B.shape != lora_B.shape:
-            raise ValueError(
-                f"{directory}: module {name!r} is [{layer.out_features}, {layer.in_features}] but the adapter's "
-                f"lora_A is {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)}"
-            )
-        with torch.no_grad():
-            target.lora_A.copy_(lora_A)
-            target.lora_B.copy_(lora_B)
-    if fresh:
-        set_adapter(model, adapter_name, inference_mode=not is_trainable)
-        _freeze_all_but_active(model, trainable=is_trainable)
-    elif previous is not None:
-        set_adapter(model, previous)  # new layers made for this adapter start with it active; undo that
-    else:
-        for layer in lora_layers(model).values():
-            layer.set_adapter(None)
+            target = layer.get_adapter(adapter_name)
+            with torch.no_grad():
+                target.lora_A.copy_(plan.lora_A)
+                target.lora_B.copy_(plan.lora_B)
+            layers.append(layer)
+        if fresh:
+            set_adapter(model, adapter_name, inference_mode=not is_trainable)
+            _freeze_all_but_active(model, trainable=is_trainable)
+        else:
+            # as PEFT's load_adapter: the new adapter is parked everywhere (layers made for it start with it active)
+            # and no flag that was set before changes
+            undo.restore_flags()
+            for layer in layers:
+                if layer.active_adapter == adapter_name:
+                    layer.set_adapter(None)
+                weights = layer.get_adapter(adapter_name)
+                weights.lora_A.requires_grad_(False)
+                weights.lora_B.requires_grad_(False)
     return model
 
 

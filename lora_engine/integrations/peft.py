@@ -5,13 +5,15 @@
 subclass that overrides ``forward`` only. Nothing else changes: the module objects, parameter names and
 state-dict keys are PEFT's, so ``save_pretrained``, ``load_adapter``, ``set_adapter``, ``disable_adapter()``
 and ``merge_and_unload()`` run PEFT's code as before. The subclasses keep "Linear" in their names because
-PEFT's ``target_modules="all-linear"`` matches adapter layers by class name.
+PEFT's ``target_modules="all-linear"`` matches adapter layers by class name, and they give PEFT's own names
+(``lora.Linear``, ``lora.Linear4bit``) to the module repr and to ``get_layer_status`` (which reads the repr).
 
 The fused forward covers one active vanilla LoRA adapter (any scaling, rsLoRA included; dropout on the LoRA
 branch drawn in-kernel; base bias frozen or not). Anything else runs PEFT's forward for that call: DoRA and
 other LoRA variants, ``lora_bias``, mixed-batch ``adapter_names``, several active adapters, merged or
-disabled adapters, and layouts or devices the kernels do not read. The ``PatchReport`` lists those layers
-and why; each reason is logged once.
+disabled adapters, layouts or devices the kernels do not read, and a LoRA layer stacked on another tuner
+layer (a ``PeftMixedModel`` with LoHa, LoKr, AdaLoRA... under LoRA), whose delta only PEFT's forward adds. The
+``PatchReport`` lists those layers and why; each reason is logged once.
 
 ``register_fused_layers(config)`` is the other route: PEFT builds the fused classes directly in
 ``get_peft_model`` (through ``LoraConfig._register_custom_module``, an experimental PEFT API).
@@ -25,6 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 from peft.tuners.lora.layer import Linear as PeftLinear
 from peft.tuners.lora.layer import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .. import dispatch
@@ -48,7 +51,7 @@ _PATCH_ATTR = "_lora_engine_patch"  # (report, layer name) on each patched layer
 class PatchReport:
     """What :func:`patch_peft_model` did.
 
-    patched: names of the LoRA layers whose forward now runs lora_engine's kernels (when they can).
+    patched: names of the LoRA layers given a fused class (its forward runs the kernels when it can).
     fallbacks: patched layers that run PEFT's own forward, with the reasons: those known when patching, and
         those met on later calls (outside ``torch.compile``).
     skipped: LoRA layers left as PEFT made them (types or base layers the kernels do not cover), with why.
@@ -60,7 +63,13 @@ class PatchReport:
 
     @property
     def num_patched(self) -> int:
+        """Layers given a fused class, those that fall back to PEFT's forward included."""
         return len(self.patched)
+
+    @property
+    def num_fused(self) -> int:
+        """Patched layers with no fallback recorded: the ones that run the fused kernels."""
+        return sum(name not in self.fallbacks for name in self.patched)
 
     def add_fallback(self, name: str, reason: str) -> None:
         reasons = self.fallbacks.setdefault(name, [])
@@ -72,12 +81,18 @@ class PatchReport:
         total = len(self.patched) + len(self.skipped)
         backend = dispatch.get_backend()
         route = "the fused kernels" if backend != "torch" else "the torch reference (backend 'torch')"
-        lines = [f"lora_engine: {len(self.patched)}/{total} PEFT LoRA layers run {route}"]
+        headline = f"lora_engine: {self.num_fused}/{total} PEFT LoRA layers run {route}"
         if self.fallbacks:
-            lines.append(f"  {len(self.fallbacks)} fall back to PEFT's forward:")
+            verb = "falls" if len(self.fallbacks) == 1 else "fall"
+            headline += f"; {len(self.fallbacks)} {verb} back to PEFT's forward"
+        if self.skipped:
+            headline += f"; {len(self.skipped)} not patched"
+        lines = [headline]
+        if self.fallbacks:
+            lines.append("  falling back to PEFT's forward (for some or all calls):")
             lines += [f"    {name}: {'; '.join(reasons)}" for name, reasons in self.fallbacks.items()]
         if self.skipped:
-            lines.append(f"  {len(self.skipped)} not patched:")
+            lines.append("  not patched:")
             lines += [f"    {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
@@ -123,8 +138,26 @@ def _has_hooks(module: nn.Module) -> bool:
     return hasattr(module, "_hf_hook") or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
 
 
+def _stack_reason(layer: LoraLayer) -> Optional[str]:
+    """Why the base layer's output is not just the innermost base weight's product (None when it is).
+
+    ``get_base_layer()`` skips every layer in between, but PEFT's forward calls ``self.base_layer(x)``: another
+    tuner layer there (a ``PeftMixedModel`` stacking LoRA on LoHa, LoKr, AdaLoRA...) adds its own delta.
+    """
+    direct, base = layer.base_layer, layer.get_base_layer()
+    if direct is base:
+        return None
+    kind = f"{type(direct).__module__}.{type(direct).__qualname__}"
+    if isinstance(direct, BaseTunerLayer):
+        return f"stacked on another PEFT tuner layer ({kind}), whose delta only PEFT's forward adds"
+    return f"a {kind} module sits between the LoRA layer and its base {type(base).__name__}"
+
+
 def _base_reason(layer: LoraLayer) -> Optional[str]:
     """Why the kernels cannot read this layer's base weight right now (None when they can)."""
+    stacked = _stack_reason(layer)
+    if stacked is not None:
+        return stacked
     base = layer.get_base_layer()
     if _has_hooks(base):
         return "the base layer has forward hooks (e.g. accelerate offloading)"
@@ -157,6 +190,11 @@ def _layer_reason(layer: LoraLayer) -> Optional[str]:
 
 class _FusedForward:
     """The forward shared by both fused classes; everything else is PEFT's."""
+
+    def _get_name(self) -> str:
+        # nn.Module's repr names the module by this, and PEFT's get_layer_status reads the type from the repr
+        # ("lora.Linear"): keep PEFT's class name there.
+        return next(kind for kind in type(self).__mro__ if kind in _FUSED).__name__
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter, compute, reason = self._fused_plan(x, args, kwargs)

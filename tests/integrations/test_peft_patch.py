@@ -7,7 +7,17 @@ from contextlib import nullcontext
 import bitsandbytes as bnb
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from lora_engine.kernels import runtime
+from peft import (
+    AdaLoraConfig,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    PeftModel,
+    get_layer_status,
+    get_model_status,
+    get_peft_model,
+)
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 from peft.tuners.lora.layer import Linear as PeftLinear
 from torch import nn
@@ -222,19 +232,23 @@ def test_fallback_runs_peft_forward_and_is_reported_once(case, monkeypatch, capl
 
 
 def test_fallback_when_triton_cannot_run(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # CPU tensors without the interpreter: no Triton
+    monkeypatch.setattr(runtime, "_settled", False)  # as if the kernels were compiled for a GPU: none for CPU tensors
     monkeypatch.setattr(dispatch, "_reported", set())
     stock, patched = _peft_net("cpu"), _peft_net("cpu")
     report = lora_engine.patch_peft_model(patched)
     assert len(report.fallbacks) == 3 and "Triton cannot run on cpu tensors" in str(report), str(report)
+    assert report.num_patched == 3 and report.num_fused == 0
+    assert str(report).startswith(
+        "lora_engine: 0/3 PEFT LoRA layers run the fused kernels; 3 fall back to PEFT's forward\n"
+    ), str(report)
     x = _x("cpu")
     with torch.no_grad():
         assert torch.equal(patched(x), stock(x))
 
 
+@pytest.mark.skipif(not runtime.interpreter_active(), reason="CPU tensors run the kernels only in the interpreter")
 def test_fallback_for_bf16_in_the_interpreter(monkeypatch):
     """The interpreter computes bf16 on raw bits: under bf16 autocast on CPU the layers run PEFT's forward."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read per call: CPU tensors take the interpreter, also beside a GPU
     monkeypatch.setattr(dispatch, "_reported", set())
     stock, patched = _peft_net("cpu"), _peft_net("cpu")
     report = lora_engine.patch_peft_model(patched)
@@ -273,6 +287,148 @@ def test_layers_the_kernels_do_not_cover_are_left_alone(kernel_device):
     ids = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(0)).to(kernel_device)
     with torch.no_grad():
         torch.testing.assert_close(patched(ids), stock(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_report_headline_counts_only_layers_that_run_the_kernels(kernel_device):
+    patched = _peft_net(kernel_device).eval()
+    patched.base_model.model.out.base_layer.weight.requires_grad_(True)  # the kernels take a frozen base weight
+    report = lora_engine.patch_peft_model(patched)
+    assert report.num_patched == 3 and report.num_fused == 2, str(report)
+    assert list(report.fallbacks) == ["base_model.model.out"], str(report)
+    headline = str(report).splitlines()[0]
+    assert headline == "lora_engine: 2/3 PEFT LoRA layers run the fused kernels; 1 falls back to PEFT's forward"
+    x = _x(kernel_device)
+    with torch.no_grad(), lora_engine.use_backend("torch"):
+        patched(x, adapter_names=["default"] * 3)  # a fallback met at call time counts as well
+        assert report.num_fused == 0
+        assert str(report).startswith("lora_engine: 0/3 PEFT LoRA layers run the torch reference (backend 'torch'); 3")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stacked tuners (PeftMixedModel): a LoRA layer whose base layer is another tuner layer runs PEFT's forward
+
+
+class MLP(nn.Module):
+    """Two dense layers, the model PEFT's own mixed-adapter tests use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20)
+        self.lin1 = nn.Linear(20, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.relu(self.lin0(x)))
+
+
+MLP_TARGETS = ["lin0", "lin1"]
+STACKS = {
+    # name: (adapter configs, applied in this order; whether the LoRA layers can run the kernels)
+    "loha_then_lora": (lambda: (LoHaConfig(target_modules=MLP_TARGETS, init_weights=False), _lora()), False),
+    "lokr_then_lora": (lambda: (LoKrConfig(target_modules=MLP_TARGETS, init_weights=False), _lora()), False),
+    "adalora_then_lora": (
+        lambda: (AdaLoraConfig(target_modules=MLP_TARGETS, init_lora_weights=False, total_step=1), _lora()),
+        False,
+    ),
+    "lora_then_loha": (lambda: (_lora(), LoHaConfig(target_modules=MLP_TARGETS, init_weights=False)), True),
+}
+
+
+def _lora() -> LoraConfig:
+    return LoraConfig(target_modules=MLP_TARGETS, init_lora_weights=False)  # random lora_B: a visible delta
+
+
+def _stacked(stack: str, device: str) -> nn.Module:
+    """A PeftMixedModel over ``MLP`` with both adapters of ``STACKS[stack]`` active; equal stacks, equal weights."""
+    torch.manual_seed(0)
+    first, second = STACKS[stack][0]()
+    model = get_peft_model(MLP().to(device), first, adapter_name="first", mixed=True)
+    model.add_adapter("second", second)
+    model.set_adapter(["first", "second"])
+    return model.eval()
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_lora_stacked_on_another_tuner_runs_peft_forward(stack, kernel_device):
+    stock, patched = _stacked(stack, kernel_device), _stacked(stack, kernel_device)
+    report = lora_engine.patch_peft_model(patched)
+    lora_layers = [name for name, m in patched.named_modules() if isinstance(m, PeftLinear)]
+    assert report.patched == lora_layers and len(lora_layers) == 2, str(report)
+    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(3)).to(kernel_device)
+    with torch.no_grad():
+        y, y_stock = patched(x), stock(x)
+    if STACKS[stack][1]:  # LoRA under the other tuner reads nn.Linear directly: the kernels run
+        assert report.num_fused == 2 and not report.fallbacks, str(report)
+        torch.testing.assert_close(y, y_stock, rtol=1e-5, atol=1e-5)
+        return
+    assert torch.equal(y, y_stock), f"max |patched - stock| = {(y - y_stock).abs().max().item():.3g}"
+    assert set(report.fallbacks) == set(lora_layers) and report.num_fused == 0, str(report)
+    assert all("stacked on another PEFT tuner layer" in reasons[0] for reasons in report.fallbacks.values())
+    total = report.num_patched + len(report.skipped)  # AdaLoRA's own layers are LoRA layers the patch skips
+    assert f"0/{total} PEFT LoRA layers run the fused kernels; 2 fall back to PEFT's forward" in str(report)
+
+    report.fallbacks.clear()  # the same check runs on every call
+    with torch.no_grad():
+        assert torch.equal(patched(x), y_stock)
+    assert set(report.fallbacks) == set(lora_layers), str(report)
+
+
+class Doubled(nn.Module):
+    """Not a tuner layer, yet it computes something around the linear layer it holds as ``base_layer``."""
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * self.base_layer(x)
+
+
+def test_any_module_between_lora_and_its_linear_runs_peft_forward(kernel_device):
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = get_peft_model(MLP().to(kernel_device), LoraConfig(target_modules=["lin0"], init_lora_weights=False))
+        model.base_model.model.lin0.base_layer = Doubled(model.base_model.model.lin0.base_layer)
+        models.append(model)
+    stock, patched = models
+    report = lora_engine.patch_peft_model(patched)
+    x = torch.randn(4, 10, generator=torch.Generator().manual_seed(3)).to(kernel_device)
+    with torch.no_grad():
+        assert torch.equal(patched(x), stock(x))
+    assert list(report.fallbacks) == ["base_model.model.lin0"], str(report)
+    assert "Doubled module sits between the LoRA layer and its base Linear" in str(report)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PEFT's names: repr, get_layer_status and get_model_status show lora.Linear / lora.Linear4bit as before
+
+
+def _status(model: nn.Module) -> tuple:
+    return repr(model), get_layer_status(model), get_model_status(model)
+
+
+@pytest.mark.parametrize("four_bit", [False, True], ids=["dense", "4bit"])
+def test_patched_layers_keep_peft_names(four_bit, kernel_device):
+    if four_bit:
+        stock, patched = _peft_net(kernel_device), _peft_net(kernel_device)
+    else:
+        stock, patched = (get_peft_model(MLP().to(kernel_device), LoraConfig(target_modules=MLP_TARGETS)) for _ in "ab")
+    before = _status(patched)
+    report = lora_engine.patch_peft_model(patched)
+    assert report.num_patched == (3 if four_bit else 2), str(report)
+    assert any(type(m) in (FusedLoraLinear, FusedLoraLinear4bit) for m in patched.modules())
+    after = _status(patched)
+    assert after[0] == before[0], "repr changed"
+    assert after[1] == before[1] and after[2] == before[2]
+    types = {status.module_type for status in after[1]}
+    assert types == ({"lora.Linear4bit", "lora.Linear"} if four_bit else {"lora.Linear"})
+
+    # a second adapter on "all-linear" still finds the patched layers, as it does the stock ones
+    for model in (stock, patched):
+        model.add_adapter("other", LoraConfig(r=4, target_modules="all-linear"))
+    assert _status(patched) == _status(stock)
+    assert lora_engine.unpatch_peft_model(patched) == report.num_patched
+    assert _status(patched) == _status(stock)
 
 
 # ---------------------------------------------------------------------------------------------------------------
