@@ -120,8 +120,9 @@ def load_model(compute_dtype: torch.dtype = torch.float32, device: str = "cpu", 
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def add_lora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float) -> nn.Module:
-    """LoRA on query/value, classification head trained whole; everything else frozen."""
+def add_lora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float, patch: bool = True) -> nn.Module:
+    """LoRA on query/value, classification head trained whole; everything else frozen. ``patch=False`` leaves
+    PEFT's layers as they are (stock PEFT, for comparison)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     import lora_engine
@@ -134,8 +135,9 @@ def add_lora(model: nn.Module, r: int, lora_alpha: float, lora_dropout: float) -
         target_modules=["query", "value"],
     )
     model = get_peft_model(model, config)
-    report = lora_engine.patch_peft_model(model)  # the one line that moves PEFT's LoRA layers onto lora_engine
-    print(report.summary())
+    if patch:
+        report = lora_engine.patch_peft_model(model)  # the one line that moves PEFT's LoRA layers onto lora_engine
+        print(report.summary())
     return model
 
 
@@ -219,6 +221,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--min-confidence", type=float, default=0.7, help="leave out tweets labelled with less agreement"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stock", action="store_true", help="train with stock PEFT (no lora_engine), for comparison")
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default=None,
                         help="lora_engine backend (default: auto on a GPU, i.e. the Triton kernels; torch, the reference "
                              "implementation, on CPU, where patched PEFT layers would otherwise run PEFT's forward)")  # fmt: skip
@@ -242,10 +245,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     model, tokenizer = load_model(compute_dtype, device, args.seed)
     train_set, eval_set = encode(tokenizer, train_rows, args.max_length), encode(tokenizer, eval_rows, args.max_length)
     print(f"data: {len(train_set)} training / {len(eval_set)} held-out tweets ({', '.join(LABELS)}, balanced)")
-    print(f"model: {model_path()} in NF4 on {device}, lora_engine backend {backend!r}")
+    route = "stock PEFT (lora_engine not used)" if args.stock else f"lora_engine backend {backend!r}"
+    print(f"model: {model_path()} in NF4 on {device}, {route}")
 
     before = accuracy(predict(model, tokenizer, eval_set), eval_set)
-    model = add_lora(model, args.r, args.lora_alpha, args.lora_dropout)
+    model = add_lora(model, args.r, args.lora_alpha, args.lora_dropout, patch=not args.stock)
     counts = lora_engine.print_trainable_parameters(model)
 
     training_args = TrainingArguments(

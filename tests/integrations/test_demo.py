@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,14 @@ pytest.importorskip("accelerate", reason="HF Trainer needs accelerate")
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "sentiment_qlora.py"
 TINY_RUN = ["--train-size", "48", "--eval-size", "30", "--epochs", "1", "--batch-size", "8", "--max-length", "24"]
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", DEMO.parents[1] / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gpu_check", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +50,20 @@ def test_tweet_splits_are_balanced_and_disjoint(demo):
 
 
 @pytest.mark.slow
-def test_demo_runs_and_the_merged_model_agrees(demo):
+def test_demo_runs_and_the_merged_model_agrees(demo, capsys, tmp_path):
     import lora_engine
 
     try:
         result = demo.main(TINY_RUN + ["--backend", "torch"])
     finally:
         lora_engine.set_backend("auto")
+    # python -m bench.gpu_check reads these figures from the demo's printout
+    (tmp_path / "demo.log").write_text(capsys.readouterr().out)
+    figures = _gpu_check().demo_figures(tmp_path / "demo.log")
+    assert figures == pytest.approx(
+        {"before": 100 * result["before"], "after": 100 * result["after"], "samples_per_s": result["samples_per_s"]},
+        abs=0.1,
+    )
     for key in ("before", "after", "agreement"):
         assert 0.0 <= result[key] <= 1.0, (key, result)
     assert result["agreement"] >= 0.95, result  # dense W + s·B·A vs the 4-bit base + adapter: near-identical logits
