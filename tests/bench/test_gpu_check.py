@@ -94,3 +94,12 @@ def test_a_step_without_its_packages_is_skipped_and_the_check_incomplete(tmp_pat
     passed = gpu_check.Outcome("bench", "passed", 1.0)
     assert "GPU check clean but incomplete" in gpu_check.summary_text([passed, outcome], {})
     assert "GPU check clean:" in gpu_check.summary_text([passed], {})
+
+
+def test_distributed_summary_reads_the_example_results(tmp_path):
+    (tmp_path / "distributed-fsdp").mkdir()
+    run = {"strategy": "fsdp", "fused": 14, "layers": 14, "losses": [4.8, 4.7], "peak_mib": 812.5}
+    (tmp_path / "distributed-fsdp" / "run.json").write_text(__import__("json").dumps(run))
+    lines = gpu_check.distributed_summary(tmp_path)
+    assert lines[0] == "fsdp: 14/14 layers on the kernels, final loss 4.7000, peak 812.5 MiB"
+    assert lines[1].startswith("distributed-none: no result")

@@ -511,3 +511,35 @@ def test_register_fused_layers_builds_fused_layers_in_get_peft_model(kernel_devi
     with torch.no_grad():
         assert torch.equal(built(x), patched(x))
     assert lora_engine.patch_peft_model(built).num_patched == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The base weight as FSDP hands it to the forward
+
+
+def test_a_gathered_plain_weight_runs_with_the_modules_quant_state(kernel_device):
+    """FSDP gives the forward the gathered packed bytes as a plain tensor, without the quant state; bitsandbytes
+    keeps it on the module too, and the fused forward reads it there instead of falling back."""
+    stock, patched = _peft_net(kernel_device), _peft_net(kernel_device)
+    report = lora_engine.patch_peft_model(patched)
+    for name in ("q", "k"):
+        base = getattr(patched.base_model.model, name).get_base_layer()
+        assert base.quant_state is base.weight.quant_state
+        base.weight = nn.Parameter(base.weight.data.clone(), requires_grad=False)  # the same bytes, no quant state
+        assert not hasattr(base.weight, "quant_state")
+    x = _x(kernel_device)
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x), stock(x), rtol=1e-4, atol=1e-4)
+    assert report.num_fused == 3 and not report.fallbacks, str(report)
+
+
+def test_packed_bytes_cast_to_another_dtype_are_refused(kernel_device):
+    """Bytes converted value by value (FSDP's MixedPrecisionPolicy casting parameters) cannot be decoded: the
+    forward names the problem, also where it would have fallen back to PEFT's forward (equally wrong)."""
+    patched = _peft_net(kernel_device, patch=True)
+    base = patched.base_model.model.q.get_base_layer()
+    base.weight = nn.Parameter(base.weight.data.to(torch.bfloat16), requires_grad=False)
+    for adapters_on in (True, False):  # the fused forward, and PEFT's forward for disabled adapters
+        context = nullcontext() if adapters_on else patched.disable_adapter()
+        with context, torch.no_grad(), pytest.raises(ValueError, match="stored as torch.uint8 but arrives as"):
+            patched(_x(kernel_device))
