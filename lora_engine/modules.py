@@ -311,6 +311,19 @@ class LoRALinear4bit(_LoRAAdapter):
     def quant_state(self) -> Any:
         return self.weight.quant_state
 
+    def _apply(self, fn, recurse: bool = True):
+        # The packed weight holds codes, not numbers: a module-wide cast (.half(), .to(dtype)) must move it but never
+        # convert it value by value, whatever its quant_storage. Casts leave integer tensors alone, so it goes through
+        # them seen as bytes (bitsandbytes' Params4bit.to still moves its quant state).
+        storage = self.weight.dtype
+        if storage != torch.uint8:
+            self.weight.data = self.weight.data.view(torch.uint8)
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            if self.weight.dtype != storage:
+                self.weight.data = self.weight.data.view(storage)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_floating_input(x)
         compute = self.compute_dtype or x.dtype

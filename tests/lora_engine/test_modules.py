@@ -195,3 +195,22 @@ def test_base_weight_is_frozen_whatever_it_was():
         trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
         assert trainable == ["lora_A", "lora_B"], f"{name}: trainable {trainable}"
     assert layers["from_bnb"].weight is base.weight, "from_bnb shares the weight (and freezes it)"
+
+
+@pytest.mark.parametrize("storage", [torch.float32, torch.float16, torch.bfloat16, torch.uint8], ids=str)
+def test_module_casts_move_the_packed_weight_but_never_convert_it(storage):
+    """.half(), .to(dtype), .double() cast the LoRA factors and bias as for nn.Linear; the packed 4-bit codes
+    keep their storage dtype and bytes, whatever it is (a float storage would otherwise be converted value by
+    value and the layer broken for good)."""
+    torch.manual_seed(0)
+    layer = LoRALinear4bit(64, 16, r=4, quant_storage=storage, compute_dtype=torch.float32)
+    dense, state = layer.dequantize().clone(), layer.weight.quant_state
+    # (torch's opt-in swap_module_params_on_conversion mode cannot swap bitsandbytes' Params4bit at all)
+    for cast, dtype in ((LoRALinear4bit.half, torch.float16), (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+                        (LoRALinear4bit.double, torch.float64), (LoRALinear4bit.float, torch.float32)):  # fmt: skip
+        cast(layer)
+        assert layer.weight.dtype == storage and layer.lora_A.dtype == dtype and layer.bias.dtype == dtype
+        assert layer.weight.quant_state is state and not layer.weight.requires_grad
+        assert torch.equal(layer.dequantize(), dense)
+    with lora_engine.use_backend("torch"):
+        assert layer(torch.randn(3, 64)).isfinite().all()
