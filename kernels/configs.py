@@ -7,14 +7,26 @@ hand from measurements (``python -m bench.tune`` reports the fastest tiles per r
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from .runtime import interpreter_active
 
 MIN_DOT = 16  # smallest tile edge tl.dot accepts
+
+
+# Host-side integer helpers. Triton's own (triton.cdiv, triton.next_power_of_2) are constexpr functions, built to
+# be called from kernels too: a host call costs microseconds (argument unwrapping, an import), several per launch.
+def cdiv(a: int, b: int) -> int:
+    """Ceiling of a / b for positive integers."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -26,7 +38,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def rank_block(r: int, cap: int = 64) -> int:
     """Tile edge along the LoRA rank: a power of two >= 16, at most ``cap`` (larger ranks loop over chunks)."""
-    return min(max(MIN_DOT, triton.next_power_of_2(r)), cap)
+    return min(max(MIN_DOT, next_power_of_2(r)), cap)
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,7 @@ class LowRankConfig:
     num_stages: int = 2
 
 
+@functools.lru_cache(maxsize=4096)  # called per launch; a pure function of its arguments and the mode
 def matmul_config(m: int, n_out: int, k_red: int, dtype: torch.dtype = torch.bfloat16) -> MatmulConfig:
     """Tiles for an [m, k_red] x [k_red, n_out] product with ``dtype`` operands."""
     if interpreter_active():
@@ -69,6 +82,7 @@ def matmul_config(m: int, n_out: int, k_red: int, dtype: torch.dtype = torch.bfl
     return MatmulConfig(block_m=128, block_n=128, block_k=32 if wide else 64, num_warps=8, num_stages=3)
 
 
+@functools.lru_cache(maxsize=4096)  # called per launch; a pure function of its arguments and the mode
 def lowrank_config(m: int) -> LowRankConfig:
     """Tiles for the rank-r products (x·Aᵀ, dy·B, dB, dA)."""
     if interpreter_active():
@@ -97,14 +111,15 @@ class GemvConfig:
     num_stages: int = 3
 
 
+@functools.lru_cache(maxsize=4096)  # called per launch; a pure function of its arguments and the mode
 def gemv_config(m: int, rank: int) -> GemvConfig:
     """Tiles for the GEMV over ``m`` <= GEMV_MAX_TOKENS rows with a rank-``rank`` LoRA term.
 
     Not yet tuned on a GPU: the per-step product holds m_pad x BLOCK_N x BLOCK_K fp32 values, kept near 8K
     so it stays in registers, and narrow row blocks give thousands of programs on Llama-sized weights.
     """
-    m_pad = triton.next_power_of_2(max(m, 1))
-    block_r = min(triton.next_power_of_2(max(rank, 1)), 32)
+    m_pad = next_power_of_2(max(m, 1))
+    block_r = min(next_power_of_2(max(rank, 1)), 32)
     if interpreter_active():
         return GemvConfig(m_pad=m_pad, block_n=8, block_k=64, block_r=block_r, num_warps=1, num_stages=1)
     block_k = 256

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import DEQUANT_BLOCK, DEQUANT_BLOCK_INTERPRETER, interpreter_active
+from .configs import DEQUANT_BLOCK, DEQUANT_BLOCK_INTERPRETER, cdiv, interpreter_active
 from .decode import block_scales
 from .operands import Packed4bit
 
@@ -62,7 +62,7 @@ def dequantize_4bit(weight: Packed4bit, dtype: torch.dtype, out: Optional[torch.
         return out
     block = DEQUANT_BLOCK_INTERPRETER if interpreter_active() else DEQUANT_BLOCK
     blocks_per_program = max(1, block // weight.blocksize)
-    grid = (triton.cdiv(triton.cdiv(numel, weight.blocksize), blocks_per_program),)
+    grid = (cdiv(cdiv(numel, weight.blocksize), blocks_per_program),)
     _dequantize_4bit_kernel[grid](
         *weight.kernel_args(),
         out,

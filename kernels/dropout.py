@@ -9,6 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import cdiv
 from .operands import Dropout
 
 KEEP_BITS: tl.constexpr = tl.constexpr(24)  # random bits compared against the threshold
@@ -45,7 +46,7 @@ def dropout_scale_(t: torch.Tensor, dropout: Dropout) -> torch.Tensor:
     if m == 0 or k == 0:
         return t
     block_m, block_k = 32, 128  # an elementwise pass: any tile that keeps loads coalesced along K
-    grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
+    grid = (cdiv(m, block_m), cdiv(k, block_k))
     _dropout_scale_kernel[grid](
         t, m, k, t.stride(0), t.stride(1),
         dropout.seed, dropout.threshold, dropout.inv_keep_prob, dropout.row_length,

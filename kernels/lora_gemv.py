@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import GEMV_MAX_TOKENS, GemvConfig, gemv_config
+from .configs import GEMV_MAX_TOKENS, GemvConfig, cdiv, gemv_config
 from .decode import block_scales
 from .operands import Packed4bit
 
@@ -137,7 +137,7 @@ def lora_gemv_4bit(
     cfg = config or gemv_config(m, rank)
     dummy = out
     lt, rt = (left, right) if right is not None else (dummy, dummy)
-    grid = (triton.cdiv(weight.n, cfg.block_n),)
+    grid = (cdiv(weight.n, cfg.block_n),)
     _lora_gemv_4bit_kernel[grid](
         x, *weight.kernel_args(), lt, rt, bias if bias is not None else dummy, out,
         m, weight.n, k, rank, weight.blocksize2, float(scaling),

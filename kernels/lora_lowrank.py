@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import LowRankConfig, dot_precision, interpreter_active, lowrank_config, rank_block
+from .configs import LowRankConfig, cdiv, dot_precision, interpreter_active, lowrank_config, rank_block
 from .dropout import keep_scale
 from .operands import Dropout
 
@@ -45,10 +45,10 @@ def _split_rows(m: int, block_m: int, programs: int, device: torch.device, split
     ``split_m`` asks for more.
     """
     if split_m is None:
-        split_m = 1 if interpreter_active() else triton.cdiv(2 * _num_sms(device), programs)
-    split_m = max(1, min(split_m, triton.cdiv(m, block_m)))
-    rows_per_split = triton.cdiv(triton.cdiv(max(m, 1), split_m), block_m) * block_m
-    return rows_per_split, triton.cdiv(m, rows_per_split)
+        split_m = 1 if interpreter_active() else cdiv(2 * _num_sms(device), programs)
+    split_m = max(1, min(split_m, cdiv(m, block_m)))
+    rows_per_split = cdiv(cdiv(max(m, 1), split_m), block_m) * block_m
+    return rows_per_split, cdiv(m, rows_per_split)
 
 
 @triton.jit
@@ -208,7 +208,7 @@ def lora_down(
     cfg = config or lowrank_config(m)
     block_r = rank_block(rank)
     drop = dropout if dropout is not None else Dropout(0, 0.0, k)
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(rank, block_r))
+    grid = (cdiv(m, cfg.block_m), cdiv(rank, block_r))
     _lora_down_kernel[grid](
         a, down, out,
         m, k, rank,
@@ -235,12 +235,12 @@ def lora_dy_pass(
     dyb = torch.zeros((m, rank), dtype=torch.float32, device=dy.device)
     cfg = config or lowrank_config(m)
     block_r = rank_block(rank)
-    programs = triton.cdiv(n, cfg.block_k) * triton.cdiv(rank, block_r)
+    programs = cdiv(n, cfg.block_k) * cdiv(rank, block_r)
     rows_per_split, splits = _split_rows(m, cfg.block_m, programs, dy.device, split_m)
     db = (torch.zeros if splits != 1 else torch.empty)((n, rank), dtype=torch.float32, device=dy.device)
     if m == 0:
         return dyb, db
-    grid = (triton.cdiv(n, cfg.block_k), triton.cdiv(rank, block_r), splits)
+    grid = (cdiv(n, cfg.block_k), cdiv(rank, block_r), splits)
     _lora_dy_kernel[grid](
         dy, lora_B, left, dyb, db,
         m, n, rank, rows_per_split,
@@ -267,13 +267,13 @@ def lora_da(
     rank = dyb.shape[1]
     cfg = config or lowrank_config(m)
     block_r = rank_block(rank)
-    programs = triton.cdiv(k, cfg.block_k) * triton.cdiv(rank, block_r)
+    programs = cdiv(k, cfg.block_k) * cdiv(rank, block_r)
     rows_per_split, splits = _split_rows(m, cfg.block_m, programs, x.device, split_m)
     da = (torch.zeros if splits != 1 else torch.empty)((rank, k), dtype=torch.float32, device=x.device)
     if m == 0:
         return da
     drop = dropout if dropout is not None else Dropout(0, 0.0, k)
-    grid = (triton.cdiv(k, cfg.block_k), triton.cdiv(rank, block_r), splits)
+    grid = (cdiv(k, cfg.block_k), cdiv(rank, block_r), splits)
     _lora_da_kernel[grid](
         dyb, x, da,
         m, k, rank, rows_per_split,

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import MatmulConfig, dot_precision, matmul_config, rank_block
+from .configs import MatmulConfig, cdiv, dot_precision, matmul_config, rank_block
 from .decode import decode_4bit_tile
 from .dropout import keep_scale
 from .operands import Dropout, Packed4bit
@@ -256,16 +256,16 @@ def lora_matmul(
     drop = dropout if dropout is not None else Dropout(0, 0.0, 0)
 
     # Split K only where the left factor is not accumulated in the loop (each split sees part of K).
-    split_k = 1 if left_in_loop else max(1, min(cfg.split_k, triton.cdiv(k_red, block_k)))
-    k_per_split = triton.cdiv(triton.cdiv(k_red, split_k), block_k) * block_k
-    split_k = triton.cdiv(k_red, k_per_split)
+    split_k = 1 if left_in_loop else max(1, min(cfg.split_k, cdiv(k_red, block_k)))
+    k_per_split = cdiv(cdiv(k_red, split_k), block_k) * block_k
+    split_k = cdiv(k_red, k_per_split)
     target = out
     if split_k > 1:
         target = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(
             (m, n_out), dtype=torch.float32, device=a.device
         )
         target.zero_()
-    grid = (triton.cdiv(m, block_m) * triton.cdiv(n_out, block_n), split_k)
+    grid = (cdiv(m, block_m) * cdiv(n_out, block_n), split_k)
     _lora_matmul_kernel[grid](
         a, *w_args, dn, lt, lb, bias if bias is not None else dummy, target,
         m, n_out, k_red, rank, w_rows, w_cols, weight.blocksize2 if is_4bit else 0, k_per_split,

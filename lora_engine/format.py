@@ -68,7 +68,9 @@ def weight_shape(weight: torch.Tensor, quant_state: Any) -> tuple[int, int]:
     blocks = -(-n * k // blocksize)
     absmax = quant_state.absmax
     if absmax.numel() != blocks:
-        raise ValueError(f"quant_state.absmax has {absmax.numel()} entries, expected {blocks} for [{n}, {k}] / {blocksize}")
+        raise ValueError(
+            f"quant_state.absmax has {absmax.numel()} entries, expected {blocks} for [{n}, {k}] / {blocksize}"
+        )
     if quant_state.code.numel() != 16:
         raise ValueError(f"quant_state.code must have 16 entries, has {quant_state.code.numel()}")
     if getattr(quant_state, "nested", False):
@@ -189,13 +191,13 @@ def _built_from(weight: torch.Tensor, quant_state: Any) -> tuple:
         tuple(quant_state.shape),
         quant_state.blocksize,
         quant_state.quant_type,
-        is_cpu_packed(quant_state),
-    )
+    )  # bitsandbytes' CPU repacking rewrites the bytes: a new address, so a rebuild that refuses the layout
 
 
 def packed_4bit_cached(weight: torch.Tensor, quant_state: Any) -> Packed4bit:
     """``packed_4bit``, validated and built once per weight and rebuilt when its bytes or statistics are replaced
-    (``load_state_dict``, ``.to()``, a new ``Params4bit`` or quant state); in-place value changes need nothing."""
+    (``load_state_dict``, ``.to()``, a new ``Params4bit`` or quant state). Cheapest with bitsandbytes'
+    ``__torch_function__`` disabled around it (``torch._C.DisableTorchFunctionSubclass()``)."""
     if quant_state is None:
         return packed_4bit(weight, quant_state)  # raises, naming the problem
     built_from = _built_from(weight, quant_state)

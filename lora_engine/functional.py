@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 
 from . import dispatch, reference
-from .format import packed_4bit, packed_4bit_cached, packed_bytes, weight_shape
+from .format import packed_4bit, packed_4bit_cached, packed_bytes
 from .kernels.operands import Dropout, Packed4bit
 from .validation import check_frozen_weight, check_lora_linear_args
 
@@ -33,16 +33,23 @@ def lora_linear_4bit(
     [0, 2**63), is drawn from torch's CPU generator unless ``dropout_seed`` is given. Returns [..., out_features]
     in x's dtype. The kernels launch on x's device.
     """
-    n, k = weight_shape(weight, quant_state)
-    check_frozen_weight(weight, "lora_linear_4bit")
-    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, packed_bytes(weight).device, dropout_seed)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not dispatch.use_triton(x.device, _dtypes(x, lora_A, lora_B, bias)):
         return reference.lora_linear_4bit(
             x, weight, quant_state, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed=dropout_seed
         )
-    # the cache keys on data_ptr(), which traced (fake) tensors do not have
-    compiling = torch.compiler.is_compiling()
-    packed = packed_4bit(weight, quant_state) if compiling else packed_4bit_cached(weight, quant_state)
+    if torch.compiler.is_compiling():
+        check_frozen_weight(weight, "lora_linear_4bit")
+        packed = packed_4bit(weight, quant_state)  # traced tensors have no address to key the cache on
+    else:
+        # Reading the weight through bitsandbytes' Params4bit costs ~3 µs an attribute (its __torch_function__);
+        # the bytes and flags are the same without it. The weight is validated once, when first seen.
+        with torch._C.DisableTorchFunctionSubclass():
+            check_frozen_weight(weight, "lora_linear_4bit")
+            packed = packed_4bit_cached(weight, quant_state)
+    check_lora_linear_args(x, packed.n, packed.k, lora_A, lora_B, scaling, bias, dropout_p, packed.data.device,
+                           dropout_seed)  # fmt: skip
     return _apply(x, packed, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
 
 
@@ -72,15 +79,17 @@ def lora_linear(
 
 
 def _dtypes(*tensors: Optional[torch.Tensor]) -> tuple[torch.dtype, ...]:
-    return tuple(t.dtype for t in tensors if t is not None)
+    return tuple(t.dtype for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _resolve_path(num_tokens: int, weight: Packed4bit, device: torch.device) -> str:
     """The dispatcher's path for this call, with "gemv" replaced by "dequant" where the GEMV cannot serve it."""
+    path = dispatch.choose_path(num_tokens, weight.n, weight.k, device)
+    if path != "gemv":
+        return path
     from .kernels.lora_gemv import gemv_supported
 
-    path = dispatch.choose_path(num_tokens, weight.n, weight.k, device)
-    if path == "gemv" and not gemv_supported(num_tokens, weight):
+    if not gemv_supported(num_tokens, weight):
         dispatch.report_once(
             "gemv-unsupported",
             "lora_engine: the gemv path serves at most 16 tokens over a 4-bit weight whose in_features are a multiple "

@@ -103,3 +103,12 @@ def test_distributed_summary_reads_the_example_results(tmp_path):
     lines = gpu_check.distributed_summary(tmp_path)
     assert lines[0] == "fsdp: 14/14 layers on the kernels, final loss 4.7000, peak 812.5 MiB"
     assert lines[1].startswith("distributed-none: no result")
+
+
+def test_host_summary_keeps_the_table(tmp_path):
+    (tmp_path / "host.log").write_text(
+        "$ python -m bench.host\nhost µs per call, launches real\n\n| path | M |\n| a | 1 |\n"
+    )
+    assert gpu_check.host_summary(tmp_path / "host.log") == ["", "host µs per call, launches real", "| path | M |",
+                                                             "| a | 1 |"]  # fmt: skip
+    assert gpu_check.host_summary(tmp_path / "absent.log")[0].startswith("(no host-time table")
