@@ -37,7 +37,7 @@ DEMO_ARGS = ["--train-size", "300", "--eval-size", "150", "--epochs", "1", "--ba
 BENCH_ARGS = [
     "--modes", "decode", "fwd", "fwdbwd", "--m-decode", "1", "16", "--m-train", "256", "2048", "8192",
     "--providers", "lora_engine", "lora_engine[gemv]", "bnb_peft", "dequant_cublas", "dense_bf16",
-    "--rep-ms", "20", "--rounds", "2", "--stem", "layer_quick",
+    "--rep-ms", "10", "--rounds", "2", "--stem", "layer_quick",
 ]  # fmt: skip
 BRING_BITSANDBYTES = (
     "bitsandbytes is not installed; the 4-bit base weights need it. Install it (pip install bitsandbytes), or, on a "
