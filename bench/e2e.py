@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="alternating stock / patched rounds")
     p.add_argument("--method", default="lora", choices=["lora", "prefix"])
     p.add_argument("--targets", default="all", choices=list(TARGETS), help="LoRA target projections")
-    p.add_argument("--liger", action="store_true", help="also time both with Liger-Kernel applied (pip install liger-kernel)")
+    p.add_argument("--liger", action="store_true", help="also time both with Liger-Kernel (pip install liger-kernel)")
     p.add_argument("--tiny", action="store_true", help="toy sizes, two layers: checks that the script runs")
     p.add_argument("--device", default="cuda", help="cuda (default); with --tiny also cpu")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<gpu>)")
