@@ -2,9 +2,12 @@
 
     lora_engine::lora_linear_fwd  (x, A, B, bias, W, ...) -> (y, left)        left = drop(x)·Aᵀ, kept for dB
     lora_engine::lora_linear_bwd  (dy, x, A, B, left, bias, W, ...) -> (dx, dA, dB, dbias)
+    lora_engine::linear_4bit_fwd  (x, bias, W, path) -> y                     a 4-bit layer without an adapter
+    lora_engine::linear_4bit_dx   (dy, W, path) -> dx                         (its dbias = Σ dy is traced as is)
 
 Both ops run exactly the code of ``autograd.LoRALinearFunction`` (``lora_forward``, and ``lora_backward`` called
-with a small context object), so eager and compiled training share one implementation. The ops take only tensors
+with a small context object; the base-only ops ``linear_forward`` and ``linear_backward_input``), so eager and
+compiled training share one implementation. The ops take only tensors
 and plain numbers: a 4-bit W travels as its ``Packed4bit`` tensors plus ``[n, k, blocksize, blocksize2]``, a
 dense W as one tensor plus ``[n, k, 0, 0]``. The dropout seed is a tensor input drawn by the caller
 (``seed_tensor``): drawing it inside the op would hide randomness from the compiler, and reading it on the
@@ -196,3 +199,59 @@ def lora_linear(
         x, lora_A, lora_B, bias, tensors, sizes, float(scaling), float(dropout_p), seed, path, keep_left
     )
     return y
+
+
+@torch.library.custom_op("lora_engine::linear_4bit_fwd", mutates_args=())
+def linear_4bit_fwd(
+    x: torch.Tensor, bias: Optional[torch.Tensor], weight: list[torch.Tensor], weight_sizes: list[int], path: str
+) -> torch.Tensor:
+    """``y = x·Wᵀ + bias`` on 2-D x, W frozen (a 4-bit layer without an adapter)."""
+    from .autograd import linear_forward
+    from .kernels import runtime
+
+    runtime.load_kernels()
+    with dispatch.device_guard(x.device):
+        return linear_forward(x, bias, _weight(weight, weight_sizes), path)
+
+
+@linear_4bit_fwd.register_fake
+def _(x, bias, weight, weight_sizes, path):
+    return x.new_empty((x.shape[0], weight_sizes[0]))
+
+
+@torch.library.custom_op("lora_engine::linear_4bit_dx", mutates_args=())
+def linear_4bit_dx(dy: torch.Tensor, weight: list[torch.Tensor], weight_sizes: list[int], path: str) -> torch.Tensor:
+    """``dx = dy·W`` for :func:`linear_4bit_fwd`."""
+    from .autograd import linear_backward_input
+
+    with dispatch.device_guard(dy.device):
+        return linear_backward_input(dy, _weight(weight, weight_sizes), path)
+
+
+@linear_4bit_dx.register_fake
+def _(dy, weight, weight_sizes, path):
+    return dy.new_empty((dy.shape[0], weight_sizes[1]))
+
+
+def _setup_linear_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    _, bias, weight, weight_sizes, path = inputs
+    ctx.save_for_backward(*weight)
+    ctx.weight_sizes, ctx.path = weight_sizes, path
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _linear_backward(ctx: Any, dy: torch.Tensor) -> tuple:
+    weight = list(ctx.saved_tensors)
+    dx = linear_4bit_dx(dy, weight, ctx.weight_sizes, ctx.path) if ctx.needs_input_grad[0] else None
+    d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+    return dx, d_bias, [None] * len(weight), None, None
+
+
+torch.library.register_autograd("lora_engine::linear_4bit_fwd", _linear_backward, setup_context=_setup_linear_context)
+
+
+def linear_4bit(x: torch.Tensor, weight: Packed4bit, bias: Optional[torch.Tensor], path: str) -> torch.Tensor:
+    """The 4-bit layer without an adapter on 2-D x through the custom ops (``functional.linear_4bit`` under
+    ``torch.compile``)."""
+    tensors, sizes = weight_parts(weight)
+    return linear_4bit_fwd(x, bias, tensors, sizes, path)
