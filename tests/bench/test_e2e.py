@@ -12,7 +12,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("extra", [["--model", "qwen2.5-7b", "--targets", "qv"]], ids=["qwen2-lora-qv"])
+@pytest.mark.parametrize(
+    "extra", [["--model", "qwen2.5-7b", "--targets", "qv"], ["--method", "prefix"]], ids=["qwen2-lora-qv", "prefix"]
+)
 def test_tiny_run_writes_stock_and_patched_rows(tmp_path, extra):
     env = {key: os.environ[key] for key in ("PATH", "HOME", "TMPDIR") if key in os.environ}
     command = [sys.executable, "-m", "bench.e2e", "--tiny", "--device", "cpu", "--batch", "2", "--seq", "8",
