@@ -29,7 +29,8 @@ LoRA layers, which PEFT's forward calls when a LoRA layer falls back (the fused 
 directly). A call the 4-bit path cannot read (a weight not quantized yet or repacked for bitsandbytes' CPU kernel,
 a sharded weight outside FSDP's gather, bf16 in the interpreter) runs bitsandbytes' forward, reported once.
 ``patch_model`` and ``patch_peft_model`` are one implementation; ``unpatch_model`` / ``unpatch_peft_model``
-restore every class.
+restore every class. With ``group_projections=True`` they also group the q/k/v and gate/up projections of
+transformers' Llama, Mistral and Qwen2 blocks (``integrations/grouped.py``; opt-in, not yet measured on a GPU).
 
 ``register_fused_layers(config)`` is the other route: PEFT builds the fused classes directly in
 ``get_peft_model`` (through ``LoraConfig._register_custom_module``, an experimental PEFT API).
@@ -37,6 +38,7 @@ restore every class.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import sys
 from typing import Any, Callable, Optional
@@ -71,6 +73,22 @@ __all__ = [
 
 _PATCH_ATTR = "_lora_engine_patch"  # (report, layer name) on each patched layer, for fallbacks seen at run time
 
+# Outputs a grouped attention or MLP forward computed for its projections (integrations/grouped.py): layer ->
+# (the input tensor they were computed for, the output), set for the duration of that module's original forward.
+# A context variable: threads and asyncio tasks running the same model each see only their own.
+PRECOMPUTED: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("lora_engine_precomputed", default=None)
+
+
+def _precomputed(layer: nn.Module, x: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Optional[torch.Tensor]:
+    """The output a grouped forward computed for ``layer`` on exactly this input object, or None."""
+    if torch.compiler.is_compiling():  # grouping never runs under compile, and the lookup would break the graph
+        return None
+    table = PRECOMPUTED.get()
+    if table is None or args or kwargs:
+        return None
+    entry = table.get(layer)
+    return entry[1] if entry is not None and entry[0] is x else None
+
 
 @dataclasses.dataclass
 class PatchReport:
@@ -87,6 +105,10 @@ class PatchReport:
         reads their weight directly; PEFT's forward (a fallback) calls them and so runs the same 4-bit path.
     base_fallbacks: 4-bit layers (of either list) that run bitsandbytes' own forward, with the reasons.
     base_skipped: 4-bit layers left as they are, with why.
+    grouped: with ``group_projections=True``, the attention and MLP modules whose projections (q/k/v, gate/up)
+        are computed together, each with the names of its member layers.
+    group_skipped: with ``group_projections=True``, attention and MLP modules left to per-layer calls, with why.
+    group_fallbacks: grouped modules that ran per-layer calls (for some or all calls), with the reasons.
     """
 
     patched: list[str] = dataclasses.field(default_factory=list)
@@ -96,6 +118,10 @@ class PatchReport:
     lora_bases: list[str] = dataclasses.field(default_factory=list)
     base_fallbacks: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     base_skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    grouped: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    group_skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    group_fallbacks: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    grouping_requested: bool = False
 
     @property
     def num_patched(self) -> int:
@@ -122,6 +148,11 @@ class PatchReport:
         if reason not in reasons:
             reasons.append(reason)
 
+    def add_group_fallback(self, name: str, reason: str) -> None:
+        reasons = self.group_fallbacks.setdefault(name, [])
+        if reason not in reasons:
+            reasons.append(reason)
+
     def summary(self) -> str:
         """A few readable lines: counts, then each fallback and skipped layer with its reason."""
         torch_backend = dispatch.get_backend() == "torch"
@@ -144,6 +175,8 @@ class PatchReport:
                 clauses.append(f"{falling} {'falls' if falling == 1 else 'fall'} back to bitsandbytes' forward")
             if self.base_skipped:
                 clauses.append(f"{len(self.base_skipped)} not patched")
+        if self.grouping_requested:
+            clauses.append(_group_clause(self))
         lines = ["lora_engine: " + "; ".join(clauses)]
         if self.fallbacks:
             lines.append("  falling back to PEFT's forward (for some or all calls):")
@@ -157,10 +190,32 @@ class PatchReport:
         if self.base_skipped:
             lines.append("  4-bit layers not patched:")
             lines += [f"    {name}: {reason}" for name, reason in self.base_skipped.items()]
+        if self.group_fallbacks:
+            lines.append("  projection groups running per-layer calls (for some or all calls):")
+            lines += [f"    {name}: {'; '.join(reasons)}" for name, reasons in self.group_fallbacks.items()]
+        if self.group_skipped:
+            lines.append("  projections not grouped:")
+            lines += [f"    {name}: {reason}" for name, reason in self.group_skipped.items()]
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _group_clause(report: PatchReport) -> str:
+    """E.g. "4 projection groups fused (q/k/v, gate/up)", with the groups that fall back or were not grouped."""
+    kinds = []
+    for members in report.grouped.values():
+        kind = "/".join(name.rsplit(".", 1)[-1].removesuffix("_proj") for name in members)
+        if kind not in kinds:
+            kinds.append(kind)
+    clause = f"{len(report.grouped)} projection groups fused" + (f" ({', '.join(kinds)})" if kinds else "")
+    if report.group_fallbacks:
+        falling = len(report.group_fallbacks)
+        clause += f", {falling} {'falls' if falling == 1 else 'fall'} back to per-layer calls"
+    if report.group_skipped:
+        clause += f", {len(report.group_skipped)} not grouped"
+    return clause
 
 
 def _base_route(torch_backend: bool) -> str:
@@ -304,6 +359,9 @@ class _FusedForward:
         return next(kind for kind in type(self).__mro__ if kind in _FUSED).__name__
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        grouped = _precomputed(self, x, args, kwargs)
+        if grouped is not None:  # computed with the other projections of this attention or MLP block
+            return grouped
         self._check_base()
         adapter, compute, reason = self._fused_plan(x, args, kwargs)
         if reason is not None:
@@ -428,6 +486,9 @@ if bnb is not None:
             return bnb.nn.Linear4bit.__name__  # the module repr keeps bitsandbytes' name
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
+            grouped = _precomputed(self, x)
+            if grouped is not None:  # computed with the other projections of this attention or MLP block
+                return grouped
             if _quant_state(self) is not None and not _is_sharded(self.weight):
                 _check_packed_dtype(self)  # neither forward can be right on codes cast value by value
             reason = _linear4bit_reason(self)
@@ -504,11 +565,11 @@ def _skip_reason(layer: LoraLayer) -> Optional[str]:
     return None
 
 
-def _patch(model: nn.Module, entry: str) -> PatchReport:
+def _patch(model: nn.Module, entry: str, group_projections: bool = False) -> PatchReport:
     """Swap the classes of the PEFT LoRA layers and of the bitsandbytes 4-bit layers in ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{entry} needs a torch.nn.Module, got {type(model).__name__}")
-    report = PatchReport()
+    report = PatchReport(grouping_requested=bool(group_projections))
     found_lora = False
     fused_bases: set[int] = set()  # ids of the 4-bit bases the fused LoRA forward reads directly
     for name, module in model.named_modules():
@@ -558,33 +619,47 @@ def _patch(model: nn.Module, entry: str) -> PatchReport:
             "or add LoRA with peft.get_peft_model(model, LoraConfig(...)) or PeftModel.from_pretrained(model, "
             "adapter_dir)"
         )
-    if report.fallbacks or report.skipped or report.base_fallbacks or report.base_skipped:
+    from .grouped import patch_groups, unpatch_groups
+
+    unpatch_groups(model)  # patching again, with or without grouping, starts from transformers' classes
+    if group_projections:  # the attention and MLP modules, now that their layers are patched
+        patch_groups(model, report)
+    if report.fallbacks or report.skipped or report.base_fallbacks or report.base_skipped or report.group_skipped:
         dispatch.logger.warning("%s", report.summary())
     return report
 
 
-def patch_peft_model(model: nn.Module) -> PatchReport:
+def patch_peft_model(model: nn.Module, group_projections: bool = False) -> PatchReport:
     """Make ``model`` (a ``PeftModel``, or any module holding PEFT layers) run lora_engine's kernels: every PEFT
     LoRA layer over a bnb 4-bit or nn.Linear base the fused kernels, every other bitsandbytes 4-bit layer (no
     adapter, IA3, prompt learning) lora_engine's 4-bit path. The same as :func:`patch_model`.
 
+    ``group_projections=True`` also computes the q/k/v projections of each Llama, Mistral or Qwen2 attention
+    block, and the gate/up projections of each MLP, together (one decode buffer, one GEMM over the decoded
+    weights, one product of x with the stacked LoRA A factors; see ``lora_engine.grouped``) where every
+    projection of the group is a patched 4-bit layer. Opt-in: not yet measured on a GPU; the default flips once
+    ``python -m bench.e2e`` shows it wins.
+
     Changed in place (calling this again is harmless). Returns a :class:`PatchReport`; layers that will run
     PEFT's or bitsandbytes' forward are logged once. Raises where the model holds neither kind of layer.
     """
-    return _patch(model, "patch_peft_model")
+    return _patch(model, "patch_peft_model", group_projections)
 
 
-def patch_model(model: nn.Module) -> PatchReport:
+def patch_model(model: nn.Module, group_projections: bool = False) -> PatchReport:
     """Make every bitsandbytes 4-bit layer of ``model`` run lora_engine's 4-bit path (and PEFT LoRA layers, where
-    there are any, the fused kernels): the same as :func:`patch_peft_model`, for a model with or without PEFT.
-    :func:`unpatch_model` restores it."""
-    return _patch(model, "patch_model")
+    there are any, the fused kernels): the same as :func:`patch_peft_model`, for a model with or without PEFT,
+    ``group_projections`` included. :func:`unpatch_model` restores it."""
+    return _patch(model, "patch_model", group_projections)
 
 
 def _unpatch(model: nn.Module, entry: str) -> tuple[int, int]:
     """Give the patched layers their classes back: (LoRA layers restored, 4-bit layers restored)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{entry} needs a torch.nn.Module, got {type(model).__name__}")
+    from .grouped import unpatch_groups
+
+    unpatch_groups(model)
     lora = base = 0
     for module in model.modules():
         if FusedLinear4bit is not None and type(module) is FusedLinear4bit:
