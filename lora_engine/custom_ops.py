@@ -3,8 +3,8 @@
     lora_engine::lora_linear_fwd  (x, A, B, bias, W, ...) -> (y, left)        left = drop(x)·Aᵀ, kept for dB
     lora_engine::lora_linear_bwd  (dy, x, A, B, left, bias, W, ...) -> (dx, dA, dB, dbias)
 
-Both ops run exactly the code of ``autograd.LoRALinearFunction`` (``lora_forward``, and ``lora_backward`` called
-with a small context object), so eager and compiled training share one implementation. The ops take only tensors
+Both ops run exactly the code of ``autograd.AdapterLinearFunction`` (the forward and backward of the LoRA kind in
+``autograd.KINDS``), so eager and compiled training share one implementation. The ops take only tensors
 and plain numbers: a 4-bit W travels as its ``Packed4bit`` tensors plus ``[n, k, blocksize, blocksize2]``, a
 dense W as one tensor plus ``[n, k, 0, 0]``. The dropout seed is a tensor input drawn by the caller
 (``seed_tensor``): drawing it inside the op would hide randomness from the compiler, and reading it on the
@@ -20,20 +20,13 @@ import torch
 
 from . import dispatch
 from .kernels.operands import Dropout, Packed4bit
+from .kinds import Lora
 
 Weight = Union[Packed4bit, torch.Tensor]
 _EMPTY = (0,)  # shape of the placeholder returned for a gradient or buffer nobody asked for
 
 # int64 seeds drawn like reference.draw_dropout_seed (same generator, same range), kept on the host
 _SEED_HIGH = 2**31 - 1
-
-
-class _Context:
-    """Stands in for the autograd context when ``autograd.lora_backward`` runs inside an op."""
-
-    def __init__(self, needs_input_grad: tuple[bool, ...]) -> None:
-        self.needs_input_grad = needs_input_grad
-        self.saved_tensors: tuple[Optional[torch.Tensor], ...] = ()
 
 
 def weight_parts(weight: Weight) -> tuple[list[torch.Tensor], list[int]]:
@@ -126,22 +119,21 @@ def lora_linear_bwd(
     needs_grad: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dA, dB, dbias)``; a gradient not in ``needs_grad`` comes back as an empty placeholder."""
-    from .autograd import lora_backward
+    from .autograd import adapter_backward
 
-    dropout = _dropout(dropout_p, dropout_seed, x.shape[1])
-    ctx = _Context(tuple(needs_grad) + (False,) * 4)
-    ctx.weight = _weight(weight, weight_sizes)
-    ctx.scaling, ctx.path, ctx.dropout = scaling, path, dropout
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+    adapter = Lora(lora_A, lora_B, scaling, _dropout(dropout_p, dropout_seed, x.shape[1]))
+    need_x, need_A, need_B, need_bias = needs_grad
     with dispatch.device_guard(dy.device):
-        if needs_grad[2] and left.shape != (x.shape[0], lora_A.shape[0]):
+        if need_B and left.shape != (x.shape[0], lora_A.shape[0]):
             # the forward did not keep drop(x)·Aᵀ (lora_B needed no gradient then): one low-rank pass redoes it
             from .kernels.lora_lowrank import lora_down
 
-            left = lora_down(x, lora_A.t(), dropout)
-        ctx.saved_tensors = (x, lora_A, lora_B, left if needs_grad[2] else None)
-        grads = lora_backward(ctx, dy)[:4]
-    return tuple(g if g is not None else dy.new_empty(_EMPTY) for g in grads)
+            left = lora_down(x, lora_A.t(), adapter.dropout)
+        saved = (left if need_B else None,)
+        dx, (d_lora_A, d_lora_B), d_bias = adapter_backward(
+            adapter, dy, x, bias, saved, _weight(weight, weight_sizes), path, need_x, (need_A, need_B), need_bias
+        )
+    return tuple(g if g is not None else dy.new_empty(_EMPTY) for g in (dx, d_lora_A, d_lora_B, d_bias))
 
 
 @lora_linear_bwd.register_fake

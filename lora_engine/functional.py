@@ -9,6 +9,7 @@ import torch
 from . import dispatch, reference
 from .format import packed_4bit, packed_4bit_cached, packed_bytes
 from .kernels.operands import Dropout, Packed4bit
+from .kinds import Lora
 from .validation import check_frozen_weight, check_lora_linear_args
 
 
@@ -110,7 +111,7 @@ def _apply(
     training: bool,
     dropout_seed: Optional[int],
 ) -> torch.Tensor:
-    from .autograd import LoRALinearFunction, lora_forward  # imports Triton, which only this path needs
+    from .autograd import AdapterLinearFunction, lora_forward  # imports Triton, which only this path needs
 
     in_features = x.shape[-1]
     out_features = lora_B.shape[0]
@@ -132,7 +133,8 @@ def _apply(
         dropout = Dropout(seed, float(dropout_p), in_features)
     with dispatch.device_guard(x.device):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, lora_A, lora_B, bias)):
-            y = LoRALinearFunction.apply(x2d, lora_A, lora_B, bias, weight, float(scaling), dropout, path)
+            adapter = Lora(lora_A, lora_B, float(scaling), dropout)
+            y = AdapterLinearFunction.apply(x2d, bias, weight, path, adapter, lora_A, lora_B)
         else:  # inference: the same kernels without autograd's bookkeeping
             y, _ = lora_forward(x2d, lora_A, lora_B, bias, weight, float(scaling), dropout, path, keep_left=False)
     return y.reshape(*x.shape[:-1], out_features)
