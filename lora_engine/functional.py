@@ -9,8 +9,8 @@ import torch
 from . import dispatch, reference
 from .format import packed_4bit, packed_4bit_cached, packed_bytes
 from .kernels.operands import Dropout, Packed4bit
-from .kinds import Lora
-from .validation import check_frozen_weight, check_lora_linear_args
+from .kinds import IA3, Adapter, Lora
+from .validation import check_frozen_weight, check_ia3_linear_args, check_lora_linear_args
 
 
 def lora_linear_4bit(
@@ -77,6 +77,72 @@ def lora_linear(
             x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed=dropout_seed
         )
     return _apply(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
+
+
+def ia3_linear_4bit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: Any,
+    ia3_l: torch.Tensor,
+    scales_input: bool,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """IA3 over a frozen bitsandbytes 4-bit weight: ``(x ⊙ l)·deq(W)ᵀ + bias`` when ``scales_input`` (PEFT's
+    feed-forward layers), else ``(x·deq(W)ᵀ + bias) ⊙ l``.
+
+    x: [..., in_features] fp16/bf16/fp32; ia3_l: (in_features,) or (out_features,), any float dtype (the scale
+    multiplies in fp32, the product runs in x's dtype); bias: (out_features,). Returns [..., out_features] in x's
+    dtype. The scale is fused into the GEMM's prologue or epilogue, forward and backward.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if not dispatch.use_triton(x.device, _dtypes(x, ia3_l, bias)) or torch.compiler.is_compiling():
+        # IA3 has no registered custom op yet: under torch.compile the reference's torch operations are traced
+        # (no graph break) instead of the kernels
+        return reference.ia3_linear_4bit(x, weight, quant_state, ia3_l, scales_input, bias)
+    with torch._C.DisableTorchFunctionSubclass():  # as in lora_linear_4bit: Params4bit's attribute reads are slow
+        check_frozen_weight(weight, "ia3_linear_4bit")
+        packed = packed_4bit_cached(weight, quant_state)
+    check_ia3_linear_args(x, packed.n, packed.k, ia3_l, scales_input, bias, packed.data.device)
+    return _apply_adapter(x, packed, IA3(ia3_l.contiguous(), scales_input), bias)
+
+
+def ia3_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    ia3_l: torch.Tensor,
+    scales_input: bool,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """IA3 over a frozen dense [out_features, in_features] weight (see :func:`ia3_linear_4bit`)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D tensor [out_features, in_features]")
+    check_frozen_weight(weight, "ia3_linear")
+    n, k = weight.shape
+    check_ia3_linear_args(x, n, k, ia3_l, scales_input, bias, weight.device)
+    if not dispatch.use_triton(x.device, _dtypes(x, weight, ia3_l, bias)) or torch.compiler.is_compiling():
+        return reference.ia3_linear(x, weight, ia3_l, scales_input, bias)  # see ia3_linear_4bit
+    return _apply_adapter(x, weight, IA3(ia3_l.contiguous(), scales_input), bias)
+
+
+def _apply_adapter(
+    x: torch.Tensor, weight: Packed4bit | torch.Tensor, adapter: Adapter, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Eager run of any adapter kind on x of any leading shape: the kind's kernels, with autograd when needed."""
+    from .autograd import KINDS, AdapterLinearFunction  # imports Triton, which only this path needs
+
+    in_features = x.shape[-1]
+    x2d = x.reshape(-1, in_features)
+    is_4bit = isinstance(weight, Packed4bit)
+    out_features = weight.n if is_4bit else weight.shape[0]
+    path = _resolve_path(x2d.shape[0], weight, x.device) if is_4bit else "dense"
+    trainables = adapter.trainables()
+    with dispatch.device_guard(x.device):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, bias, *trainables)):
+            y = AdapterLinearFunction.apply(x2d, bias, weight, path, adapter, *trainables)
+        else:  # inference: the same kernels without autograd's bookkeeping
+            y, _ = KINDS[type(adapter)].forward(adapter, x2d, bias, weight, path, (False,) * len(trainables))
+    return y.reshape(*x.shape[:-1], out_features)
 
 
 def _dtypes(*tensors: Optional[torch.Tensor]) -> tuple[torch.dtype, ...]:
