@@ -1,7 +1,13 @@
-"""The fused LoRA linear as ``torch.library`` custom ops, so ``torch.compile`` captures it without graph breaks.
+"""The fused adapted linear as ``torch.library`` custom ops, so ``torch.compile`` captures it without graph breaks.
 
-    lora_engine::lora_linear_fwd  (x, A, B, bias, W, ...) -> (y, left)        left = drop(x)·Aᵀ, kept for dB
-    lora_engine::lora_linear_bwd  (dy, x, A, B, left, bias, W, ...) -> (dx, dA, dB, dbias)
+    lora_engine::lora_linear_fwd     (x, A, B, bias, W, ...) -> (y, left)        left = drop(x)·Aᵀ, kept for dB
+    lora_engine::lora_linear_bwd     (dy, x, A, B, left, bias, W, ...) -> (dx, dA, dB, dbias)
+    lora_engine::adapter_linear_fwd  (kind, x, trainables, bias, W, options, ...) -> y
+    lora_engine::adapter_linear_bwd  (kind, dy, x, trainables, bias, W, options, ...) -> [dx, dbias, *grads]
+
+The adapter ops serve every kind whose backward needs nothing but its inputs (IA3): the kind travels as its name,
+its trainable tensors as a list and its other settings as a list of numbers (``_OP_KINDS``), so a new kind of that
+sort adds one table entry, not a schema. LoRA keeps its own pair: its forward hands ``left`` to the backward.
 
 Both ops run exactly the code of ``autograd.AdapterLinearFunction`` (the forward and backward of the LoRA kind in
 ``autograd.KINDS``), so eager and compiled training share one implementation. The ops take only tensors
@@ -20,7 +26,7 @@ import torch
 
 from . import dispatch
 from .kernels.operands import Dropout, Packed4bit
-from .kinds import Lora
+from .kinds import IA3, Adapter, Lora
 
 Weight = Union[Packed4bit, torch.Tensor]
 _EMPTY = (0,)  # shape of the placeholder returned for a gradient or buffer nobody asked for
@@ -188,3 +194,114 @@ def lora_linear(
         x, lora_A, lora_B, bias, tensors, sizes, float(scaling), float(dropout_p), seed, path, keep_left
     )
     return y
+
+
+# kind name -> (bundle type, bundle from (trainables, options), options of a bundle)
+_OP_KINDS = {
+    "ia3": (IA3, lambda trainables, options: IA3(trainables[0], bool(options[0])), lambda a: [float(a.scales_input)]),
+}
+_OP_KIND_NAMES = {kind: name for name, (kind, _, _) in _OP_KINDS.items()}
+
+
+def _adapter(kind: str, trainables: list[torch.Tensor], options: list[float]) -> Adapter:
+    return _OP_KINDS[kind][1](trainables, options)
+
+
+@torch.library.custom_op("lora_engine::adapter_linear_fwd", mutates_args=())
+def adapter_linear_fwd(
+    kind: str,
+    x: torch.Tensor,
+    trainables: list[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    weight: list[torch.Tensor],
+    weight_sizes: list[int],
+    options: list[float],
+    path: str,
+) -> torch.Tensor:
+    """The adapted layer of ``kind`` on 2-D x (``autograd.KINDS``' forward)."""
+    from .autograd import KINDS
+    from .kernels import runtime
+
+    runtime.load_kernels()
+    adapter = _adapter(kind, trainables, options)
+    with dispatch.device_guard(x.device):
+        y, _ = KINDS[type(adapter)].forward(
+            adapter, x, bias, _weight(weight, weight_sizes), path, (False,) * len(trainables)
+        )
+    return y
+
+
+@adapter_linear_fwd.register_fake
+def _(kind, x, trainables, bias, weight, weight_sizes, options, path):
+    return x.new_empty((x.shape[0], weight_sizes[0]))
+
+
+@torch.library.custom_op("lora_engine::adapter_linear_bwd", mutates_args=())
+def adapter_linear_bwd(
+    kind: str,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    trainables: list[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    weight: list[torch.Tensor],
+    weight_sizes: list[int],
+    options: list[float],
+    path: str,
+    needs_grad: list[bool],
+) -> list[torch.Tensor]:
+    """``[dx, dbias, *trainable grads]`` (``autograd.KINDS``' backward); what ``needs_grad`` leaves out is empty."""
+    from .autograd import adapter_backward
+
+    adapter = _adapter(kind, trainables, options)
+    need_x, need_bias, *needs = needs_grad
+    with dispatch.device_guard(dy.device):
+        dx, grads, d_bias = adapter_backward(
+            adapter, dy, x, bias, (), _weight(weight, weight_sizes), path, need_x, tuple(needs), need_bias
+        )
+    return [g if g is not None else dy.new_empty(_EMPTY) for g in (dx, d_bias, *grads)]
+
+
+@adapter_linear_bwd.register_fake
+def _(kind, dy, x, trainables, bias, weight, weight_sizes, options, path, needs_grad):
+    like = (x, bias, *trainables)
+    return [
+        t.new_empty(t.shape) if need and t is not None else dy.new_empty(_EMPTY) for t, need in zip(like, needs_grad)
+    ]
+
+
+def _adapter_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    kind, x, trainables, bias, weight, weight_sizes, options, path = inputs
+    ctx.save_for_backward(x, bias, *trainables, *weight)
+    ctx.kind, ctx.num_trainables, ctx.weight_sizes, ctx.options, ctx.path = (
+        kind, len(trainables), weight_sizes, options, path
+    )  # fmt: skip
+
+
+def _adapter_backward(ctx: Any, dy: torch.Tensor) -> tuple:
+    x, bias, *rest = ctx.saved_tensors
+    trainables, weight = rest[: ctx.num_trainables], rest[ctx.num_trainables :]
+    need_x = bool(ctx.needs_input_grad[1])
+    need_bias = bool(ctx.needs_input_grad[3]) and bias is not None
+    # needs_input_grad has one flag for the whole list (any of them); a gradient nobody wants is dropped by autograd
+    needs = [bool(ctx.needs_input_grad[2])] * len(trainables)
+    grads = adapter_linear_bwd(
+        ctx.kind, dy, x, trainables, bias, weight, ctx.weight_sizes, ctx.options, ctx.path, [need_x, need_bias, *needs]
+    )
+    dx, d_bias, *d_trainables = (g if need else None for g, need in zip(grads, [need_x, need_bias, *needs]))
+    return None, dx, d_trainables, d_bias, [None] * len(weight), None, None, None
+
+
+torch.library.register_autograd(
+    "lora_engine::adapter_linear_fwd", _adapter_backward, setup_context=_adapter_setup_context
+)
+
+
+def adapter_linear(
+    x: torch.Tensor, weight: Weight, adapter: Adapter, bias: Optional[torch.Tensor], path: str
+) -> torch.Tensor:
+    """The adapted layer on 2-D x through the adapter ops (what ``functional`` runs under ``torch.compile``)."""
+    name = _OP_KIND_NAMES[type(adapter)]
+    tensors, sizes = weight_parts(weight)
+    return adapter_linear_fwd(
+        name, x, list(adapter.trainables()), bias, tensors, sizes, _OP_KINDS[name][2](adapter), path
+    )

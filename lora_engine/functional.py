@@ -96,13 +96,15 @@ def ia3_linear_4bit(
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if not dispatch.use_triton(x.device, _dtypes(x, ia3_l, bias)) or torch.compiler.is_compiling():
-        # IA3 has no registered custom op yet: under torch.compile the reference's torch operations are traced
-        # (no graph break) instead of the kernels
+    if not dispatch.use_triton(x.device, _dtypes(x, ia3_l, bias)):
         return reference.ia3_linear_4bit(x, weight, quant_state, ia3_l, scales_input, bias)
-    with torch._C.DisableTorchFunctionSubclass():  # as in lora_linear_4bit: Params4bit's attribute reads are slow
+    if torch.compiler.is_compiling():
         check_frozen_weight(weight, "ia3_linear_4bit")
-        packed = packed_4bit_cached(weight, quant_state)
+        packed = packed_4bit(weight, quant_state)  # traced tensors have no address to key the cache on
+    else:
+        with torch._C.DisableTorchFunctionSubclass():  # as in lora_linear_4bit: Params4bit's attributes are slow
+            check_frozen_weight(weight, "ia3_linear_4bit")
+            packed = packed_4bit_cached(weight, quant_state)
     check_ia3_linear_args(x, packed.n, packed.k, ia3_l, scales_input, bias, packed.data.device)
     return _apply_adapter(x, packed, IA3(ia3_l.contiguous(), scales_input), bias)
 
@@ -120,8 +122,8 @@ def ia3_linear(
     check_frozen_weight(weight, "ia3_linear")
     n, k = weight.shape
     check_ia3_linear_args(x, n, k, ia3_l, scales_input, bias, weight.device)
-    if not dispatch.use_triton(x.device, _dtypes(x, weight, ia3_l, bias)) or torch.compiler.is_compiling():
-        return reference.ia3_linear(x, weight, ia3_l, scales_input, bias)  # see ia3_linear_4bit
+    if not dispatch.use_triton(x.device, _dtypes(x, weight, ia3_l, bias)):
+        return reference.ia3_linear(x, weight, ia3_l, scales_input, bias)
     return _apply_adapter(x, weight, IA3(ia3_l.contiguous(), scales_input), bias)
 
 
@@ -137,6 +139,11 @@ def _apply_adapter(
     out_features = weight.n if is_4bit else weight.shape[0]
     path = _resolve_path(x2d.shape[0], weight, x.device) if is_4bit else "dense"
     trainables = adapter.trainables()
+    if torch.compiler.is_compiling():
+        # the registered adapter op runs the same forward and backward, opaque to the compiler (no graph break)
+        from .custom_ops import adapter_linear
+
+        return adapter_linear(x2d, weight, adapter, bias, path).reshape(*x.shape[:-1], out_features)
     with dispatch.device_guard(x.device):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, bias, *trainables)):
             y = AdapterLinearFunction.apply(x2d, bias, weight, path, adapter, *trainables)

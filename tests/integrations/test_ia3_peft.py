@@ -168,3 +168,18 @@ def test_unpatch_restores_peft_ia3_classes(load_4bit, kernel_device):
     assert lora_engine.unpatch_peft_model(model) == IA3_LAYERS
     assert not any(isinstance(m, FusedIA3Linear4bit) for m in model.modules())
     assert "ia3.Linear4bit" in repr(model)
+
+
+def test_fp16_input_gets_peft_dtype(load_4bit, kernel_device):
+    """PEFT's 4-bit IA3 layer upcasts a 16-bit input and returns float32 (outside autocast): so does the patch."""
+    stock, patched = _make(load_4bit, kernel_device), _make(load_4bit, kernel_device)
+    lora_engine.patch_peft_model(patched)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2)).to(kernel_device, torch.float16)
+    for name in ("self_attn.q_proj", "mlp.up_proj"):  # output-scaled, input-scaled
+        layers = [dict(m.named_modules())[f"base_model.model.model.layers.0.{name}"] for m in (patched, stock)]
+        with torch.no_grad(), lora_engine.use_backend("triton"):
+            y = layers[0](x)
+        with torch.no_grad():
+            y_stock = layers[1](x)
+        assert y.dtype == y_stock.dtype == torch.float32
+        torch.testing.assert_close(y, y_stock, rtol=1e-5, atol=1e-5)

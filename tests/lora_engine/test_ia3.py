@@ -198,3 +198,18 @@ def test_double_backward_matches_reference(kernel_device):
         (dl,) = torch.autograd.grad(dx.square().sum(), scale)
         results.append(dl)
     torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+
+
+def test_launchers_refuse_bad_scales():
+    """The kernels' launchers name a wrong scale vector before launching anything."""
+    from lora_engine.kernels.lora_matmul import lora_matmul
+
+    a, w = torch.randn(3, 10), torch.randn(6, 10)
+    with pytest.raises(ValueError, match=r"in_scale must be a contiguous \[10\] vector"):
+        lora_matmul(a, w, weight_out_by_in=True, in_scale=torch.ones(6))
+    with pytest.raises(ValueError, match=r"out_scale must be a contiguous \[6\] vector"):
+        lora_matmul(a, w, weight_out_by_in=True, out_scale=torch.ones(12)[::2])
+    with pytest.raises(ValueError, match="not both"):
+        lora_matmul(a, w, weight_out_by_in=True, in_scale=torch.ones(10), out_scale=torch.ones(6))
+    with pytest.raises(ValueError, match="does not combine with a LoRA term"):
+        lora_matmul(a, w, weight_out_by_in=True, right=torch.ones(6, 2), left=torch.ones(3, 2), in_scale=torch.ones(10))
