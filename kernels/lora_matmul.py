@@ -2,6 +2,7 @@
 
     out[M, N_out] = a[M, K_red] · op(W) + scaling · keep ⊙ (left[M, R] · right[N_out, R]ᵀ) + bias[N_out]
     IA3 scales:     out = ((a ⊙ s_in[K_red]) · op(W) + bias) ⊙ s_out[N_out]        (each optional, no LoRA term)
+    DoRA:           out = (a · op(W) + scaling · left · rightᵀ) ⊙ s_out + bias      (SCALE_BIAS off)
 
 One kernel serves every dense-and-LoRA product of the layer:
   forward    a = x,  op(W) = deq(W)ᵀ (W is [N_out, K_red]), left = drop(x)·Aᵀ, right = B, + bias
@@ -86,7 +87,7 @@ def _lora_matmul_kernel(
     PAIRED: tl.constexpr, SCALE_PER_ROW: tl.constexpr,
     LORA: tl.constexpr, LEFT_IN_LOOP: tl.constexpr, STORE_LEFT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, SCALE_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     # Grouped ordering: GROUP_M row panels of `a` stay hot in L2 while the N tiles sweep over them.
     pid = tl.program_id(0)
@@ -179,10 +180,13 @@ def _lora_matmul_kernel(
         if DROPOUT:
             lora = lora * keep_scale(seed, offs_m, offs_n, drop_row_length, drop_threshold, inv_keep_prob)
         acc += scaling * lora
+    # The output scale is linear, so split-K partials may each take it. IA3 scales the base layer's whole output
+    # (bias included, SCALE_BIAS); DoRA scales the weight's product and LoRA term, then adds the bias.
+    if OUT_SCALE and not SCALE_BIAS:
+        acc = acc * tl.load(Scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS and pid_k == 0:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    if OUT_SCALE:
-        # after the bias (IA3 scales the base layer's whole output); linear, so split-K partials may each take it
+    if OUT_SCALE and SCALE_BIAS:
         acc = acc * tl.load(Scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
 
     out_ptrs = Out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -206,6 +210,7 @@ def lora_matmul(
     dropout: Optional[Dropout] = None,
     in_scale: Optional[torch.Tensor] = None,
     out_scale: Optional[torch.Tensor] = None,
+    scale_bias: bool = True,
     out: Optional[torch.Tensor] = None,
     config: Optional[MatmulConfig] = None,
 ) -> torch.Tensor:
@@ -217,7 +222,8 @@ def lora_matmul(
     ``down`` ([K_red, R], any strides), accumulated in the K loop as ``a · down`` and written to
     ``left_out`` when given. ``dropout`` multiplies the LoRA term by the keep mask of element (m, n).
     ``in_scale`` ([K_red], contiguous) scales a's columns before the product; ``out_scale`` ([N_out], contiguous)
-    scales the result's columns after the bias. Neither combines with a LoRA term.
+    scales the result's columns after the bias, or before it when ``scale_bias`` is False (DoRA, where it also
+    scales the LoRA term). ``in_scale`` does not combine with a LoRA term.
     """
     m, k_red = a.shape
     is_4bit = isinstance(weight, Packed4bit)
@@ -227,8 +233,8 @@ def lora_matmul(
         raise ValueError(f"lora_matmul: a is [{m}, {k_red}] but the weight is [{w_rows}, {w_cols}]")
     if (left is not None) + (down is not None) != (right is not None):
         raise ValueError("lora_matmul: give `right` with exactly one of `left` or `down`")
-    if (in_scale is not None or out_scale is not None) and right is not None:
-        raise ValueError("lora_matmul: an IA3 scale does not combine with a LoRA term")
+    if in_scale is not None and right is not None:
+        raise ValueError("lora_matmul: an input scale does not combine with a LoRA term")
     if in_scale is not None and out_scale is not None:
         raise ValueError("lora_matmul: give in_scale or out_scale, not both (the kernel reads one scale vector)")
     for name, scale, size in (("in_scale", in_scale, k_red), ("out_scale", out_scale, n_out)):
@@ -303,7 +309,8 @@ def lora_matmul(
         NESTED=is_4bit and weight.nested, PAIRED=is_4bit and weight.k % 2 == 0, SCALE_PER_ROW=scale_per_row,
         LORA=right is not None, LEFT_IN_LOOP=left_in_loop, STORE_LEFT=left_in_loop and left_out is not None,
         HAS_BIAS=bias is not None, DROPOUT=dropout is not None, EVEN_K=k_red % block_k == 0, SPLIT_K=split_k,
-        IN_SCALE=in_scale is not None, OUT_SCALE=out_scale is not None, DOT_PRECISION=dot_precision(a.dtype),
+        IN_SCALE=in_scale is not None, OUT_SCALE=out_scale is not None, SCALE_BIAS=scale_bias,
+        DOT_PRECISION=dot_precision(a.dtype),
         num_warps=cfg.num_warps, num_stages=num_stages,
     )  # fmt: skip
     if target is not out:

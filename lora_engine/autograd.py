@@ -40,7 +40,7 @@ from .kernels.lora_gemv import lora_gemv_4bit
 from .kernels.lora_lowrank import lora_da, lora_down, lora_dy_pass
 from .kernels.lora_matmul import IN_LOOP_RANK_LIMIT, lora_matmul
 from .kernels.operands import Dropout, Packed4bit
-from .kinds import IA3, Adapter, Lora
+from .kinds import IA3, Adapter, Dora, Lora
 
 Weight = Union[Packed4bit, torch.Tensor]
 
@@ -204,6 +204,60 @@ def _ia3_kind_backward(
     return dx, (d_scale,), d_bias
 
 
+def dora_weight_norm(adapter: Dora, weight: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """‖W + s·B·A‖ per output row (fp32, no gradient) without a dense copy of W + s·B·A:
+
+        ‖W + sBA‖²ₙ = ‖W‖²ₙ + 2s·Σᵣ B[n,r]·(W·Aᵀ)[n,r] + s²·B[n]·(A·Aᵀ)·B[n]ᵀ
+
+    with ‖W‖² cached per weight and W·Aᵀ one GEMM over W with A as an r-row input (products in ``dtype``).
+    """
+    lora_A, lora_B = adapter.lora_A.detach(), adapter.lora_B.detach()
+    w_at = lora_matmul(lora_A.to(dtype), weight, weight_out_by_in=True).float()  # (A·Wᵀ) = (W·Aᵀ)ᵀ, [r, N]
+    b32, a32, s = lora_B.float(), lora_A.float(), adapter.scaling
+    cross = (b32 * w_at.t()).sum(1)
+    quad = ((b32 @ (a32 @ a32.t())) * b32).sum(1)
+    return (adapter.base_norm_sq + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
+
+
+def _dora_kind_forward(
+    adapter: Dora, x: torch.Tensor, bias: Optional[torch.Tensor], weight: Weight, path: str, needs: tuple[bool, ...]
+) -> tuple[torch.Tensor, tuple[Optional[torch.Tensor], ...]]:
+    # One Triton GEMM with the LoRA term and the row scale in its epilogue; "gemv" and "dequant_cublas" take the
+    # "dequant" route (their kernels have no such epilogue).
+    gemm_weight = _gemm_weight(weight, "dequant" if path in ("gemv", "dequant_cublas") else path, x.dtype)
+    norm = dora_weight_norm(adapter, gemm_weight, x.dtype)
+    scale = (adapter.magnitude.detach().float() / norm).contiguous()
+    lora_A, lora_B = adapter.lora_A, adapter.lora_B
+    left = lora_down(x, lora_A.t()) if x.shape[0] > SMALL_M else torch.mm(x, lora_A.t().to(x.dtype)).float()
+    y = lora_matmul(
+        x, gemm_weight, weight_out_by_in=True, right=lora_B, left=left, scaling=adapter.scaling, bias=bias,
+        out_scale=scale, scale_bias=False,
+    )  # fmt: skip
+    return y, (left, scale, norm)
+
+
+def _dora_kind_backward(
+    adapter: Dora, dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], saved: tuple, weight: Weight,
+    path: str, need_x: bool, needs: tuple[bool, ...], need_bias: bool,
+) -> tuple[Optional[torch.Tensor], tuple[Optional[torch.Tensor], ...], Optional[torch.Tensor]]:
+    left, scale, norm = saved
+    need_A, need_B, need_m = needs
+    bwd_path = "dequant" if path in ("gemv", "dequant_cublas") else path
+    # the norm is a constant (PEFT detaches it): y = g ⊙ z + bias, so dz = g ⊙ dy and LoRA's backward takes dz
+    dz = (dy.float() * scale).to(dy.dtype)
+    lora = Lora(adapter.lora_A, adapter.lora_B, adapter.scaling, None)
+    dx, d_lora_A, d_lora_B = lora_backward(lora, dz, x, left, weight, bwd_path, (need_x, need_A, need_B))
+    d_m = None
+    if need_m:  # dm = Σ_rows dy ⊙ z / ‖·‖, with z = x·Wᵀ + s·left·Bᵀ recomputed (one GEMM, no M x N saved)
+        z = lora_matmul(
+            x, _gemm_weight(weight, bwd_path, x.dtype), weight_out_by_in=True, right=adapter.lora_B, left=left,
+            scaling=adapter.scaling,
+        )  # fmt: skip
+        d_m = (dy.float() * z.float()).sum(0) / norm
+    d_bias = dy.sum(0, dtype=torch.float32) if need_bias else None
+    return dx, (d_lora_A, d_lora_B, d_m), d_bias
+
+
 class KindOps(NamedTuple):
     """The kernels' forward and backward of one adapter kind.
 
@@ -220,6 +274,7 @@ class KindOps(NamedTuple):
 KINDS: dict[type, KindOps] = {
     Lora: KindOps(_lora_kind_forward, _lora_kind_backward),
     IA3: KindOps(_ia3_kind_forward, _ia3_kind_backward),
+    Dora: KindOps(_dora_kind_forward, _dora_kind_backward),
 }
 
 

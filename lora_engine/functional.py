@@ -7,10 +7,10 @@ from typing import Any, Optional
 import torch
 
 from . import dispatch, reference
-from .format import packed_4bit, packed_4bit_cached, packed_bytes
+from .format import packed_4bit, packed_4bit_cached, packed_bytes, row_norms_sq_cached
 from .kernels.operands import Dropout, Packed4bit
-from .kinds import IA3, Adapter, Lora
-from .validation import check_frozen_weight, check_ia3_linear_args, check_lora_linear_args
+from .kinds import IA3, Adapter, Dora, Lora
+from .validation import check_dora_magnitude, check_frozen_weight, check_ia3_linear_args, check_lora_linear_args
 
 
 def lora_linear_4bit(
@@ -125,6 +125,37 @@ def ia3_linear(
     if not dispatch.use_triton(x.device, _dtypes(x, weight, ia3_l, bias)):
         return reference.ia3_linear(x, weight, ia3_l, scales_input, bias)
     return _apply_adapter(x, weight, IA3(ia3_l.contiguous(), scales_input), bias)
+
+
+def dora_linear_4bit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: Any,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """DoRA over a frozen bitsandbytes 4-bit weight: ``g ⊙ (x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ) + bias`` with
+    ``g = magnitude / ‖deq(W) + s·B·A‖`` per output row, the norm not differentiated (PEFT's convention).
+
+    lora_A: (r, in_features); lora_B: (out_features, r); magnitude: (out_features,). No dropout. The row norm comes
+    from ‖W‖² (once per weight), one GEMM of A over the 4-bit W and rank-r products: never a dense W + s·B·A.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if not dispatch.use_triton(x.device, _dtypes(x, lora_A, lora_B, magnitude, bias)) or torch.compiler.is_compiling():
+        # DoRA has no registered custom op: under torch.compile the reference's torch operations are traced
+        return reference.dora_linear_4bit(x, weight, quant_state, lora_A, lora_B, magnitude, scaling, bias)
+    with torch._C.DisableTorchFunctionSubclass():
+        check_frozen_weight(weight, "dora_linear_4bit")
+        packed = packed_4bit_cached(weight, quant_state)
+    check_lora_linear_args(x, packed.n, packed.k, lora_A, lora_B, scaling, bias, 0.0, packed.data.device)
+    check_dora_magnitude(magnitude, packed.n, x)
+    with dispatch.device_guard(x.device):
+        base_norm_sq = row_norms_sq_cached(weight, quant_state, packed)
+    return _apply_adapter(x, packed, Dora(lora_A, lora_B, magnitude, float(scaling), base_norm_sq), bias)
 
 
 def _apply_adapter(

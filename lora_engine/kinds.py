@@ -3,6 +3,8 @@
     Lora   y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + bias              trainable: A [r, in], B [out, r]
     IA3    y = (x ⊙ l)·Wᵀ + bias         (scales_input)     trainable: l [in]   (PEFT's feed-forward layers)
            y = (x·Wᵀ + bias) ⊙ l         (otherwise)        trainable: l [out]  (PEFT's other layers)
+    Dora   y = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias,  g = m / ‖W + s·B·A‖ (row norms, not differentiated: PEFT's rule)
+                                                            trainable: A, B, m [out]
 
 A bundle says which of its tensors are trained (``trainables``, in the order their gradients come back),
 rebuilds itself around autograd's copies of them (``with_trainables``), and gives its layer as torch operations
@@ -68,4 +70,27 @@ class IA3(NamedTuple):
         return (y if bias is None else y + bias) * scale
 
 
-Adapter = Union[Lora, IA3]
+class Dora(NamedTuple):
+    """A DoRA adapter (no dropout): the LoRA product and the base product rescaled per output row by m / ‖W + sBA‖."""
+
+    lora_A: torch.Tensor  # [r, in_features]
+    lora_B: torch.Tensor  # [out_features, r]
+    magnitude: torch.Tensor  # [out_features]
+    scaling: float
+    base_norm_sq: torch.Tensor  # fp32 [out_features]: ‖W‖² of each row, once per (frozen) weight
+
+    def trainables(self) -> tuple[torch.Tensor, ...]:
+        return self.lora_A, self.lora_B, self.magnitude
+
+    def with_trainables(self, tensors: Sequence[torch.Tensor]) -> "Dora":
+        return self._replace(lora_A=tensors[0], lora_B=tensors[1], magnitude=tensors[2])
+
+    def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer in torch operations (all operands fp32, dense weight [out, in])."""
+        lora_A, lora_B = self.lora_A.float(), self.lora_B.float()
+        norm = torch.linalg.norm(weight + self.scaling * (lora_B @ lora_A).detach(), dim=1).detach()
+        y = (x @ weight.t() + self.scaling * ((x @ lora_A.t()) @ lora_B.t())) * (self.magnitude.float() / norm)
+        return y if bias is None else y + bias
+
+
+Adapter = Union[Lora, IA3, Dora]

@@ -111,3 +111,17 @@ def check_ia3_linear_args(
     for name, device in (("weight", weight_device), ("ia3_l", ia3_l.device), ("bias", getattr(bias, "device", None))):
         if device is not None and device != x.device:
             raise ValueError(f"{name} is on {device} but x is on {x.device}: all operands must share one device")
+
+
+def check_dora_magnitude(magnitude: torch.Tensor, out_features: int, x: torch.Tensor) -> None:
+    """The DoRA magnitude: a floating point vector (out_features,) on x's device."""
+    if not isinstance(magnitude, torch.Tensor):
+        raise TypeError(f"magnitude must be a tensor, got {type(magnitude).__name__}")
+    if not magnitude.dtype.is_floating_point:
+        raise TypeError(f"magnitude must be floating point, got {magnitude.dtype}")
+    if tuple(magnitude.shape) != (out_features,):
+        raise ValueError(f"magnitude must be (out_features,) = ({out_features},), got {tuple(magnitude.shape)}")
+    if magnitude.device != x.device:
+        raise ValueError(
+            f"magnitude is on {magnitude.device} but x is on {x.device}: all operands must share one device"
+        )

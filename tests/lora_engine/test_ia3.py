@@ -211,5 +211,5 @@ def test_launchers_refuse_bad_scales():
         lora_matmul(a, w, weight_out_by_in=True, out_scale=torch.ones(12)[::2])
     with pytest.raises(ValueError, match="not both"):
         lora_matmul(a, w, weight_out_by_in=True, in_scale=torch.ones(10), out_scale=torch.ones(6))
-    with pytest.raises(ValueError, match="does not combine with a LoRA term"):
+    with pytest.raises(ValueError, match="input scale does not combine with a LoRA term"):
         lora_matmul(a, w, weight_out_by_in=True, right=torch.ones(6, 2), left=torch.ones(3, 2), in_scale=torch.ones(10))
