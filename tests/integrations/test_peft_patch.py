@@ -197,7 +197,7 @@ def _two_adapters(model: PeftModel) -> None:
 
 FALLBACKS = {
     # name: (LoraConfig kwargs, change made after patching, forward kwargs, reason)
-    "dora": (dict(use_dora=True), None, {}, "DoRA"),
+    # DoRA: fused over 4-bit bases, a fallback over nn.Linear and with dropout in training (test_dora_peft.py)
     "lora_bias": (dict(lora_bias=True), None, {}, "lora_bias"),
     "adapter_names": ({}, None, dict(adapter_names=["default", "__base__", "default"]), "mixed-batch adapter_names"),
     "several_active": ({}, _two_adapters, {}, "several active adapters"),

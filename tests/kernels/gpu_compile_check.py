@@ -137,6 +137,9 @@ def drive_launchers(quick: bool) -> None:
                     lora_matmul(x, weight, weight_out_by_in=True, in_scale=torch.randn(k), bias=bias)
                     lora_matmul(x, weight, weight_out_by_in=True, out_scale=torch.randn(n), bias=bias)
                     lora_matmul(dy, weight, weight_out_by_in=False, in_scale=torch.randn(n))
+                    # DoRA: the row scale on the product and the LoRA term, before the bias
+                    lora_matmul(x, weight, weight_out_by_in=True, right=lora_B, left=left, scaling=2.0, bias=bias,
+                                out_scale=torch.randn(n), scale_bias=False)  # fmt: skip
                 lora_down(x, lora_A.t(), drop)
                 lora_dy_pass(dy, lora_B, left, 2.0)
                 lora_da(left, x, 2.0, drop)
