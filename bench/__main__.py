@@ -1,7 +1,9 @@
 """``python -m bench``: our layer against the anchors, one table.
 
 On a GPU: every provider (see ``bench/providers.py``) on the projections of real models, in the modes fwd,
-fwdbwd and decode, over M from 1 to 16384; writes ``bench/results/<gpu>/layer.{json,md,png}``.
+fwdbwd and decode, over M from 1 to 16384, each timed eagerly and replayed from a CUDA graph, the providers of a
+case interleaved over a few rounds (see ``bench/measure.py``); writes ``bench/results/<gpu>/layer.{json,md}``,
+``layer.png`` (ms per call) and ``layer_vs_dense.png`` (speed relative to dense bf16).
 On a CPU: a small correctness-and-timing table of the torch reference and the Triton kernels run by the
 interpreter. CPU timings say nothing about GPU speed.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    from .providers import ALL_PROVIDERS, DEFAULT_PROVIDERS, MODES
+    from .providers import ALL_PROVIDERS, DEFAULT_PROVIDERS, MODES, unavailable
     from .shapes import ANCHOR_PROJECTIONS, M_DECODE, M_MIDDLE, M_TRAIN, MODELS
 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -26,13 +28,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--providers", nargs="+", default=list(DEFAULT_PROVIDERS), choices=ALL_PROVIDERS)
     p.add_argument("--m-train", nargs="+", type=int, default=[*M_MIDDLE, *M_TRAIN], help="M for fwd and fwdbwd")
     p.add_argument("--m-decode", nargs="+", type=int, default=list(M_DECODE), help="M for decode")
-    p.add_argument("--rep-ms", type=int, default=100, help="do_bench measuring time per case")
+    p.add_argument("--rep-ms", type=int, default=100,
+                   help="measured time per provider, case and kind (eager, device), split over the rounds")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds over the providers of a case (at least 2: drift between them is flagged)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default bench/results/<gpu>)")
     p.add_argument("--stem", default="layer", help="file name stem of the results (<stem>.json, .md, .png)")
     p.add_argument("--cpu", action="store_true", help="the CPU table even where a GPU is present")
     args = p.parse_args(argv)
     if args.projections == ["all"]:
         args.projections = None
+    if args.rounds < 2:
+        p.error("--rounds takes at least 2: each cell is measured twice or more to detect drift")
+    for provider in args.providers:
+        reason = unavailable(provider)
+        if reason is not None:
+            p.error(reason)
     return args
 
 
@@ -44,35 +55,41 @@ def run_gpu(args: argparse.Namespace) -> int:
     from .providers import build, make_inputs
     from .shapes import layer_shapes
 
-    env = measure.environment()
+    env = {**measure.environment(), "rounds": args.rounds}
     shapes = layer_shapes(args.models, args.projections)
     cases = [(s, mode, m) for s in shapes for mode in args.modes
              for m in (args.m_decode if mode == "decode" else args.m_train)]  # fmt: skip
     records: list[dict] = []
     out = args.out or measure.results_dir(env["gpu"])
-    bar = tqdm(total=len(cases) * len(args.providers), unit="run", dynamic_ncols=True)
-    for (model, proj, n, k), mode, m in cases:
+    bar = tqdm(cases, unit="case", dynamic_ncols=True)
+    for (model, proj, n, k), mode, m in bar:
+        bar.set_description(f"{mode} {n}x{k} M={m}")
         inputs = make_inputs(n, k, m)
-        for provider in args.providers:
-            bar.set_description(f"{mode} {n}x{k} M={m} {provider}")
-            record = {"gpu": env["gpu"], "model": model, "proj": proj, "N": n, "K": k, "M": m, "mode": mode,
-                      "provider": provider, "median_ms": None}  # fmt: skip
+        case = {"gpu": env["gpu"], "model": model, "proj": proj, "N": n, "K": k, "M": m, "mode": mode}
+        found: dict[str, dict] = {}
+        cells: dict[str, measure.Cell] = {}
+        for provider in args.providers:  # build, warm up and capture every provider before timing any
+            record = {**case, "provider": provider, "median_ms": None}
             try:
                 run = build(provider, inputs, mode)
-                if run is not None:
-                    run.fn()  # compile and warm up outside the timing
-                    record["peak_mib"] = round(measure.peak_extra_mib(run), 2)
-                    med, p20, p80 = measure.time_ms(run, args.rep_ms)
-                    record.update(median_ms=med, p20_ms=p20, p80_ms=p80)
-                    record["tflops"] = measure.layer_flops(n, k, m, mode) / (med * 1e-3) / 1e12
-                    record["gbps"] = inputs.weight_bytes / (med * 1e-3) / 1e9
+                if run is None:
+                    continue  # the provider does not apply to this case
+                run.fn()  # compile and warm up outside the timing
+                record["peak_mib"] = round(measure.peak_extra_mib(run), 2)
+                cells[provider] = measure.prepare(run, args.rep_ms, args.rounds)
             except Exception as exc:  # one provider failing (e.g. out of memory) must not end the run
-                record["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                record["error"] = measure.describe(exc)
                 torch.cuda.empty_cache()
-            if record["median_ms"] is not None or "error" in record:
-                records.append(record)
-            bar.update()
-        del inputs
+            found[provider] = record
+        measure.measure_case(cells, args.rounds)
+        for provider, cell in cells.items():
+            if cell.error is not None:
+                found[provider]["error"] = cell.error
+            else:
+                found[provider].update(measure.timing_fields(cell, measure.layer_flops(n, k, m, mode),
+                                                             inputs.weight_bytes))  # fmt: skip
+        records += found.values()
+        del cells, inputs
         torch.cuda.empty_cache()
         report.write(records, env, out, args.stem, with_plot=False)  # partial results survive an interrupted run
     bar.close()

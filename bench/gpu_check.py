@@ -37,7 +37,7 @@ DEMO_ARGS = ["--train-size", "300", "--eval-size", "150", "--epochs", "1", "--ba
 BENCH_ARGS = [
     "--modes", "decode", "fwd", "fwdbwd", "--m-decode", "1", "16", "--m-train", "256", "2048", "8192",
     "--providers", "lora_engine", "lora_engine[gemv]", "bnb_peft", "dequant_cublas", "dense_bf16",
-    "lora_engine+graph", "bnb_peft+graph", "dense_bf16+graph", "--rep-ms", "20", "--stem", "layer_quick",
+    "--rep-ms", "10", "--rounds", "2", "--stem", "layer_quick",
 ]  # fmt: skip
 BRING_BITSANDBYTES = (
     "bitsandbytes is not installed; the 4-bit base weights need it. Install it (pip install bitsandbytes), or, on a "
@@ -188,27 +188,30 @@ def demo_summary(out: Path) -> list[str]:
 
 
 def bench_summary(path: Path) -> list[str]:
-    """Per case, our median against the fastest anchor (dense bf16 is the floor, not an anchor to beat)."""
+    """Per case and kind (eager, device), our median against the fastest anchor of the same kind (dense bf16 is the
+    floor, not an anchor to beat)."""
+    from .report import normalize
+
     if not path.exists():
         return ["(no bench results: the run ended before writing them)"]
-    records = json.loads(path.read_text())  # bench/report.py: a list of records
-    cases: dict[tuple, dict[str, float]] = {}
-    errors = sorted({f"{r['provider']}: {r['error']}" for r in records if "error" in r})
+    records = normalize(json.loads(path.read_text()))  # bench/report.py: a list of records, any format written
+    cases: dict[tuple, dict[str, dict]] = {}
+    errors = sorted({f"{r['provider']}: {r['error']}" for r in records if r.get("error")})
     for r in records:
-        if r.get("median_ms") is not None:
-            cases.setdefault((r["mode"], r["N"], r["K"], r["M"]), {})[r["provider"]] = r["median_ms"]
-    lines = ["ours / best anchor (below 1: we are faster); eager, and replayed from a CUDA graph in decode"]
-    for (mode, n, k, m), times in sorted(cases.items()):
-        for ours, anchors in (("lora_engine", ("bnb_peft", "dequant_cublas")),
-                              ("lora_engine+graph", ("bnb_peft+graph",))):  # fmt: skip
-            present = [a for a in anchors if a in times]
-            if ours not in times or not present:
+        cases.setdefault((r["mode"], r["N"], r["K"], r["M"]), {})[r["provider"]] = r
+    lines = ["ours / best anchor (below 1: we are faster); eager = the Python call, device = CUDA graph replay"]
+    for (mode, n, k, m), row in sorted(cases.items()):
+        for kind in ("eager", "device"):
+            times = {p: r.get(f"{kind}_ms") for p, r in row.items() if r.get(f"{kind}_ms") is not None}
+            present = [a for a in ("bnb_peft", "dequant_cublas") if a in times]
+            if "lora_engine" not in times or not present:
                 continue
             best = min(present, key=times.get)
-            dense = times.get("dense_bf16+graph" if ours.endswith("+graph") else "dense_bf16")
+            ours = times["lora_engine"]
+            dense = times.get("dense_bf16")
             floor = f", dense bf16 {dense * 1e3:.0f} us" if dense else ""
-            lines.append(f"  {mode:6s} {n}x{k} M={m:<5d} {ours:17s} {times[ours] * 1e3:8.0f} us  vs {best} "
-                         f"{times[best] * 1e3:8.0f} us: {times[ours] / times[best]:.2f}{floor}")  # fmt: skip
+            lines.append(f"  {mode:6s} {n}x{k} M={m:<5d} {kind:6s} lora_engine {ours * 1e3:8.0f} us  vs {best} "
+                         f"{times[best] * 1e3:8.0f} us: {ours / times[best]:.2f}{floor}")  # fmt: skip
     return lines + [f"  error {e}" for e in errors]
 
 

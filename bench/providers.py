@@ -12,11 +12,18 @@ so all of them compute the same function and are timed in the same process.
                                  decodes again (the algorithm Unsloth uses)
     dense_bf16                   cuBLAS on the already-decoded weight, no LoRA (the floor)
     torch_reference              lora_engine.reference (pure torch, fp32 accumulation)
-    <provider>+graph             the same call replayed from a CUDA graph (decode mode)
+    gemlite                      where the package is installed (not a dependency): GemLite's Triton 4-bit
+                                 GEMV/GEMM on the same dense weight quantized again, group-wise int4 with
+                                 group 64, no LoRA, no backward. Not the same format nor the same function: a
+                                 reference point for the speed of a Triton 4-bit kernel
+
+The benchmark times every provider both eagerly and replayed from a CUDA graph (``bench/measure.py``), so no
+provider needs a graphed variant of its own.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -29,9 +36,34 @@ RANK = 16
 LORA_ALPHA = 32
 PATH_PROVIDERS = tuple(f"lora_engine[{p}]" for p in dispatch.PATHS)
 ANCHORS = ("bnb_peft", "dequant_cublas", "dense_bf16")
-DEFAULT_PROVIDERS = ("lora_engine", *PATH_PROVIDERS, *ANCHORS)
-GRAPH_PROVIDERS = ("lora_engine+graph", "bnb_peft+graph", "dense_bf16+graph")
-ALL_PROVIDERS = (*DEFAULT_PROVIDERS, "torch_reference", *GRAPH_PROVIDERS)
+# Providers of another weight format, each from a package of its own that this project does not depend on:
+# {provider: the package it needs}. They compute a different function, so the same-layer checks leave them out.
+OTHER_FORMATS = {"gemlite": "gemlite"}
+GEMLITE_GROUP = 64  # int4 group size given to GemLite, the blocksize of our NF4 weights
+
+
+def installed(provider: str) -> bool:
+    """Whether the package a provider of another format needs is installed (found, not imported: importing
+    GemLite initializes CUDA)."""
+    package = OTHER_FORMATS.get(provider)
+    return package is None or importlib.util.find_spec(package) is not None
+
+
+DEFAULT_PROVIDERS = ("lora_engine", *PATH_PROVIDERS, *ANCHORS, *(p for p in OTHER_FORMATS if installed(p)))
+ALL_PROVIDERS = ("lora_engine", *PATH_PROVIDERS, *ANCHORS, "torch_reference", *OTHER_FORMATS)
+
+
+class ProviderUnavailable(RuntimeError):
+    """A provider of another format whose package is missing or cannot be imported here."""
+
+
+def unavailable(provider: str) -> Optional[str]:
+    """Why ``provider`` cannot run on this machine (its package is not installed), or None."""
+    if installed(provider):
+        return None
+    package = OTHER_FORMATS[provider]
+    return (f"provider {provider!r} needs the {package} package, which is not installed (pip install {package}; "
+            "it is not a dependency of this project and needs a CUDA GPU)")  # fmt: skip
 
 
 @dataclass
@@ -212,23 +244,33 @@ def _torch_reference(t: LayerInputs, mode: str) -> Runnable:
     return _wrap(forward, mode, t.dy, (x, lora_A, lora_B))
 
 
-def _in_cuda_graph(build: Callable[[LayerInputs, str], Runnable]) -> Callable[[LayerInputs, str], Optional[Runnable]]:
-    def build_graphed(t: LayerInputs, mode: str) -> Optional[Runnable]:
-        if mode == "fwdbwd":
-            return None
-        call = build(t, mode).fn
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # compile and allocate outside the capture
-                call()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            call()
-        return Runnable(graph.replay)
+def int4_groupwise(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise int4 of ``weight`` (N, K) in HQQ's convention, which GemLite packs:
+    ``W ≈ (W_q - zeros) * scales`` with ``W_q`` uint8 in [0, 15] of shape (N, K) and ``scales``, ``zeros`` of shape
+    (N, K / group), each group of ``group`` consecutive values along K spanning its min to max."""
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // group, group)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    scales = ((high - low) / 15).clamp_min(torch.finfo(torch.float32).tiny)  # a constant group has no range
+    zeros = -low / scales
+    w_q = (groups / scales + zeros).round_().clamp_(0, 15).to(torch.uint8)
+    return w_q.reshape(n, k), scales.reshape(n, -1), zeros.reshape(n, -1)
 
-    return build_graphed
+
+def _gemlite(t: LayerInputs, mode: str) -> Optional[Runnable]:
+    """GemLite's A16W4 layer (HQQ-style int4, group 64) on the same dense weight, x @ W_int4^T without LoRA."""
+    if mode == "fwdbwd" or t.k % GEMLITE_GROUP:
+        return None  # inference kernels, no backward; groups must tile K
+    try:
+        from gemlite.helper import A16W4_HQQ_INT
+    except Exception as exc:  # not installed, or its import needs CUDA (it queries the device when imported)
+        reason = unavailable("gemlite") or f"gemlite failed to import: {type(exc).__name__}: {exc}"
+        raise ProviderUnavailable(reason) from exc
+
+    w_q, scales, zeros = int4_groupwise(t.dense, GEMLITE_GROUP)
+    layer = A16W4_HQQ_INT(device=t.x.device, dtype=t.dtype).from_weights(w_q, scales.to(t.dtype), zeros.to(t.dtype))
+    (x,) = _leaves(t, mode, lora=False)
+    return _wrap(lambda: layer(x), mode, t.dy, ())
 
 
 BUILDERS: dict[str, Callable[[LayerInputs, str], Optional[Runnable]]] = {
@@ -238,18 +280,19 @@ BUILDERS: dict[str, Callable[[LayerInputs, str], Optional[Runnable]]] = {
     "dequant_cublas": _dequant_cublas,
     "dense_bf16": _dense_bf16,
     "torch_reference": _torch_reference,
-    "lora_engine+graph": _in_cuda_graph(_lora_engine_module),
-    "bnb_peft+graph": _in_cuda_graph(_bnb_peft),
-    "dense_bf16+graph": _in_cuda_graph(_dense_bf16),
+    "gemlite": _gemlite,
 }
 assert set(BUILDERS) == set(ALL_PROVIDERS)
 
 
 def build(provider: str, inputs: LayerInputs, mode: str) -> Optional[Runnable]:
-    """The runnable for ``provider`` in ``mode``, or None where it does not apply (graphs in fwdbwd, the gemv path
-    on a call it does not serve)."""
+    """The runnable for ``provider`` in ``mode``, or None where it does not apply (the gemv path on a call it does
+    not serve, GemLite in fwdbwd). Raises :class:`ProviderUnavailable` for a provider whose package is missing."""
     if provider not in BUILDERS:
         raise ValueError(f"unknown provider {provider!r}; known: {', '.join(ALL_PROVIDERS)}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    reason = unavailable(provider)
+    if reason is not None:
+        raise ProviderUnavailable(reason)
     return BUILDERS[provider](inputs, mode)

@@ -1,55 +1,154 @@
-"""Results of the layer benchmark as JSON, a markdown table with ratios against the anchors, and a plot."""
+"""Results of the layer benchmark as JSON, a markdown table with ratios against the anchors, and two plots.
+
+Each provider has two times per case (``bench/measure.py``): eager (the Python call, host included) and device
+(replayed from a CUDA graph). The table shows both, one row each, with the ratios of the same kind side by side;
+``<stem>.png`` plots ms per call and ``<stem>_vs_dense.png`` the speed relative to dense bf16, one colour and marker
+per provider in every panel of both, one legend for the figure.
+"""
 
 from __future__ import annotations
 
 import json
+import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .measure import DRIFT_LIMIT, KINDS
 from .providers import ANCHORS
 
 OURS = "lora_engine"
+DENSE = "dense_bf16"
+GRAPH_SUFFIX = "+graph"  # files written before device time had it as providers of their own: `<provider>+graph`
+
+# One colour and marker per provider, the same in every panel and figure (matplotlib's tab10 colours).
+STYLES = {
+    "lora_engine": ("tab:blue", "o"),
+    "lora_engine[fused]": ("tab:cyan", "^"),
+    "lora_engine[dequant]": ("tab:purple", "v"),
+    "lora_engine[dequant_cublas]": ("tab:pink", "<"),
+    "lora_engine[gemv]": ("tab:brown", ">"),
+    "bnb_peft": ("tab:orange", "s"),
+    "dequant_cublas": ("tab:red", "D"),
+    "dense_bf16": ("tab:green", "P"),
+    "torch_reference": ("tab:gray", "X"),
+    "gemlite": ("tab:olive", "*"),
+}
+_SPARE_COLOURS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354")
+_SPARE_MARKERS = ("h", "p", "d", "8", "H", "1", "2", "3")
+LINESTYLES = {"device": "-", "eager": "--"}
+
+
+def style(provider: str) -> tuple[str, str]:
+    """``(colour, marker)`` of a provider: fixed for the known ones, derived from the name for any other (so the
+    same name gets the same style in every run)."""
+    if provider in STYLES:
+        return STYLES[provider]
+    h = zlib.crc32(provider.encode())
+    return _SPARE_COLOURS[h % len(_SPARE_COLOURS)], _SPARE_MARKERS[(h // len(_SPARE_COLOURS)) % len(_SPARE_MARKERS)]
+
+
+def normalize(records: list[dict]) -> list[dict]:
+    """Records in the current format, whichever format they were written in: files from before device time have the
+    eager time only (``median_ms``) and the graph replays of a few providers as providers of their own
+    (``<provider>+graph``), which become the ``device_*`` fields of ``<provider>``."""
+    key = lambda r, provider: (r["mode"], r["N"], r["K"], r["M"], provider)  # noqa: E731
+    out: dict[tuple, dict] = {}
+    graphed = []
+    for r in records:
+        if r["provider"].endswith(GRAPH_SUFFIX):
+            graphed.append(r)
+            continue
+        r = dict(r)
+        if "eager_ms" not in r and "median_ms" in r:
+            r.update(eager_ms=r["median_ms"], eager_p20_ms=r.get("p20_ms"), eager_p80_ms=r.get("p80_ms"))
+        out[key(r, r["provider"])] = r
+    timed = ("median_ms", "p20_ms", "p80_ms", "tflops", "gbps", "peak_mib", "error")
+    for g in graphed:
+        provider = g["provider"][: -len(GRAPH_SUFFIX)]
+        case = {f: v for f, v in g.items() if f not in timed}
+        r = out.setdefault(key(g, provider), {**case, "provider": provider, "eager_ms": None})
+        r.update(device_ms=g.get("median_ms"), device_p20_ms=g.get("p20_ms"), device_p80_ms=g.get("p80_ms"))
+    return list(out.values())
 
 
 def _index(records: list[dict]) -> dict[tuple, dict[str, dict]]:
     table: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in records:
-        if r.get("median_ms") is not None:
+        if any(r.get(f"{kind}_ms") is not None for kind in KINDS) or r.get("device_error"):
             table[(r["mode"], r["N"], r["K"], r["M"])][r["provider"]] = r
     return table
 
 
+def _ms(r: dict | None, kind: str) -> float | None:
+    return None if r is None else r.get(f"{kind}_ms")
+
+
+def _cell(r: dict | None, kind: str) -> str:
+    """A table cell: the median ms, ``~`` before it where its rounds drifted, ``–`` where it could not be captured."""
+    if r is None:
+        return ""
+    ms = r.get(f"{kind}_ms")
+    if ms is None:
+        return "–" if kind == "device" and r.get("device_error") else ""
+    drift = r.get(f"{kind}_drift")
+    return f"{'~' if drift is not None and drift > DRIFT_LIMIT else ''}{ms:.4f}"
+
+
 def markdown(records: list[dict], env: dict[str, Any]) -> str:
-    """One table per mode: each provider's median ms, our speedup over each anchor, and the training overhead."""
+    """One table per mode, two rows per case (eager, device): each provider's median ms, our speedup over each
+    anchor in the same kind, and in fwdbwd the overhead over dense bf16."""
+    records = normalize(records)
     table = _index(records)
     providers = list(dict.fromkeys(r["provider"] for r in records))
+    rounds = f"{env['rounds']} interleaved rounds" if env.get("rounds") else "interleaved rounds"
     lines = [
         f"# Layer benchmark on {env['gpu']}",
         "",
         f"torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, bitsandbytes {env['bitsandbytes']}, "
-        f"peft {env['peft']}; {env['date']}. bf16, LoRA r=16, NF4 + double quant, blocksize 64. Median ms from "
-        "`triton.testing.do_bench`. `x A` = anchor time / lora_engine time (above 1: we are faster).",
+        f"peft {env['peft']}; {env['date']}. bf16, LoRA r=16, NF4 + double quant, blocksize 64.",
+        "",
+        f"Median ms per call, L2 flushed before each call; the providers of a case measured in {rounds} "
+        "(round-robin, the first provider rotated). Two rows per case:",
+        "",
+        "- **eager**: the Python call from an idle GPU, timed with CUDA events: the host's time to launch the "
+        "kernels counts in full where the host is slower than the GPU.",
+        "- **device**: the same call captured once in a CUDA graph and replayed: GPU time alone.",
+        "",
+        f"`x A` = A's time / lora_engine's time of the same row (above 1: we are faster). `~`: the medians of two "
+        f"rounds of that cell differ by more than {DRIFT_LIMIT:.0%} (`eager_drift`, `device_drift` in the JSON). "
+        "`–`: the call could not be captured in a CUDA graph (reasons below). Peak memory is in the JSON (`peak_mib`).",
     ]
     for mode in dict.fromkeys(k[0] for k in table):
         keys = sorted(k for k in table if k[0] == mode)
         anchors = [a for a in ANCHORS if any(a in table[k] for k in keys)]
-        head = ["N x K", "M", *providers, *(f"x {a}" for a in anchors)]
+        shown = [p for p in providers if any(p in table[k] for k in keys)]
+        head = ["N x K", "M", "time", *shown, *(f"x {a}" for a in anchors)]
         if mode == "fwdbwd":
             head += ["overhead ours", "overhead dequant_cublas"]
         lines += ["", f"## {mode}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for key in keys:
             row = table[key]
-            cells = [f"{key[1]} x {key[2]}", str(key[3])]
-            cells += [f"{row[p]['median_ms']:.4f}" if p in row else "" for p in providers]
-            ours = row.get(OURS, {}).get("median_ms")
-            cells += [f"{row[a]['median_ms'] / ours:.2f}" if ours and a in row else "" for a in anchors]
-            if mode == "fwdbwd":
-                floor = row.get("dense_bf16", {}).get("median_ms")
-                for p in (OURS, "dequant_cublas"):
-                    t = row.get(p, {}).get("median_ms")
-                    cells.append(f"{(t - floor) / floor:+.0%}" if t and floor else "")
-            lines.append("| " + " | ".join(cells) + " |")
+            for kind in KINDS:
+                cells = [f"{key[1]} x {key[2]}", str(key[3]), kind]
+                cells += [_cell(row.get(p), kind) for p in shown]
+                ours = _ms(row.get(OURS), kind)
+                for a in anchors:
+                    theirs = _ms(row.get(a), kind)
+                    cells.append(f"{theirs / ours:.2f}" if ours and theirs else "")
+                if mode == "fwdbwd":
+                    floor = _ms(row.get(DENSE), kind)
+                    for p in (OURS, "dequant_cublas"):
+                        t = _ms(row.get(p), kind)
+                        cells.append(f"{(t - floor) / floor:+.0%}" if t and floor else "")
+                lines.append("| " + " | ".join(cells) + " |")
+    uncaptured: dict[tuple[str, str, str], int] = defaultdict(int)
+    for r in records:
+        if r.get("device_ms") is None and r.get("device_error") and not r.get("error"):
+            uncaptured[(r["provider"], r["mode"], r["device_error"])] += 1
+    if uncaptured:
+        lines += ["", "## Not captured in a CUDA graph (no device time)", ""]
+        lines += [f"- {p} {mode} ({n} case{'s' * (n > 1)}): {why}" for (p, mode, why), n in uncaptured.items()]
     errors = [r for r in records if r.get("error")]
     if errors:
         lines += ["", "## Errors", ""] + [f"- {r['provider']} {r['mode']} {r['N']}x{r['K']} M={r['M']}: {r['error']}"
@@ -57,51 +156,95 @@ def markdown(records: list[dict], env: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(records: list[dict], path: Path) -> bool:
-    """Median ms against M per provider, one panel per (mode, shape). Returns False without matplotlib."""
+def _series(table: dict[tuple, dict[str, dict]], panel: tuple, kind: str, relative: bool) -> dict[str, list]:
+    """``{provider: [(M, y), ...]}`` of one panel and kind: ms, or dense bf16's ms / the provider's ms."""
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for key, row in sorted(table.items()):
+        if key[:3] != panel:
+            continue
+        dense = _ms(row.get(DENSE), kind)
+        for provider, r in row.items():
+            ms = _ms(r, kind)
+            if ms is None or (relative and (provider == DENSE or not dense)):
+                continue
+            series[provider].append((key[3], dense / ms if relative else ms))
+    return series
+
+
+def figure(records: list[dict], relative: bool = False):
+    """The figure of ms per call against M (or, ``relative``, of dense bf16's time / the provider's time), one
+    panel per (mode, shape), device time solid and eager time dashed; None without matplotlib or data."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
     except ImportError:
-        return False
+        return None
+    records = normalize(records)
     table = _index(records)
-    panels = sorted({(k[0], k[1], k[2]) for k in table})
+    panels = sorted({k[:3] for k in table})
     if not panels:
-        return False
+        return None
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
-    for ax, (mode, n, k) in zip(axes.flat, panels):
-        series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        for key, row in table.items():
-            if key[:3] == (mode, n, k):
-                for provider, r in row.items():
-                    series[provider].append((key[3], r["median_ms"]))
-        for provider, points in sorted(series.items()):
-            points.sort()
-            style = "-o" if provider.startswith(OURS) else "--s"
-            ax.plot([p[0] for p in points], [p[1] for p in points], style, ms=3, label=provider)
-        ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel="median ms", title=f"{mode} {n}x{k}")
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows + 1), squeeze=False, layout="constrained")
+    drawn: dict[str, None] = {}
+    for ax, panel in zip(axes.flat, panels):
+        for kind in KINDS:
+            for provider, points in _series(table, panel, kind, relative).items():
+                colour, marker = style(provider)
+                (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], color=colour, marker=marker,
+                                  linestyle=LINESTYLES[kind], ms=4, lw=1.2)  # fmt: skip
+                line.set_gid(f"{provider}|{kind}")
+                drawn[provider] = None
+        if relative:
+            ax.axhline(1.0, color=style(DENSE)[0], lw=1, alpha=0.7)
+        ylabel = "dense bf16 time / time (above 1: faster)" if relative else "median ms per call"
+        title = f"{panel[0]} {panel[1]}x{panel[2]}"
+        ax.set(xscale="log", yscale="log", xlabel="M (tokens)", ylabel=ylabel, title=title)
         ax.grid(True, which="both", alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    order = [p for p in STYLES if p in drawn] + sorted(p for p in drawn if p not in STYLES)
+    handles = [Line2D([], [], color=style(p)[0], marker=style(p)[1], linestyle="", label=p) for p in order]
+    kinds = {"device": "device (CUDA graph replay)", "eager": "eager (host included)"}
+    handles += [Line2D([], [], color="black", linestyle=LINESTYLES[kind], label=label) for kind, label in kinds.items()]
+    if relative:
+        handles.append(Line2D([], [], color=style(DENSE)[0], label="dense bf16 (= 1)"))
+    fig.legend(handles=handles, loc="outside upper center", ncols=min(len(handles), 6), fontsize=8)
+    gpu = records[0].get("gpu", "")
+    fig.suptitle(f"{gpu}: speed relative to dense bf16" if relative else f"{gpu}: median ms per call", y=0.0,
+                 va="bottom", fontsize=9)  # fmt: skip
+    return fig
+
+
+def plot(records: list[dict], directory: Path, stem: str) -> list[Path]:
+    """Write ``<stem>.png`` (ms per call) and ``<stem>_vs_dense.png`` (speed relative to dense bf16); the paths
+    written (none without matplotlib)."""
+    written = []
+    for relative, path in ((False, directory / f"{stem}.png"), (True, directory / f"{stem}_vs_dense.png")):
+        fig = figure(records, relative)
+        if fig is None:
+            continue
+        import matplotlib.pyplot as plt
+
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def write(
     records: list[dict], env: dict[str, Any], directory: Path, stem: str = "layer", with_plot: bool = True
 ) -> list[Path]:
-    """Write ``<stem>.json`` (a list of records, each with the environment), ``<stem>.md`` (tables) and ``<stem>.png`` (plot) into ``directory``."""
+    """Write ``<stem>.json`` (a list of records, each with the environment), ``<stem>.md`` (tables) and, with
+    ``with_plot``, ``<stem>.png`` and ``<stem>_vs_dense.png`` into ``directory``; the paths written."""
     directory.mkdir(parents=True, exist_ok=True)
     written = [directory / f"{stem}.json", directory / f"{stem}.md"]
     written[0].write_text(json.dumps([{**env, **r} for r in records], indent=1) + "\n")
     written[1].write_text(markdown(records, env))
-    if with_plot and plot(records, directory / f"{stem}.png"):
-        written.append(directory / f"{stem}.png")
+    if with_plot:
+        written += plot(records, directory, stem)
     return written

@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 from . import reference
 from .dispatch import force_path, get_backend, set_backend, use_backend
-from .functional import dequantize_4bit, dora_linear_4bit, ia3_linear, ia3_linear_4bit, lora_linear, lora_linear_4bit
+from .functional import (
+    dequantize_4bit,
+    dora_linear_4bit,
+    ia3_linear,
+    ia3_linear_4bit,
+    linear_4bit,
+    lora_linear,
+    lora_linear_4bit,
+)
 from .modules import LoRALinear, LoRALinear4bit
 
 __version__ = "0.1.0"
@@ -19,8 +27,10 @@ __version__ = "0.1.0"
 # Integrations load on first use: importing PEFT (and transformers behind it) takes seconds.
 _LAZY = {
     "PatchReport": ".integrations.peft",
+    "patch_model": ".integrations.peft",
     "patch_peft_model": ".integrations.peft",
     "register_fused_layers": ".integrations.peft",
+    "unpatch_model": ".integrations.peft",
     "unpatch_peft_model": ".integrations.peft",
     "delete_adapter": ".integrations.adapters",
     "inject": ".integrations.adapters",
@@ -39,7 +49,14 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from .integrations.peft import PatchReport, patch_peft_model, register_fused_layers, unpatch_peft_model
+    from .integrations.peft import (
+        PatchReport,
+        patch_model,
+        patch_peft_model,
+        register_fused_layers,
+        unpatch_model,
+        unpatch_peft_model,
+    )
     from .integrations.adapters import (
         delete_adapter,
         inject,
@@ -67,12 +84,15 @@ __all__ = [
     "get_backend",
     "ia3_linear",
     "ia3_linear_4bit",
+    "linear_4bit",
     "lora_linear",
     "lora_linear_4bit",
+    "patch_model",
     "patch_peft_model",
     "reference",
     "register_fused_layers",
     "set_backend",
+    "unpatch_model",
     "unpatch_peft_model",
     "use_backend",
 ]

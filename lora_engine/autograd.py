@@ -346,3 +346,57 @@ def _differentiable_backward(
     out = [g.to(t.dtype) if g is not None else (torch.zeros_like(t) if need else None)
            for g, t, need in zip(out, inputs, flags)]  # fmt: skip
     return out[0], tuple(out[2:]), out[1]
+
+
+# A frozen 4-bit layer without an adapter: y = x·deq(W)ᵀ + bias, dx = dy·deq(W), dbias = Σ dy. The same kernels
+# with their LoRA operands left out (the LORA constexpr off); W is decoded again in the backward, never kept.
+
+
+def linear_forward(x: torch.Tensor, bias: Optional[torch.Tensor], weight: Weight, path: str) -> torch.Tensor:
+    """``x·Wᵀ + bias`` on 2-D x through ``path`` (any of ``dispatch.PATHS``)."""
+    if path == "gemv":  # functional._resolve_path sends only calls the GEMV serves here
+        return lora_gemv_4bit(x, weight, bias=bias)
+    gemm_weight = _gemm_weight(weight, path, x.dtype)
+    if path == "dequant_cublas":
+        return torch.mm(x, gemm_weight.t()) if bias is None else torch.addmm(bias.to(x.dtype), x, gemm_weight.t())
+    return lora_matmul(x, gemm_weight, weight_out_by_in=True, bias=bias)
+
+
+def linear_backward_input(dy: torch.Tensor, weight: Weight, path: str) -> torch.Tensor:
+    """``dx = dy·W`` (the gemv path's backward takes the dequant route, as the LoRA layer's does)."""
+    gemm_weight = _gemm_weight(weight, path, dy.dtype)
+    if path == "dequant_cublas":
+        return torch.mm(dy, gemm_weight)
+    return lora_matmul(dy, gemm_weight, weight_out_by_in=False)
+
+
+class Linear4bitFunction(torch.autograd.Function):
+    """``y = x·Wᵀ + bias`` on 2-D x with W frozen, through the Triton kernels; saves nothing but W's reference."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: Optional[torch.Tensor], weight: Weight, path: str) -> torch.Tensor:
+        ctx.weight, ctx.path = weight, path
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return linear_forward(x, bias, weight, path)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        need_x, need_bias = ctx.needs_input_grad[:2]
+        dx = d_bias = None
+        if need_x:
+            if torch.is_grad_enabled():  # create_graph=True: dx = dy·W must itself be differentiable in dy
+                dispatch.report_once(
+                    "double-backward-base",
+                    "lora_engine: a backward with create_graph=True runs the 4-bit base layer's input gradient as "
+                    "a torch operation on the decoded weight, not through the kernels",
+                )
+                with dispatch.device_guard(dy.device):
+                    weight = ctx.weight
+                    dense = dequantize_4bit(weight, dy.dtype) if isinstance(weight, Packed4bit) else weight
+                dx = dy @ dense.to(dy.dtype)
+            else:
+                with dispatch.device_guard(dy.device):
+                    dx = linear_backward_input(dy, ctx.weight, ctx.path)
+        if need_bias:
+            d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        return dx, d_bias, None, None

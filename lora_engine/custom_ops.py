@@ -4,14 +4,17 @@
     lora_engine::lora_linear_bwd     (dy, x, A, B, left, bias, W, ...) -> (dx, dA, dB, dbias)
     lora_engine::adapter_linear_fwd  (kind, x, trainables, bias, W, options, ...) -> y
     lora_engine::adapter_linear_bwd  (kind, dy, x, trainables, bias, W, options, ...) -> [dx, dbias, *grads]
+    lora_engine::linear_4bit_fwd     (x, bias, W, path) -> y                   a 4-bit layer without an adapter
+    lora_engine::linear_4bit_dx      (dy, W, path) -> dx                       (its dbias = Σ dy is traced as is)
 
 The adapter ops serve every kind whose backward needs nothing but its inputs (IA3): the kind travels as its name,
 its trainable tensors as a list and its other settings as a list of numbers (``_OP_KINDS``), so a new kind of that
 sort adds one table entry, not a schema. LoRA keeps its own pair: its forward hands ``left`` to the backward.
 
-Both ops run exactly the code of ``autograd.AdapterLinearFunction`` (the forward and backward of the LoRA kind in
-``autograd.KINDS``), so eager and compiled training share one implementation. The ops take only tensors
-and plain numbers: a 4-bit W travels as its ``Packed4bit`` tensors plus ``[n, k, blocksize, blocksize2]``, a
+The ops run exactly the code of ``autograd.AdapterLinearFunction`` (the forward and backward of each kind in
+``autograd.KINDS``) and of ``autograd.Linear4bitFunction`` (``linear_forward``, ``linear_backward_input``), so
+eager and compiled training share one implementation.
+The ops take only tensors and plain numbers: a 4-bit W travels as its ``Packed4bit`` tensors plus ``[n, k, blocksize, blocksize2]``, a
 dense W as one tensor plus ``[n, k, 0, 0]``. The dropout seed is a tensor input drawn by the caller
 (``seed_tensor``): drawing it inside the op would hide randomness from the compiler, and reading it on the
 host (``.item()``) while tracing would break the graph. Fake implementations give shapes and dtypes to the
@@ -305,3 +308,59 @@ def adapter_linear(
     return adapter_linear_fwd(
         name, x, list(adapter.trainables()), bias, tensors, sizes, _OP_KINDS[name][2](adapter), path
     )
+
+
+@torch.library.custom_op("lora_engine::linear_4bit_fwd", mutates_args=())
+def linear_4bit_fwd(
+    x: torch.Tensor, bias: Optional[torch.Tensor], weight: list[torch.Tensor], weight_sizes: list[int], path: str
+) -> torch.Tensor:
+    """``y = x·Wᵀ + bias`` on 2-D x, W frozen (a 4-bit layer without an adapter)."""
+    from .autograd import linear_forward
+    from .kernels import runtime
+
+    runtime.load_kernels()
+    with dispatch.device_guard(x.device):
+        return linear_forward(x, bias, _weight(weight, weight_sizes), path)
+
+
+@linear_4bit_fwd.register_fake
+def _(x, bias, weight, weight_sizes, path):
+    return x.new_empty((x.shape[0], weight_sizes[0]))
+
+
+@torch.library.custom_op("lora_engine::linear_4bit_dx", mutates_args=())
+def linear_4bit_dx(dy: torch.Tensor, weight: list[torch.Tensor], weight_sizes: list[int], path: str) -> torch.Tensor:
+    """``dx = dy·W`` for :func:`linear_4bit_fwd`."""
+    from .autograd import linear_backward_input
+
+    with dispatch.device_guard(dy.device):
+        return linear_backward_input(dy, _weight(weight, weight_sizes), path)
+
+
+@linear_4bit_dx.register_fake
+def _(dy, weight, weight_sizes, path):
+    return dy.new_empty((dy.shape[0], weight_sizes[1]))
+
+
+def _setup_linear_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    _, bias, weight, weight_sizes, path = inputs
+    ctx.save_for_backward(*weight)
+    ctx.weight_sizes, ctx.path = weight_sizes, path
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _linear_backward(ctx: Any, dy: torch.Tensor) -> tuple:
+    weight = list(ctx.saved_tensors)
+    dx = linear_4bit_dx(dy, weight, ctx.weight_sizes, ctx.path) if ctx.needs_input_grad[0] else None
+    d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None
+    return dx, d_bias, [None] * len(weight), None, None
+
+
+torch.library.register_autograd("lora_engine::linear_4bit_fwd", _linear_backward, setup_context=_setup_linear_context)
+
+
+def linear_4bit(x: torch.Tensor, weight: Packed4bit, bias: Optional[torch.Tensor], path: str) -> torch.Tensor:
+    """The 4-bit layer without an adapter on 2-D x through the custom ops (``functional.linear_4bit`` under
+    ``torch.compile``)."""
+    tensors, sizes = weight_parts(weight)
+    return linear_4bit_fwd(x, bias, tensors, sizes, path)

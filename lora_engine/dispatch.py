@@ -11,6 +11,10 @@ table measured with ``python -m bench``:
     dequant_cublas  the same decode, then cuBLAS with the LoRA term as its C operand
     gemv            at most ``GEMV_MAX_TOKENS`` rows: a GEMV streaming the packed bytes once, LoRA term fused
 The decode buffers come from torch's caching allocator, which keeps them apart per stream and per CUDA graph.
+
+A base-only call (``functional.linear_4bit``: a frozen 4-bit layer without an adapter) has its own table,
+``BASE_PATH_STEPS``, over ``BASE_PATHS``: the same paths without the LoRA term, plus "bitsandbytes" (bitsandbytes'
+own ``matmul_4bit``, what an unpatched ``bnb.nn.Linear4bit`` runs), which serves CUDA tensors only.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ logger = logging.getLogger("lora_engine")
 
 BACKENDS = ("auto", "triton", "torch")
 PATHS = ("fused", "dequant", "dequant_cublas", "gemv")
+BASE_PATHS = PATHS + ("bitsandbytes",)  # paths of a base-only call (no LoRA term)
 
 # Path by token count M, per GPU architecture: ascending (min_tokens, path) steps, read from layer
 # benchmarks (`python -m bench`, results in bench/results/<gpu>/layer.md). On sm_90 the fused path's in-loop
@@ -40,6 +45,24 @@ PATH_STEPS: dict[tuple[int, int], tuple[tuple[int, str], ...]] = {
     (9, 0): ((0, "dequant"), (256, "dequant_cublas")),
 }
 DEFAULT_PATH_STEPS = ((0, "dequant"), (256, "dequant_cublas"))  # unknown GPUs and the interpreter
+
+# Path of a base-only call (a 4-bit layer without an adapter) by token count M, per GPU architecture. The rule: a
+# path that loses to an anchor at some shape is not chosen there. No base-only provider has been benchmarked yet
+# (re-measure once `python -m bench` has one); the steps come from the nearest committed H100 figures:
+# - bench/results/nvidia-h100-80gb-hbm3/layer_small_m.md, decode, replayed from a CUDA graph at M = 1: our layer
+#   47 us (4096x4096) and 132 us (14336x4096), bitsandbytes + PEFT 31 and 49 us with the same LoRA term (its
+#   GEMV without it is faster still); eager, every path of ours took 0.25-0.98 ms at M = 1..16.
+# - bench/results/nvidia-h100-80gb-hbm3/layer.md, fwd: lora_engine[dequant_cublas] against the dequant_cublas
+#   anchor (bitsandbytes' decode + cuBLAS): at M = 1024 slower on two of three shapes (0.2052 vs 0.0929 ms at
+#   4096x4096, 0.5400 vs 0.3185 ms at 4096x14336); from M = 4096 on faster on all three (0.2452 vs 0.2569,
+#   0.7493 vs 0.8434, 0.7707 vs 0.8460 ms at M = 4096). Between 1024 and 4096 nothing was measured.
+# So on CUDA bitsandbytes' kernels run below 4096 tokens and our decode + cuBLAS from there. The interpreter
+# and CPU run our kernels at every M ("bitsandbytes" serves CUDA tensors only), so CPU tests exercise them.
+BASE_PATH_STEPS: dict[tuple[int, int], tuple[tuple[int, str], ...]] = {
+    (9, 0): ((0, "bitsandbytes"), (4096, "dequant_cublas")),
+}
+DEFAULT_BASE_CUDA_STEPS = ((0, "bitsandbytes"), (4096, "dequant_cublas"))  # CUDA GPUs not in the table
+DEFAULT_BASE_PATH_STEPS = ((0, "dequant"),)  # the interpreter (CPU tensors)
 
 _process_backend = "auto"
 _scoped_backend: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("lora_engine_backend", default=None)
@@ -113,7 +136,7 @@ def use_backend(backend: str) -> ContextManager[None]:
 
 def force_path(path: Optional[str]) -> ContextManager[None]:
     """Run the Triton backend through one path regardless of shape, in the enclosed block of this thread or task
-    (for tests and benchmarks; ``None`` restores the dispatcher's choice)."""
+    (for tests and benchmarks; ``None`` restores the dispatcher's choice). It holds for base-only calls too."""
     if path is not None and path not in PATHS:
         raise ValueError(f"path must be one of {PATHS} or None, got {path!r}")
     return _scoped(_forced_path, path)
@@ -197,13 +220,41 @@ def _path_steps(device: Optional[torch.device]) -> tuple[tuple[int, str], ...]:
     return PATH_STEPS.get(_capability(device.index), DEFAULT_PATH_STEPS)
 
 
-def choose_path(num_tokens: int, out_features: int, in_features: int, device: Optional[torch.device] = None) -> str:
-    """The path (one of ``PATHS``) for a 4-bit layer seeing ``num_tokens`` rows on ``device``."""
+def _base_path_steps(device: Optional[torch.device]) -> tuple[tuple[int, str], ...]:
+    if device is None or device.type != "cuda":
+        return DEFAULT_BASE_PATH_STEPS
+    return BASE_PATH_STEPS.get(_capability(device.index), DEFAULT_BASE_CUDA_STEPS)
+
+
+def choose_path(
+    num_tokens: int,
+    out_features: int,
+    in_features: int,
+    device: Optional[torch.device] = None,
+    base_only: bool = False,
+) -> str:
+    """The path for a 4-bit layer seeing ``num_tokens`` rows on ``device``: one of ``PATHS``, or of
+    ``BASE_PATHS`` for a ``base_only`` call (no LoRA term). A :func:`force_path` block decides both."""
     forced = _current_settings()[1]
     if forced is not None:
         return forced
     path = PATHS[0]
-    for min_tokens, step_path in _path_steps(device):
+    for min_tokens, step_path in _base_path_steps(device) if base_only else _path_steps(device):
         if num_tokens >= min_tokens:
             path = step_path
     return path
+
+
+def bitsandbytes_token_limit(device: Optional[torch.device] = None) -> Optional[int]:
+    """Below how many tokens a base-only call on CUDA ``device`` keeps bitsandbytes' kernels (``sys.maxsize``:
+    at every count; None: never). Without a device: the current GPU's table, or the default for CUDA GPUs on a
+    machine without one. The tables put "bitsandbytes" only as their first step (tests check it)."""
+    if device is not None and device.type == "cuda":
+        steps = _base_path_steps(device)
+    elif device is None and torch.cuda.is_available():
+        steps = _base_path_steps(torch.device("cuda"))
+    else:
+        steps = DEFAULT_BASE_CUDA_STEPS
+    if steps[0][1] != "bitsandbytes":
+        return None
+    return steps[1][0] if len(steps) > 1 else sys.maxsize

@@ -10,7 +10,13 @@ from . import dispatch, reference
 from .format import packed_4bit, packed_4bit_cached, packed_bytes, row_norms_sq_cached
 from .kernels.operands import Dropout, Packed4bit
 from .kinds import IA3, Adapter, Dora, Lora
-from .validation import check_dora_magnitude, check_frozen_weight, check_ia3_linear_args, check_lora_linear_args
+from .validation import (
+    check_dora_magnitude,
+    check_frozen_weight,
+    check_ia3_linear_args,
+    check_linear_args,
+    check_lora_linear_args,
+)
 
 
 def lora_linear_4bit(
@@ -52,6 +58,50 @@ def lora_linear_4bit(
     check_lora_linear_args(x, packed.n, packed.k, lora_A, lora_B, scaling, bias, dropout_p, packed.data.device,
                            dropout_seed)  # fmt: skip
     return _apply(x, packed, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
+
+
+def linear_4bit(
+    x: torch.Tensor, weight: torch.Tensor, quant_state: Any, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``y = x·deq(W)ᵀ + bias`` with W a frozen bitsandbytes 4-bit weight: a 4-bit layer without an adapter.
+
+    x: [..., in_features] fp16/bf16/fp32, any strides; weight: the packed ``Params4bit`` (or its data) and
+    ``quant_state`` its bitsandbytes QuantState; bias: (out_features,) or None. Returns [..., out_features] in
+    x's dtype. Gradients: x (``dy·deq(W)``, W decoded again in the backward, never kept between the two) and
+    bias; W gets none. The path comes from ``dispatch.BASE_PATH_STEPS``: on CUDA that is bitsandbytes' own
+    ``matmul_4bit`` where it measured faster ("bitsandbytes"), elsewhere lora_engine's kernels.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if not dispatch.use_triton(x.device, _dtypes(x, bias)):
+        return reference.linear_4bit(x, weight, quant_state, bias)
+    if torch.compiler.is_compiling():
+        check_frozen_weight(weight, "linear_4bit")
+        packed = packed_4bit(weight, quant_state)
+    else:
+        with torch._C.DisableTorchFunctionSubclass():  # see lora_linear_4bit
+            check_frozen_weight(weight, "linear_4bit")
+            packed = packed_4bit_cached(weight, quant_state)
+    check_linear_args(x, packed.n, packed.k, bias, packed.data.device)
+    x2d = x.reshape(-1, packed.k)
+    path = _resolve_path(x2d.shape[0], packed, x.device, base_only=True)
+    if path == "bitsandbytes":
+        import bitsandbytes as bnb
+
+        # exactly what bnb.nn.Linear4bit.forward calls (its own kernels and autograd)
+        return bnb.matmul_4bit(x, weight, bias=bias, quant_state=quant_state)
+    if torch.compiler.is_compiling():
+        from .custom_ops import linear_4bit as linear_4bit_op
+
+        return linear_4bit_op(x2d, packed, bias, path).reshape(*x.shape[:-1], packed.n)
+    from .autograd import Linear4bitFunction, linear_forward
+
+    with dispatch.device_guard(x.device):
+        if torch.is_grad_enabled() and (x2d.requires_grad or (bias is not None and bias.requires_grad)):
+            y = Linear4bitFunction.apply(x2d, bias, packed, path)
+        else:  # inference: the same kernels without autograd's bookkeeping
+            y = linear_forward(x2d, bias, packed, path)
+    return y.reshape(*x.shape[:-1], packed.n)
 
 
 def lora_linear(
@@ -187,9 +237,18 @@ def _dtypes(*tensors: Optional[torch.Tensor]) -> tuple[torch.dtype, ...]:
     return tuple(t.dtype for t in tensors if isinstance(t, torch.Tensor))
 
 
-def _resolve_path(num_tokens: int, weight: Packed4bit, device: torch.device) -> str:
-    """The dispatcher's path for this call, with "gemv" replaced by "dequant" where the GEMV cannot serve it."""
-    path = dispatch.choose_path(num_tokens, weight.n, weight.k, device)
+def _resolve_path(num_tokens: int, weight: Packed4bit, device: torch.device, base_only: bool = False) -> str:
+    """The dispatcher's path for this call, with "gemv" replaced by "dequant" where the GEMV cannot serve it
+    (and, for a ``base_only`` call, "bitsandbytes" by "dequant" off CUDA, where bitsandbytes' kernels do not run
+    on the weight as the kernels read it)."""
+    path = dispatch.choose_path(num_tokens, weight.n, weight.k, device, base_only=base_only)
+    if path == "bitsandbytes" and device.type != "cuda":
+        dispatch.report_once(
+            "bitsandbytes-off-cuda",
+            f"lora_engine: the bitsandbytes path serves CUDA tensors only; calls on {device.type} take the "
+            "dequant path",
+        )
+        return "dequant"
     if path != "gemv":
         return path
     from .kernels.lora_gemv import gemv_supported

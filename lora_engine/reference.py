@@ -13,7 +13,13 @@ import torch
 
 from .format import is_cpu_packed, packed_bytes, unpack_cpu_packed, weight_shape
 from .kernels.operands import KEEP_BITS
-from .validation import check_dora_magnitude, check_frozen_weight, check_ia3_linear_args, check_lora_linear_args
+from .validation import (
+    check_dora_magnitude,
+    check_frozen_weight,
+    check_ia3_linear_args,
+    check_linear_args,
+    check_lora_linear_args,
+)
 
 _U32 = 0xFFFFFFFF
 # Philox-4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3"), as tl.randint uses.
@@ -132,6 +138,20 @@ def lora_linear_4bit(
     check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, packed_bytes(weight).device, dropout_seed)
     dense = dequantize_4bit(weight, quant_state, torch.float32)
     return _lora_linear(x, dense, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
+
+
+def linear_4bit(
+    x: torch.Tensor, weight: torch.Tensor, quant_state: Any, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``x·deq(W)ᵀ + bias`` in fp32, returned in x's dtype; W frozen (a 4-bit layer without an adapter)."""
+    n, k = weight_shape(weight, quant_state)
+    check_frozen_weight(weight, "linear_4bit")
+    check_linear_args(x, n, k, bias, packed_bytes(weight).device)
+    dense = dequantize_4bit(weight, quant_state, torch.float32)
+    y = x.reshape(-1, k).to(torch.float32) @ dense.t()
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def lora_linear(

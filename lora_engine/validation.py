@@ -33,12 +33,7 @@ def check_lora_linear_args(
     dropout_seed: Optional[int] = None,
 ) -> None:
     """Validate ``y = x·Wᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ + bias`` for W of shape [out_features, in_features]."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if x.dtype not in ACTIVATION_DTYPES:
-        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(f"x's last dimension must be in_features={in_features}, got x of shape {tuple(x.shape)}")
+    _check_input(x, in_features)
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -53,11 +48,7 @@ def check_lora_linear_args(
         raise ValueError(f"lora_A must be (r, in_features) = (r, {in_features}), got {tuple(lora_A.shape)}")
     if tuple(lora_B.shape) != (out_features, rank):
         raise ValueError(f"lora_B must be (out_features, r) = ({out_features}, {rank}), got {tuple(lora_B.shape)}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
-            raise TypeError("bias must be a floating point tensor or None")
-        if tuple(bias.shape) != (out_features,):
-            raise ValueError(f"bias must be (out_features,) = ({out_features},), got {tuple(bias.shape)}")
+    _check_bias(bias, out_features)
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
         raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
@@ -68,10 +59,40 @@ def check_lora_linear_args(
         or not 0 <= dropout_seed < DROPOUT_SEED_LIMIT
     ):
         raise ValueError(f"dropout_seed must be an int in [0, 2**63) or None, got {dropout_seed!r}")
-    named = [("x", x), ("weight", None), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias)]
-    for name, t in named:
-        device = weight_device if name == "weight" else (t.device if t is not None else None)
-        if device is not None and device != x.device:
+    _check_devices(x, weight_device, lora_A=lora_A, lora_B=lora_B, bias=bias)
+
+
+def check_linear_args(
+    x: torch.Tensor, out_features: int, in_features: int, bias: Optional[torch.Tensor], weight_device: torch.device
+) -> None:
+    """Validate ``y = x·Wᵀ + bias`` for W of shape [out_features, in_features] (a layer without an adapter)."""
+    _check_input(x, in_features)
+    _check_bias(bias, out_features)
+    _check_devices(x, weight_device, bias=bias)
+
+
+def _check_input(x: torch.Tensor, in_features: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x's last dimension must be in_features={in_features}, got x of shape {tuple(x.shape)}")
+
+
+def _check_bias(bias: Optional[torch.Tensor], out_features: int) -> None:
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+            raise TypeError("bias must be a floating point tensor or None")
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must be (out_features,) = ({out_features},), got {tuple(bias.shape)}")
+
+
+def _check_devices(x: torch.Tensor, weight_device: torch.device, **others: Optional[torch.Tensor]) -> None:
+    """Every operand on x's device (the weight's device given apart: a 4-bit weight is several tensors)."""
+    named = [("weight", weight_device)] + [(name, t.device) for name, t in others.items() if t is not None]
+    for name, device in named:
+        if device != x.device:
             raise ValueError(f"{name} is on {device} but x is on {x.device}: all operands must share one device")
 
 

@@ -1,4 +1,5 @@
-"""Run PEFT's own LoRA and IA3 layers through the fused kernels, keeping PEFT's modules, parameters and state dict.
+"""Run PEFT's own LoRA and IA3 layers, and every other bitsandbytes 4-bit layer, through lora_engine's kernels,
+keeping PEFT's and bitsandbytes' modules, parameters and state dict.
 
 ``patch_peft_model(model)`` swaps the ``__class__`` of every live LoRA layer over a bitsandbytes 4-bit base
 (``peft.tuners.lora.bnb.Linear4bit``) or a plain ``nn.Linear`` base (``peft.tuners.lora.layer.Linear``), and of
@@ -24,6 +25,16 @@ Under FSDP2 the fused 4-bit layers read the gathered packed bytes with the quant
 the module (the gathered weight is a plain tensor without it). Packed bytes that arrive in another dtype than
 their storage (FSDP's ``MixedPrecisionPolicy(param_dtype=...)`` casts them value by value) raise, naming the fix.
 
+The bitsandbytes 4-bit layers without a fused adapter get the same treatment: ``FusedLinear4bit``, a
+``bnb.nn.Linear4bit`` subclass overriding ``forward`` only (named ``Linear4bit`` in the repr), runs
+``lora_engine.linear_4bit`` (``x·deq(W)ᵀ + bias``, the dispatcher's base-only paths) with bitsandbytes' dtype rules.
+That covers the projections no adapter targets, the frozen layers of a prompt-learning model (Prefix Tuning,
+P-tuning, prompt tuning) and a model without PEFT (``patch_model``); also the bases of the LoRA and IA3 layers,
+which PEFT's forward calls when such a layer falls back (the fused forward reads their weight directly). A call the 4-bit path cannot read (a weight not quantized yet or repacked for bitsandbytes' CPU kernel,
+a sharded weight outside FSDP's gather, bf16 in the interpreter) runs bitsandbytes' forward, reported once.
+``patch_model`` and ``patch_peft_model`` are one implementation; ``unpatch_model`` / ``unpatch_peft_model``
+restore every class.
+
 ``register_fused_layers(config)`` is the other route: PEFT builds the fused classes directly in
 ``get_peft_model`` (through ``LoraConfig._register_custom_module``, an experimental PEFT API).
 """
@@ -31,6 +42,7 @@ their storage (FSDP's ``MixedPrecisionPolicy(param_dtype=...)`` casts them value
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -56,64 +68,121 @@ except ImportError:  # pragma: no cover - bitsandbytes is a dependency; kept for
 
 _BNB_4BIT_LAYERS = tuple(kind for kind in (PeftLinear4bit, PeftIA3Linear4bit) if kind is not None)
 
-__all__ = ["PatchReport", "patch_peft_model", "register_fused_layers", "unpatch_peft_model"]
+__all__ = [
+    "FusedLinear4bit",
+    "PatchReport",
+    "patch_model",
+    "patch_peft_model",
+    "register_fused_layers",
+    "unpatch_model",
+    "unpatch_peft_model",
+]
 
 _PATCH_ATTR = "_lora_engine_patch"  # (report, layer name) on each patched layer, for fallbacks seen at run time
 
 
 @dataclasses.dataclass
 class PatchReport:
-    """What :func:`patch_peft_model` did.
+    """What :func:`patch_peft_model` / :func:`patch_model` did.
 
-    patched: names of the LoRA layers given a fused class (its forward runs the kernels when it can).
-    fallbacks: patched layers that run PEFT's own forward, with the reasons: those known when patching, and
+    patched: names of the LoRA and IA3 layers given a fused class (its forward runs the kernels when it can).
+    fallbacks: patched LoRA / IA3 layers that run PEFT's own forward, with the reasons: those known when patching, and
         those met on later calls (outside ``torch.compile``).
-    skipped: LoRA layers left as PEFT made them (types or base layers the kernels do not cover), with why.
+    skipped: LoRA / IA3 layers left as PEFT made them (types or base layers the kernels do not cover), with why.
+    base_patched: the other bitsandbytes 4-bit layers (no adapter, or one of a skipped type, a prompt-learning
+        model's frozen layers), given a class whose forward runs ``lora_engine.linear_4bit``.
+    lora_bases: the 4-bit base layers of the patched LoRA / IA3 layers, given the same class. The fused forward
+        reads their weight directly; PEFT's forward (a fallback) calls them and so runs the same 4-bit path.
+    base_fallbacks: 4-bit layers (of either list) that run bitsandbytes' own forward, with the reasons.
+    base_skipped: 4-bit layers left as they are, with why.
     """
 
     patched: list[str] = dataclasses.field(default_factory=list)
     fallbacks: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
     kinds: set[str] = dataclasses.field(default_factory=set)  # "LoRA", "IA3": the adapter kinds met
+    base_patched: list[str] = dataclasses.field(default_factory=list)
+    lora_bases: list[str] = dataclasses.field(default_factory=list)
+    base_fallbacks: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    base_skipped: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def num_patched(self) -> int:
-        """Layers given a fused class, those that fall back to PEFT's forward included."""
+        """LoRA layers given a fused class, those that fall back to PEFT's forward included."""
         return len(self.patched)
 
     @property
     def num_fused(self) -> int:
-        """Patched layers with no fallback recorded: the ones that run the fused kernels."""
+        """Patched LoRA layers with no fallback recorded: the ones that run the fused kernels."""
         return sum(name not in self.fallbacks for name in self.patched)
+
+    @property
+    def num_base_fused(self) -> int:
+        """Layers of ``base_patched`` with no fallback recorded: the ones that run lora_engine's 4-bit path."""
+        return sum(name not in self.base_fallbacks for name in self.base_patched)
 
     def add_fallback(self, name: str, reason: str) -> None:
         reasons = self.fallbacks.setdefault(name, [])
         if reason not in reasons:
             reasons.append(reason)
 
+    def add_base_fallback(self, name: str, reason: str) -> None:
+        reasons = self.base_fallbacks.setdefault(name, [])
+        if reason not in reasons:
+            reasons.append(reason)
+
     def summary(self) -> str:
         """A few readable lines: counts, then each fallback and skipped layer with its reason."""
+        torch_backend = dispatch.get_backend() == "torch"
+        clauses = []
         total = len(self.patched) + len(self.skipped)
-        backend = dispatch.get_backend()
-        route = "the fused kernels" if backend != "torch" else "the torch reference (backend 'torch')"
-        kinds = "/".join(sorted(self.kinds, key=["LoRA", "IA3"].index)) or "LoRA"
-        headline = f"lora_engine: {self.num_fused}/{total} PEFT {kinds} layers run {route}"
-        if self.fallbacks:
-            verb = "falls" if len(self.fallbacks) == 1 else "fall"
-            headline += f"; {len(self.fallbacks)} {verb} back to PEFT's forward"
-        if self.skipped:
-            headline += f"; {len(self.skipped)} not patched"
-        lines = [headline]
+        if total or not (self.base_patched or self.base_skipped):
+            route = "the torch reference (backend 'torch')" if torch_backend else "the fused kernels"
+            kinds = "/".join(sorted(self.kinds, key=["LoRA", "IA3"].index)) or "LoRA"
+            clauses.append(f"{self.num_fused}/{total} PEFT {kinds} layers run {route}")
+            if self.fallbacks:
+                verb = "falls" if len(self.fallbacks) == 1 else "fall"
+                clauses.append(f"{len(self.fallbacks)} {verb} back to PEFT's forward")
+            if self.skipped:
+                clauses.append(f"{len(self.skipped)} not patched")
+        base_total = len(self.base_patched) + len(self.base_skipped)
+        if base_total:
+            kind = "other 4-bit layers" if total else "4-bit layers"
+            clauses.append(f"{self.num_base_fused}/{base_total} {kind} run {_base_route(torch_backend)}")
+            falling = sum(name in self.base_fallbacks for name in self.base_patched)
+            if falling:
+                clauses.append(f"{falling} {'falls' if falling == 1 else 'fall'} back to bitsandbytes' forward")
+            if self.base_skipped:
+                clauses.append(f"{len(self.base_skipped)} not patched")
+        lines = ["lora_engine: " + "; ".join(clauses)]
         if self.fallbacks:
             lines.append("  falling back to PEFT's forward (for some or all calls):")
             lines += [f"    {name}: {'; '.join(reasons)}" for name, reasons in self.fallbacks.items()]
         if self.skipped:
             lines.append("  not patched:")
             lines += [f"    {name}: {reason}" for name, reason in self.skipped.items()]
+        if self.base_fallbacks:
+            lines.append("  4-bit layers falling back to bitsandbytes' forward (for some or all calls):")
+            lines += [f"    {name}: {'; '.join(reasons)}" for name, reasons in self.base_fallbacks.items()]
+        if self.base_skipped:
+            lines.append("  4-bit layers not patched:")
+            lines += [f"    {name}: {reason}" for name, reason in self.base_skipped.items()]
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _base_route(torch_backend: bool) -> str:
+    """What the 4-bit layers without a fused adapter run, with the dispatcher's rule read from its table."""
+    if torch_backend:
+        return "the torch reference (backend 'torch')"
+    route = "lora_engine's 4-bit path"
+    limit = dispatch.bitsandbytes_token_limit()
+    if limit is not None:
+        below = f"below {limit} tokens" if limit < sys.maxsize else "at every token count"
+        route += f" ({below} on CUDA that path keeps bitsandbytes' kernels, measured faster)"
+    return route
 
 
 def _is_number(value: Any) -> bool:
@@ -447,6 +516,64 @@ class FusedIA3Linear(_FusedIA3Forward, PeftIA3Linear):
         return F.ia3_linear(x.to(compute), weight, self.ia3_l[adapter].flatten(), self.is_feedforward, bias=bias)
 
 
+def _linear4bit_reason(layer: nn.Module, sharded_ok: bool = False) -> Optional[str]:
+    """Why lora_engine's 4-bit path cannot read this bitsandbytes layer's weight now (None when it can); the
+    checks of :func:`_base_reason` for a 4-bit base. ``sharded_ok`` as there."""
+    if _is_sharded(layer.weight):
+        return None if sharded_ok else "the weight is sharded (FSDP gathers it in the forward of the module it wraps)"
+    state = _quant_state(layer)
+    if state is None:
+        return "the weight is not quantized yet"
+    if is_cpu_packed(state):
+        return "bitsandbytes repacked the weight for its CPU kernel"
+    return None
+
+
+if bnb is not None:
+
+    class FusedLinear4bit(bnb.nn.Linear4bit):
+        """bitsandbytes' ``Linear4bit`` with its forward run by ``lora_engine.linear_4bit`` (the dispatcher's
+        base-only paths), for 4-bit layers without a fused adapter. Everything else is bitsandbytes'."""
+
+        def _get_name(self) -> str:
+            return bnb.nn.Linear4bit.__name__  # the module repr keeps bitsandbytes' name
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if _quant_state(self) is not None and not _is_sharded(self.weight):
+                _check_packed_dtype(self)  # neither forward can be right on codes cast value by value
+            reason = _linear4bit_reason(self)
+            if reason is None and (not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES):
+                reason = f"input of type {type(x).__name__} and dtype {getattr(x, 'dtype', None)}"
+            reason = reason or _device_reason(x.device)
+            if reason is not None:
+                _note_fallback(self, reason)
+                return super().forward(x)
+            if not self.compute_type_is_set:  # bitsandbytes' forward, step by step, from here on
+                self.set_compute_type(x)
+                self.compute_type_is_set = True
+            autocast = _autocast_dtype(x.device)  # under autocast bitsandbytes' F.linear runs in its dtype
+            compute = autocast or self.compute_dtype or x.dtype
+            if x.device.type == "cpu" and compute == torch.bfloat16 and dispatch.get_backend() != "torch":
+                _note_fallback(self, "bf16 in the Triton interpreter (it computes bf16 on raw bits)")
+                return super().forward(x)
+            input_dtype = x.dtype
+            if self.compute_dtype is not None:
+                x = x.to(self.compute_dtype)
+            bias = self.bias
+            if bias is not None:
+                if bias.dtype != x.dtype:
+                    bias.data = bias.data.to(x.dtype)  # bitsandbytes converts the parameter itself
+                if self.compute_dtype is not None:
+                    bias = bias.to(self.compute_dtype)
+            if autocast is not None:
+                x = x.to(autocast)
+                bias = bias.to(autocast) if bias is not None else None
+            return F.linear_4bit(x, self.weight, _quant_state(self), bias).to(input_dtype)
+
+else:  # pragma: no cover
+    FusedLinear4bit = None
+
+
 _FUSED = {PeftLinear: FusedLoraLinear, PeftIA3Linear: FusedIA3Linear}
 if PeftLinear4bit is not None:
     _FUSED[PeftLinear4bit] = FusedLoraLinear4bit
@@ -456,18 +583,21 @@ _ORIGINAL = {fused: original for original, fused in _FUSED.items()}
 
 def _note_fallback(layer: nn.Module, reason: str) -> None:
     """Record a fallback in the layer's report and log each new reason once (not while compiling: the logging
-    call would break the graph, and PEFT's forward is correct there anyway)."""
+    call would break the graph, and the stock forward is correct there anyway)."""
     if torch.compiler.is_compiling():
         return
+    is_base = FusedLinear4bit is not None and isinstance(layer, FusedLinear4bit)
     report, name = getattr(layer, _PATCH_ATTR, (None, type(layer).__name__))
     if report is not None:
-        if reason in report.fallbacks.get(name, ()):
-            return  # already in the report, and in the warning patch_peft_model logged
-        report.add_fallback(name, reason)
-    dispatch.report_once(
-        f"peft-fallback:{reason}",
-        f"lora_engine: PEFT layer {name} runs PEFT's own forward: {reason} (each reason is reported once)",
-    )
+        known = report.base_fallbacks if is_base else report.fallbacks
+        if reason in known.get(name, ()):
+            return  # already in the report, and in the warning patching logged
+        (report.add_base_fallback if is_base else report.add_fallback)(name, reason)
+    if is_base:
+        key, message = f"bnb-fallback:{reason}", f"4-bit layer {name} runs bitsandbytes' own forward"
+    else:
+        key, message = f"peft-fallback:{reason}", f"PEFT layer {name} runs PEFT's own forward"
+    dispatch.report_once(key, f"lora_engine: {message}: {reason} (each reason is reported once)")
 
 
 def _skip_reason(layer: BaseTunerLayer) -> Optional[str]:
@@ -486,20 +616,17 @@ def _skip_reason(layer: BaseTunerLayer) -> Optional[str]:
     return None
 
 
-def patch_peft_model(model: nn.Module) -> PatchReport:
-    """Make every PEFT LoRA or IA3 layer over a bnb 4-bit or nn.Linear base in ``model`` run the fused kernels.
-
-    ``model`` is a ``PeftModel`` or any module holding PEFT LoRA or IA3 layers; it is changed in place (calling this
-    again is harmless). Returns a :class:`PatchReport`; layers that will run PEFT's forward are logged once.
-    """
+def _patch(model: nn.Module, entry: str) -> PatchReport:
+    """Swap the classes of the PEFT LoRA layers and of the bitsandbytes 4-bit layers in ``model``."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"patch_peft_model needs a torch.nn.Module (a PeftModel), got {type(model).__name__}")
+        raise TypeError(f"{entry} needs a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
-    found = False
+    found_adapter = False
+    fused_bases: set[int] = set()  # ids of the 4-bit bases the fused LoRA forward reads directly
     for name, module in model.named_modules():
         if not isinstance(module, (LoraLayer, IA3Layer)):
             continue
-        found = True
+        found_adapter = True
         report.kinds.add("IA3" if isinstance(module, IA3Layer) else "LoRA")
         why_not = _skip_reason(module)
         if why_not is not None:
@@ -512,31 +639,90 @@ def patch_peft_model(model: nn.Module) -> PatchReport:
         module.__class__ = _FUSED.get(type(module), type(module))
         setattr(module, _PATCH_ATTR, (report, name))
         report.patched.append(name)
+        fused_bases.add(id(module.get_base_layer()))
         reason = _layer_reason(module)
         if reason is not None:
             report.add_fallback(name, reason)
-    if not found:
+    found_4bit = False
+    for name, module in model.named_modules():
+        if bnb is None or not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        found_4bit = True
+        kind = type(module)
+        if kind not in (bnb.nn.Linear4bit, FusedLinear4bit):
+            report.base_skipped[name] = f"{kind.__module__}.{kind.__qualname__} is not covered (only bnb.nn.Linear4bit)"
+            continue
+        if "forward" in vars(module):
+            report.base_skipped[name] = "forward is overridden on the instance (e.g. an accelerate hook)"
+            continue
+        module.__class__ = FusedLinear4bit
+        setattr(module, _PATCH_ATTR, (report, name))
+        if id(module) in fused_bases:
+            report.lora_bases.append(name)
+            continue
+        report.base_patched.append(name)
+        reason = _linear4bit_reason(module, sharded_ok=True) or _device_reason(module.weight.device)
+        if reason is not None:
+            report.add_base_fallback(name, reason)
+    if not found_adapter and not found_4bit:
         raise ValueError(
-            "patch_peft_model found no PEFT LoRA layers (nor IA3 layers) in the model: wrap it with "
-            "peft.get_peft_model(model, LoraConfig(...)) or PeftModel.from_pretrained(model, adapter_dir) first"
+            f"{entry} found no PEFT LoRA or IA3 layers and no bitsandbytes 4-bit layers (bnb.nn.Linear4bit) in the model: "
+            "nothing runs lora_engine's kernels. Load the model in 4 bits (BitsAndBytesConfig(load_in_4bit=True)), "
+            "or add LoRA with peft.get_peft_model(model, LoraConfig(...)) or PeftModel.from_pretrained(model, "
+            "adapter_dir)"
         )
-    if report.fallbacks or report.skipped:
+    if report.fallbacks or report.skipped or report.base_fallbacks or report.base_skipped:
         dispatch.logger.warning("%s", report.summary())
     return report
 
 
-def unpatch_peft_model(model: nn.Module) -> int:
-    """Give every patched LoRA or IA3 layer in ``model`` its PEFT class back; returns how many were restored."""
+def patch_peft_model(model: nn.Module) -> PatchReport:
+    """Make ``model`` (a ``PeftModel``, or any module holding PEFT layers) run lora_engine's kernels: every PEFT
+    LoRA or IA3 layer over a bnb 4-bit or nn.Linear base the fused kernels, every other bitsandbytes 4-bit layer
+    (no adapter, a layer type not covered, prompt learning) lora_engine's 4-bit path. The same as :func:`patch_model`.
+
+    Changed in place (calling this again is harmless). Returns a :class:`PatchReport`; layers that will run
+    PEFT's or bitsandbytes' forward are logged once. Raises where the model holds neither kind of layer.
+    """
+    return _patch(model, "patch_peft_model")
+
+
+def patch_model(model: nn.Module) -> PatchReport:
+    """Make every bitsandbytes 4-bit layer of ``model`` run lora_engine's 4-bit path (and PEFT LoRA / IA3 layers,
+    where there are any, the fused kernels): the same as :func:`patch_peft_model`, for a model with or without PEFT.
+    :func:`unpatch_model` restores it."""
+    return _patch(model, "patch_model")
+
+
+def _unpatch(model: nn.Module, entry: str) -> tuple[int, int]:
+    """Give the patched layers their classes back: (LoRA layers restored, 4-bit layers restored)."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"unpatch_peft_model needs a torch.nn.Module, got {type(model).__name__}")
-    restored = 0
+        raise TypeError(f"{entry} needs a torch.nn.Module, got {type(model).__name__}")
+    lora = base = 0
     for module in model.modules():
+        if FusedLinear4bit is not None and type(module) is FusedLinear4bit:
+            module.__class__ = bnb.nn.Linear4bit
+            vars(module).pop(_PATCH_ATTR, None)
+            base += 1
+            continue
         original = _ORIGINAL.get(type(module))
         if original is not None:
             module.__class__ = original
             vars(module).pop(_PATCH_ATTR, None)
-            restored += 1
-    return restored
+            lora += 1
+    return lora, base
+
+
+def unpatch_peft_model(model: nn.Module) -> int:
+    """Give every patched layer in ``model`` its class back (PEFT's for LoRA layers, ``bnb.nn.Linear4bit`` for
+    the 4-bit ones); returns how many LoRA layers were restored."""
+    return _unpatch(model, "unpatch_peft_model")[0]
+
+
+def unpatch_model(model: nn.Module) -> int:
+    """Undo :func:`patch_model` (or :func:`patch_peft_model`); returns how many layers were restored, LoRA and
+    4-bit layers together."""
+    return sum(_unpatch(model, "unpatch_model"))
 
 
 def _fused_dispatch(target: nn.Module, adapter_name: str, config: Any, **kwargs: Any) -> Optional[nn.Module]:

@@ -3,14 +3,15 @@
 import pytest
 import torch
 
-from bench.providers import ALL_PROVIDERS, MODES, build, make_inputs
+from bench.providers import ALL_PROVIDERS, MODES, OTHER_FORMATS, ProviderUnavailable, build, installed, make_inputs
 from bench.shapes import MODELS, layer_shapes
 
 pytestmark = pytest.mark.interpreter
 
 
-def _eager_providers():
-    return [p for p in ALL_PROVIDERS if not p.endswith("+graph")]
+def _same_layer_providers():
+    """Every provider of our format (those of another format, such as GemLite, compute another function)."""
+    return [p for p in ALL_PROVIDERS if p not in OTHER_FORMATS]
 
 
 def test_every_provider_computes_the_same_layer():
@@ -19,7 +20,7 @@ def test_every_provider_computes_the_same_layer():
     reference.fn()
     expected = [leaf.grad for leaf in reference.grad_leaves]
     y_expected = build("torch_reference", inputs, "fwd").fn()
-    for provider in _eager_providers():
+    for provider in _same_layer_providers():
         y = build(provider, inputs, "fwd").fn()
         if provider == "dense_bf16":  # no LoRA term: it must differ by exactly the LoRA product
             lora = inputs.scaling * (inputs.x @ inputs.lora_A.t()) @ inputs.lora_B.t()
@@ -49,3 +50,12 @@ def test_shape_registry_holds_real_projections():
     assert len({(n, k) for _, _, n, k in shapes}) == len(shapes), "repeated (N, K) pairs are measured once"
     with pytest.raises(ValueError, match="unknown model"):
         layer_shapes(["gpt-5"])
+
+
+def test_a_provider_whose_package_is_missing_is_named():
+    inputs = make_inputs(8, 64, 1, dtype=torch.float32, device="cpu")
+    for provider in OTHER_FORMATS:
+        if installed(provider):
+            continue
+        with pytest.raises(ProviderUnavailable, match=f"provider {provider!r} needs the"):
+            build(provider, inputs, "decode")

@@ -230,3 +230,31 @@ def test_compiled_ia3_matches_eager_without_graph_breaks(scales_input, kernel_de
     for g_c, g_e in zip(compiled[1], eager[1]):
         assert g_e.abs().max() > 0
         torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)
+
+
+def test_base_only_op_passes_torch_opcheck(kernel_device):
+    """The op of a 4-bit layer without an adapter: schema, fake implementation, autograd (dx and dbias)."""
+    layer = _layer_4bit(0.0, kernel_device)
+    tensors, sizes = custom_ops.weight_parts(packed_4bit(layer.weight, layer.weight.quant_state))
+    gen = torch.Generator().manual_seed(0)
+    x, bias = (torch.randn(*shape, generator=gen).to(kernel_device).requires_grad_() for shape in ((7, 100), (37,)))
+    torch.library.opcheck(custom_ops.linear_4bit_fwd, (x, bias, tensors, sizes, "dequant"))
+    torch.library.opcheck(custom_ops.linear_4bit_fwd, (x, None, tensors, sizes, "dequant_cublas"))
+
+
+def test_compiled_patched_4bit_model_matches_eager(kernel_device):
+    """A 4-bit model without PEFT through patch_model: one graph, the base-only op in it, eager's results."""
+    torch.manual_seed(0)
+    model = TwoLayers().to(kernel_device)
+    report = lora_engine.patch_model(model)
+    assert report.base_patched == ["q"] and not report.base_fallbacks, str(report)
+    x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(2)).to(kernel_device).requires_grad_()
+    eager = _run(model, x, seed=5)  # the first call sets the compute dtype, as bitsandbytes' forward does
+
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graphs[0].code.count("lora_engine.linear_4bit_fwd") == 1
+    torch._dynamo.reset()
+
+    compiled_model = torch.compile(model, backend=BACKEND, fullgraph=True)
+    _assert_same(_run(compiled_model, x, seed=5), eager)  # gradients of x, q's bias and out's weights

@@ -24,8 +24,8 @@ from torch import nn
 
 import lora_engine
 from lora_engine import dispatch, reference
-from lora_engine.integrations.peft import FusedLoraLinear, FusedLoraLinear4bit, register_fused_layers
-from lora_engine.testing import assert_close_3way
+from lora_engine.integrations.peft import FusedLinear4bit, FusedLoraLinear, FusedLoraLinear4bit, register_fused_layers
+from lora_engine.testing import assert_close_3way, describe_mismatch
 
 pytestmark = pytest.mark.interpreter
 
@@ -75,6 +75,38 @@ def _peft_net(device: str, dtype: torch.dtype = torch.float32, patch: bool = Fal
 def _layers(model: PeftModel) -> dict[str, nn.Module]:
     net = model.base_model.model
     return {name: getattr(net, name) for name in TARGETS}
+
+
+def _count_base_calls(monkeypatch) -> list[tuple]:
+    """Record the calls of ``lora_engine.functional.linear_4bit`` (the 4-bit layers without a fused adapter)."""
+    calls = []
+    real = lora_engine.functional.linear_4bit
+
+    def counting(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(lora_engine.functional, "linear_4bit", counting)
+    return calls
+
+
+def _restore_bnb_bases(model: nn.Module) -> None:
+    """Only the 4-bit layers back to bitsandbytes' class (the LoRA layers stay patched)."""
+    for module in model.modules():
+        if type(module) is FusedLinear4bit:
+            module.__class__ = bnb.nn.Linear4bit
+
+
+# fp32: stock and patched multiply the same fp32 numbers (bitsandbytes and the kernels decode the same values) and
+# differ only in summation order, at most K * eps ~ 100 * 1.2e-7 relative per dot product for K <= 100; a wrong
+# code, scale or bias is off by O(1).
+FP32_TOL = 2e-5
+
+
+def _assert_close_fp32(name: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    bound = FP32_TOL * expected.abs().max().item()
+    err = (actual - expected).abs().max().item()
+    assert err <= bound, describe_mismatch(name, actual, expected, bound)
 
 
 def _x(device: str, dtype: torch.dtype = torch.float32, requires_grad: bool = False) -> torch.Tensor:
@@ -217,13 +249,21 @@ def test_fallback_runs_peft_forward_and_is_reported_once(case, monkeypatch, capl
             change(model)
         model.eval()
     x = _x(kernel_device)
+    base_calls = _count_base_calls(monkeypatch)
     with caplog.at_level(logging.WARNING, logger="lora_engine"), torch.no_grad():
         for _ in range(2):
             with patched.disable_adapter() if change == "disable" else nullcontext():
                 y = patched(x, **forward_kwargs)
             with stock.disable_adapter() if change == "disable" else nullcontext():
                 y_stock = stock(x, **forward_kwargs)
-            assert torch.equal(y, y_stock), "a fallback must be exactly PEFT's forward"
+            # PEFT's forward calls base_layer(x), which runs lora_engine's 4-bit path: the same fp32 products
+            # summed in another order
+            _assert_close_fp32("fallback", y, y_stock)
+        assert base_calls, "PEFT's forward did not run the 4-bit bases through lora_engine"
+        _restore_bnb_bases(patched)  # with bitsandbytes' own bases the fallback is PEFT's forward bit for bit
+        with patched.disable_adapter() if change == "disable" else nullcontext():
+            y = patched(x, **forward_kwargs)
+        assert torch.equal(y, y_stock), "a fallback must be exactly PEFT's forward"
     assert set(report.fallbacks) == {f"base_model.model.{name}" for name in TARGETS}, str(report)
     assert all(reason in reasons for reasons in report.fallbacks.values()), str(report)
     assert reason in str(report)
@@ -493,8 +533,14 @@ def test_merge_and_unload_matches_stock(kernel_device):
     x = _x(kernel_device)
     with torch.no_grad():
         merged, merged_stock = patched.merge_and_unload(), stock.merge_and_unload()
-        assert type(merged.q) is bnb.nn.Linear4bit and type(merged.out) is nn.Linear
-        assert torch.equal(merged(x), merged_stock(x))
+        # the merged 4-bit layers keep lora_engine's 4-bit path (they were patched with the model)
+        assert type(merged.q) is FusedLinear4bit and type(merged.out) is nn.Linear
+        assert repr(merged) == repr(merged_stock)
+        _assert_close_fp32("merged", merged(x), merged_stock(x))
+        assert lora_engine.unpatch_model(merged) == 2 and type(merged.q) is bnb.nn.Linear4bit
+        assert torch.equal(merged(x), merged_stock(x)), "the merge must write the weights stock PEFT writes"
+        assert merged.state_dict().keys() == merged_stock.state_dict().keys()
+        assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), merged_stock.state_dict().values()))
         assert not torch.equal(merged(x), _net(kernel_device)(x)), "the merge changed nothing"
 
 
