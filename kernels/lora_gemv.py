@@ -1,6 +1,7 @@
 """Few-token forward over a 4-bit weight: a GEMV that streams W's packed bytes once, LoRA term and bias fused.
 
     out[M, N] = x[M, K] · deq(W)ᵀ + scaling · left[M, R] · B[N, R]ᵀ + bias[N]        M ≤ GEMV_MAX_TOKENS
+    IA3:        ((x ⊙ s_in[K]) · deq(W)ᵀ + bias) ⊙ s_out[N]                           (one scale, no LoRA term)
 
 The decode regime (one to a few tokens per call) reads W and does almost no arithmetic: a tiled GEMM leaves
 most of its tile rows empty, and a dense GEMM reads a 16-bit weight four times the size of the packed one.
@@ -30,7 +31,7 @@ from .operands import Packed4bit
 @triton.jit
 def _lora_gemv_4bit_kernel(
     X_ptr, W_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-    Left_ptr, Right_ptr, bias_ptr, Out_ptr,
+    Left_ptr, Right_ptr, bias_ptr, Scale_ptr, Out_ptr,
     M, N, K, R, blocksize2, scaling,
     stride_xm, stride_xk,
     stride_lm, stride_lr,
@@ -38,6 +39,7 @@ def _lora_gemv_4bit_kernel(
     stride_om, stride_on,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr,
 ):  # fmt: skip
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -77,6 +79,11 @@ def _lora_gemv_4bit_kernel(
             values = values * scale[:, None]
         ks = k0 + offs_k
         x = tl.load(x_rows + ks[None, :] * stride_xk, mask=m_mask[:, None] & (ks < K)[None, :], other=0.0)
+        if IN_SCALE:
+            # rounded once to x's dtype, as the GEMM's prologue and torch's x * l do
+            x = (x.to(tl.float32) * tl.load(Scale_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]).to(
+                X_ptr.dtype.element_ty
+            )
         acc += tl.sum(x.to(tl.float32)[:, None, :] * values[None, :, :], axis=2)
 
     if LORA:
@@ -96,6 +103,8 @@ def _lora_gemv_4bit_kernel(
             acc += scaling * tl.sum(left.to(tl.float32)[:, None, :] * right.to(tl.float32)[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if OUT_SCALE:
+        acc = acc * tl.load(Scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = Out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out_ptrs, acc.to(Out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
@@ -113,12 +122,15 @@ def lora_gemv_4bit(
     left: Optional[torch.Tensor] = None,
     scaling: float = 1.0,
     bias: Optional[torch.Tensor] = None,
+    in_scale: Optional[torch.Tensor] = None,
+    out_scale: Optional[torch.Tensor] = None,
     config: Optional[GemvConfig] = None,
 ) -> torch.Tensor:
     """``x · deq(W)ᵀ + scaling · left · rightᵀ + bias`` in x's dtype, for at most ``GEMV_MAX_TOKENS`` rows of x.
 
     x: [M, K], any strides. right: [N, R] (B) and left: [M, R] (drop(x)·Aᵀ), both or neither. bias: [N].
-    ``config`` overrides the tiles (``python -m bench.tune`` sweeps them).
+    ``in_scale`` ([K]) or ``out_scale`` ([N]), contiguous, scale x's columns before the product or the result's
+    columns after the bias (IA3; not with a LoRA term). ``config`` overrides the tiles (``python -m bench.tune``).
     """
     m, k = x.shape
     if k != weight.k:
@@ -130,6 +142,11 @@ def lora_gemv_4bit(
         )
     if (left is None) != (right is None):
         raise ValueError("lora_gemv_4bit: give `left` and `right` together, or neither")
+    if (in_scale is not None) + (out_scale is not None) + (right is not None) > 1:
+        raise ValueError("lora_gemv_4bit: give at most one of a LoRA term, in_scale and out_scale")
+    for name, scale, size in (("in_scale", in_scale, k), ("out_scale", out_scale, weight.n)):
+        if scale is not None and (scale.shape != (size,) or scale.stride(0) != 1):
+            raise ValueError(f"lora_gemv_4bit: {name} must be a contiguous [{size}] vector, got {tuple(scale.shape)}")
     out = torch.empty((m, weight.n), dtype=x.dtype, device=x.device)
     if m == 0 or weight.n == 0:
         return out
@@ -139,7 +156,8 @@ def lora_gemv_4bit(
     lt, rt = (left, right) if right is not None else (dummy, dummy)
     grid = (cdiv(weight.n, cfg.block_n),)
     _lora_gemv_4bit_kernel[grid](
-        x, *weight.kernel_args(), lt, rt, bias if bias is not None else dummy, out,
+        x, *weight.kernel_args(), lt, rt, bias if bias is not None else dummy,
+        in_scale if in_scale is not None else (out_scale if out_scale is not None else dummy), out,
         m, weight.n, k, rank, weight.blocksize2, float(scaling),
         x.stride(0), x.stride(1),
         lt.stride(0) if left is not None else 0, lt.stride(1) if left is not None else 0,
@@ -147,6 +165,7 @@ def lora_gemv_4bit(
         out.stride(0), out.stride(1),
         M_PAD=cfg.m_pad, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
         BLOCKSIZE=weight.blocksize, NESTED=weight.nested, LORA=right is not None, HAS_BIAS=bias is not None,
+        IN_SCALE=in_scale is not None, OUT_SCALE=out_scale is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

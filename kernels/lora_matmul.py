@@ -1,10 +1,14 @@
 """GEMM over a frozen weight with the LoRA term in its epilogue.
 
     out[M, N_out] = a[M, K_red] · op(W) + scaling · keep ⊙ (left[M, R] · right[N_out, R]ᵀ) + bias[N_out]
+    IA3 scales:     out = ((a ⊙ s_in[K_red]) · op(W) + bias) ⊙ s_out[N_out]        (each optional, no LoRA term)
+    DoRA:           out = (a · op(W) + scaling · left · rightᵀ) ⊙ s_out + bias      (SCALE_BIAS off)
 
 One kernel serves every dense-and-LoRA product of the layer:
   forward    a = x,  op(W) = deq(W)ᵀ (W is [N_out, K_red]), left = drop(x)·Aᵀ, right = B, + bias
   input grad a = dy, op(W) = deq(W)  (W is [K_red, N_out]), left = dy·B, right = Aᵀ, keep = the dropout mask
+  IA3        the per-feature scale in the prologue (scaled input, ``s_in``) or the epilogue (scaled output,
+             ``s_out``): the forward of either IA3 layer, and the input gradient of the output-scaled one
 W is either bitsandbytes 4-bit, decoded tile by tile inside the K loop (no dense copy of W is made), or a
 dense tensor (the dequantize-to-buffer path for large M, and unquantized bases). ``left`` is read from
 memory, or accumulated inside the same K loop as ``a · down`` (``down`` is [K_red, R]) and optionally
@@ -68,7 +72,7 @@ def _weight_tile(
 @triton.jit
 def _lora_matmul_kernel(
     A_ptr, W_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-    Down_ptr, Left_ptr, Right_ptr, bias_ptr, Out_ptr,
+    Down_ptr, Left_ptr, Right_ptr, bias_ptr, Scale_ptr, Out_ptr,
     M, N_out, K_red, R, W_rows, W_cols, blocksize2, k_per_split,
     scaling, seed, drop_threshold, inv_keep_prob, drop_row_length,
     stride_am, stride_ak,
@@ -83,7 +87,7 @@ def _lora_matmul_kernel(
     PAIRED: tl.constexpr, SCALE_PER_ROW: tl.constexpr,
     LORA: tl.constexpr, LEFT_IN_LOOP: tl.constexpr, STORE_LEFT: tl.constexpr,
     HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, SCALE_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     # Grouped ordering: GROUP_M row panels of `a` stay hot in L2 while the N tiles sweep over them.
     pid = tl.program_id(0)
@@ -117,6 +121,10 @@ def _lora_matmul_kernel(
             a = tl.load(a_rows + ks[None, :] * stride_ak, mask=m_mask[:, None], other=0.0)
         else:
             a = tl.load(a_rows + ks[None, :] * stride_ak, mask=m_mask[:, None] & (ks < K_red)[None, :], other=0.0)
+        if IN_SCALE:
+            # the scale multiplies in fp32, rounded once to the product's dtype (as torch's x * l would)
+            s_in = tl.load(Scale_ptr + ks, mask=ks < K_red, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * s_in[None, :]).to(dtype)
         if W_OUT_BY_IN:
             w = _weight_tile(
                 W_ptr, code_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n, k0, W_rows, W_cols,
@@ -172,8 +180,14 @@ def _lora_matmul_kernel(
         if DROPOUT:
             lora = lora * keep_scale(seed, offs_m, offs_n, drop_row_length, drop_threshold, inv_keep_prob)
         acc += scaling * lora
+    # The output scale is linear, so split-K partials may each take it. IA3 scales the base layer's whole output
+    # (bias included, SCALE_BIAS); DoRA scales the weight's product and LoRA term, then adds the bias.
+    if OUT_SCALE and not SCALE_BIAS:
+        acc = acc * tl.load(Scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS and pid_k == 0:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if OUT_SCALE and SCALE_BIAS:
+        acc = acc * tl.load(Scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
 
     out_ptrs = Out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :] * stride_on
     if SPLIT_K > 1:
@@ -194,6 +208,9 @@ def lora_matmul(
     scaling: float = 1.0,
     bias: Optional[torch.Tensor] = None,
     dropout: Optional[Dropout] = None,
+    in_scale: Optional[torch.Tensor] = None,
+    out_scale: Optional[torch.Tensor] = None,
+    scale_bias: bool = True,
     out: Optional[torch.Tensor] = None,
     config: Optional[MatmulConfig] = None,
 ) -> torch.Tensor:
@@ -204,6 +221,9 @@ def lora_matmul(
     right: [N_out, R] or None for no LoRA term. The left factor is either given ([M, R], fp32) or, with
     ``down`` ([K_red, R], any strides), accumulated in the K loop as ``a · down`` and written to
     ``left_out`` when given. ``dropout`` multiplies the LoRA term by the keep mask of element (m, n).
+    ``in_scale`` ([K_red], contiguous) scales a's columns before the product; ``out_scale`` ([N_out], contiguous)
+    scales the result's columns after the bias, or before it when ``scale_bias`` is False (DoRA, where it also
+    scales the LoRA term). ``in_scale`` does not combine with a LoRA term.
     """
     m, k_red = a.shape
     is_4bit = isinstance(weight, Packed4bit)
@@ -213,6 +233,13 @@ def lora_matmul(
         raise ValueError(f"lora_matmul: a is [{m}, {k_red}] but the weight is [{w_rows}, {w_cols}]")
     if (left is not None) + (down is not None) != (right is not None):
         raise ValueError("lora_matmul: give `right` with exactly one of `left` or `down`")
+    if in_scale is not None and right is not None:
+        raise ValueError("lora_matmul: an input scale does not combine with a LoRA term")
+    if in_scale is not None and out_scale is not None:
+        raise ValueError("lora_matmul: give in_scale or out_scale, not both (the kernel reads one scale vector)")
+    for name, scale, size in (("in_scale", in_scale, k_red), ("out_scale", out_scale, n_out)):
+        if scale is not None and (scale.shape != (size,) or scale.stride(0) != 1):
+            raise ValueError(f"lora_matmul: {name} must be a contiguous [{size}] vector, got {tuple(scale.shape)}")
     rank = right.shape[1] if right is not None else 0
     if out is None:
         out = torch.empty((m, n_out), dtype=a.dtype, device=a.device)
@@ -267,7 +294,8 @@ def lora_matmul(
         target.zero_()
     grid = (cdiv(m, block_m) * cdiv(n_out, block_n), split_k)
     _lora_matmul_kernel[grid](
-        a, *w_args, dn, lt, lb, bias if bias is not None else dummy, target,
+        a, *w_args, dn, lt, lb, bias if bias is not None else dummy,
+        in_scale if in_scale is not None else (out_scale if out_scale is not None else dummy), target,
         m, n_out, k_red, rank, w_rows, w_cols, weight.blocksize2 if is_4bit else 0, k_per_split,
         float(scaling), drop.seed, drop.threshold, drop.inv_keep_prob, drop.row_length,
         a.stride(0), a.stride(1),
@@ -281,6 +309,7 @@ def lora_matmul(
         NESTED=is_4bit and weight.nested, PAIRED=is_4bit and weight.k % 2 == 0, SCALE_PER_ROW=scale_per_row,
         LORA=right is not None, LEFT_IN_LOOP=left_in_loop, STORE_LEFT=left_in_loop and left_out is not None,
         HAS_BIAS=bias is not None, DROPOUT=dropout is not None, EVEN_K=k_red % block_k == 0, SPLIT_K=split_k,
+        IN_SCALE=in_scale is not None, OUT_SCALE=out_scale is not None, SCALE_BIAS=scale_bias,
         DOT_PRECISION=dot_precision(a.dtype),
         num_warps=cfg.num_warps, num_stages=num_stages,
     )  # fmt: skip

@@ -11,7 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 from . import reference
 from .dispatch import force_path, get_backend, set_backend, use_backend
-from .functional import dequantize_4bit, linear_4bit, lora_linear, lora_linear_4bit
+from .functional import (
+    dequantize_4bit,
+    dora_linear_4bit,
+    ia3_linear,
+    ia3_linear_4bit,
+    linear_4bit,
+    lora_linear,
+    lora_linear_4bit,
+)
 from .modules import LoRALinear, LoRALinear4bit
 
 __version__ = "0.1.0"
@@ -71,8 +79,11 @@ __all__ = [
     "LoRALinear4bit",
     "PatchReport",
     "dequantize_4bit",
+    "dora_linear_4bit",
     "force_path",
     "get_backend",
+    "ia3_linear",
+    "ia3_linear_4bit",
     "linear_4bit",
     "lora_linear",
     "lora_linear_4bit",

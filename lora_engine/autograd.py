@@ -1,10 +1,19 @@
-"""The autograd function over the Triton kernels: forward and the three gradients of the LoRA layer.
+"""The autograd function over the Triton kernels: one forward and one backward per adapter kind.
+
+LoRA (``kinds.Lora``):
 
     forward  y  = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + bias          saves x, A, B and left = drop(x)·Aᵀ (M x r)
     backward dyB = dy·B,  dB = s·dyᵀ·left                   one pass over dy
              dx = dy·W + s·keep ⊙ (dyB·A)                   GEMM with the LoRA term in its epilogue
              dA = s·dyBᵀ·drop(x)                            one pass over x, dropout mask redrawn
-W is frozen (4-bit ``Packed4bit`` or a dense tensor) and gets no gradient.
+IA3 (``kinds.IA3``, scale l):
+    input scaled   y = (x ⊙ l)·Wᵀ + bias        prologue flag of the GEMM / GEMV
+                   g = dy·W,  dx = g ⊙ l,  dl = Σ_rows x ⊙ g
+    output scaled  y = (x·Wᵀ + bias) ⊙ l        epilogue flag
+                   dx = (dy ⊙ l)·W (prologue flag),  dl = Σ_rows dy ⊙ (x·Wᵀ + bias),  dbias = Σ_rows dy ⊙ l
+                   the base product is recomputed in the backward rather than saved (one GEMM for M x N memory)
+W is frozen (4-bit ``Packed4bit`` or a dense tensor) and gets no gradient. ``KINDS`` maps each bundle type to its
+forward and backward; ``AdapterLinearFunction`` and the custom ops (``custom_ops.py``) both call them.
 
 Paths for a 4-bit W: "fused" decodes W inside the GEMM's K loop; "dequant" decodes it once per call into a
 fresh buffer and runs the same Triton GEMM with the LoRA epilogue; "dequant_cublas" decodes the same way
@@ -19,11 +28,11 @@ layer with torch operations on the decoded weight, so second-order terms are exa
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 
-from . import dispatch, reference
+from . import dispatch
 from .kernels.configs import matmul_config
 from .kernels.dequantize import dequantize_4bit
 from .kernels.dropout import dropout_scale_
@@ -31,6 +40,7 @@ from .kernels.lora_gemv import lora_gemv_4bit
 from .kernels.lora_lowrank import lora_da, lora_down, lora_dy_pass
 from .kernels.lora_matmul import IN_LOOP_RANK_LIMIT, lora_matmul
 from .kernels.operands import Dropout, Packed4bit
+from .kinds import IA3, Adapter, Dora, Lora
 
 Weight = Union[Packed4bit, torch.Tensor]
 
@@ -93,53 +103,25 @@ def lora_forward(
     return y, left
 
 
-class LoRALinearFunction(torch.autograd.Function):
-    """``y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + bias`` on 2-D x, through the Triton kernels."""
+def lora_backward(
+    adapter: Lora, dy: torch.Tensor, x: torch.Tensor, left: Optional[torch.Tensor], weight: Weight, path: str,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(dx, dA, dB)`` through the kernels, each None unless ``needs`` (x, A, B) asks for it.
 
-    @staticmethod
-    def forward(
-        ctx,
-        x: torch.Tensor,
-        lora_A: torch.Tensor,
-        lora_B: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        weight: Weight,
-        scaling: float,
-        dropout: Optional[Dropout],
-        path: str,
-    ) -> torch.Tensor:
-        y, left = lora_forward(x, lora_A, lora_B, bias, weight, scaling, dropout, path, ctx.needs_input_grad[2])
-        ctx.save_for_backward(x, lora_A, lora_B, left)
-        ctx.weight, ctx.scaling, ctx.dropout, ctx.path = weight, scaling, dropout, path
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        return y
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        if torch.is_grad_enabled():  # create_graph=True: these gradients will be differentiated again
-            return _differentiable_backward(ctx, dy)
-        with dispatch.device_guard(dy.device):
-            return lora_backward(ctx, dy)
-
-
-def lora_backward(ctx, dy: torch.Tensor) -> tuple:
-    """The kernels' gradients ``(dx, dA, dB, dbias, None, ...)`` from a context holding what the forward saved.
-
-    ``ctx`` carries ``saved_tensors`` (x, A, B, left), ``needs_input_grad``, ``weight``, ``scaling``,
-    ``dropout``, ``path`` and ``bias_dtype``: the autograd context, or the custom op's stand-in.
+    ``left`` is the forward's fp32 ``drop(x)·Aᵀ`` (needed for dB only).
     """
-    x, lora_A, lora_B, left = ctx.saved_tensors
-    need_x, need_A, need_B, need_bias = ctx.needs_input_grad[:4]
-    scaling, dropout = ctx.scaling, ctx.dropout
-    dx = d_lora_A = d_lora_B = d_bias = None
+    lora_A, lora_B, scaling, dropout = adapter
+    need_x, need_A, need_B = needs
+    dx = d_lora_A = d_lora_B = None
     if need_B:
         dyb, d_lora_B = lora_dy_pass(dy, lora_B, left, scaling)
         d_lora_B = d_lora_B.to(lora_B.dtype)
     elif need_x or need_A:
         dyb = lora_down(dy, lora_B)
     if need_x:
-        gemm_weight = _gemm_weight(ctx.weight, ctx.path, dy.dtype)
-        if ctx.path == "dequant_cublas":
+        gemm_weight = _gemm_weight(weight, path, dy.dtype)
+        if path == "dequant_cublas":
             dx = torch.mm((dyb * scaling).to(dy.dtype), lora_A.to(dy.dtype))
             if dropout is not None:
                 dropout_scale_(dx, dropout)
@@ -151,34 +133,219 @@ def lora_backward(ctx, dy: torch.Tensor) -> tuple:
             )  # fmt: skip
     if need_A:
         d_lora_A = lora_da(dyb, x, scaling, dropout).to(lora_A.dtype)
+    return dx, d_lora_A, d_lora_B
+
+
+def _lora_kind_forward(
+    adapter: Lora, x: torch.Tensor, bias: Optional[torch.Tensor], weight: Weight, path: str, needs: tuple[bool, ...]
+) -> tuple[torch.Tensor, tuple[Optional[torch.Tensor], ...]]:
+    lora_A, lora_B, scaling, dropout = adapter
+    y, left = lora_forward(x, lora_A, lora_B, bias, weight, scaling, dropout, path, keep_left=needs[1])
+    return y, (left,)
+
+
+def _lora_kind_backward(
+    adapter: Lora, dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], saved: tuple, weight: Weight,
+    path: str, need_x: bool, needs: tuple[bool, ...], need_bias: bool,
+) -> tuple[Optional[torch.Tensor], tuple[Optional[torch.Tensor], ...], Optional[torch.Tensor]]:
+    dx, d_lora_A, d_lora_B = lora_backward(adapter, dy, x, saved[0], weight, path, (need_x, *needs))
+    d_bias = dy.sum(0, dtype=torch.float32) if need_bias else None
+    return dx, (d_lora_A, d_lora_B), d_bias
+
+
+def ia3_forward(adapter: IA3, x: torch.Tensor, bias: Optional[torch.Tensor], weight: Weight, path: str) -> torch.Tensor:
+    """``(x ⊙ l)·Wᵀ + bias`` or ``(x·Wᵀ + bias) ⊙ l`` on 2-D x, the scale fused into the product."""
+    scale = adapter.scale
+    in_scale, out_scale = (scale, None) if adapter.scales_input else (None, scale)
+    if path == "gemv":  # functional.resolve_path sends only calls the GEMV serves here
+        return lora_gemv_4bit(x, weight, bias=bias, in_scale=in_scale, out_scale=out_scale)
+    gemm_weight = _gemm_weight(weight, path, x.dtype)
+    if path == "dequant_cublas":
+        a = (x.float() * scale.float()).to(x.dtype) if adapter.scales_input else x
+        y = torch.mm(a, gemm_weight.t()) if bias is None else torch.addmm(bias.to(x.dtype), a, gemm_weight.t())
+        return y if adapter.scales_input else (y.float() * scale.float()).to(x.dtype)
+    return lora_matmul(x, gemm_weight, weight_out_by_in=True, bias=bias, in_scale=in_scale, out_scale=out_scale)
+
+
+def _ia3_kind_forward(
+    adapter: IA3, x: torch.Tensor, bias: Optional[torch.Tensor], weight: Weight, path: str, needs: tuple[bool, ...]
+) -> tuple[torch.Tensor, tuple[Optional[torch.Tensor], ...]]:
+    return ia3_forward(adapter, x, bias, weight, path), ()
+
+
+def _ia3_kind_backward(
+    adapter: IA3, dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], saved: tuple, weight: Weight,
+    path: str, need_x: bool, needs: tuple[bool, ...], need_bias: bool,
+) -> tuple[Optional[torch.Tensor], tuple[Optional[torch.Tensor], ...], Optional[torch.Tensor]]:
+    scale = adapter.scale
+    (need_scale,) = needs
+    dx = d_scale = d_bias = None
+    # the backward GEMMs run on the decoded weight on every 4-bit path but "fused" (as LoRA's backward does)
+    bwd_path = "dequant" if path in ("gemv", "dequant_cublas") else path
+    if adapter.scales_input:
+        if need_x or need_scale:
+            g = lora_matmul(dy, _gemm_weight(weight, bwd_path, dy.dtype), weight_out_by_in=False)  # dy·W
+            if need_x:
+                dx = (g.float() * scale.float()).to(dy.dtype)
+            if need_scale:
+                d_scale = (x.float() * g.float()).sum(0)
+        if need_bias:
+            d_bias = dy.sum(0, dtype=torch.float32)
+        return dx, (d_scale,), d_bias
+    if need_x or need_scale:
+        gemm_weight = _gemm_weight(weight, bwd_path, dy.dtype)
+        if need_x:
+            dx = lora_matmul(dy, gemm_weight, weight_out_by_in=False, in_scale=scale)
+        if need_scale:  # the base output, recomputed: saving it would hold an M x N activation per layer
+            base = lora_matmul(x, gemm_weight, weight_out_by_in=True, bias=bias)
+            d_scale = (dy.float() * base.float()).sum(0)
     if need_bias:
-        d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-    return dx, d_lora_A, d_lora_B, d_bias, None, None, None, None
+        d_bias = (dy.float() * scale.float()).sum(0)
+    return dx, (d_scale,), d_bias
 
 
-def _differentiable_backward(ctx, dy: torch.Tensor) -> tuple:
+def dora_weight_norm(adapter: Dora, weight: Weight, dtype: torch.dtype) -> torch.Tensor:
+    """‖W + s·B·A‖ per output row (fp32, no gradient) without a dense copy of W + s·B·A:
+
+        ‖W + sBA‖²ₙ = ‖W‖²ₙ + 2s·Σᵣ B[n,r]·(W·Aᵀ)[n,r] + s²·B[n]·(A·Aᵀ)·B[n]ᵀ
+
+    with ‖W‖² cached per weight and W·Aᵀ one GEMM over W with A as an r-row input (products in ``dtype``).
+    """
+    lora_A, lora_B = adapter.lora_A.detach(), adapter.lora_B.detach()
+    w_at = lora_matmul(lora_A.to(dtype), weight, weight_out_by_in=True).float()  # (A·Wᵀ) = (W·Aᵀ)ᵀ, [r, N]
+    b32, a32, s = lora_B.float(), lora_A.float(), adapter.scaling
+    cross = (b32 * w_at.t()).sum(1)
+    quad = ((b32 @ (a32 @ a32.t())) * b32).sum(1)
+    return (adapter.base_norm_sq + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
+
+
+def _dora_kind_forward(
+    adapter: Dora, x: torch.Tensor, bias: Optional[torch.Tensor], weight: Weight, path: str, needs: tuple[bool, ...]
+) -> tuple[torch.Tensor, tuple[Optional[torch.Tensor], ...]]:
+    # One Triton GEMM with the LoRA term and the row scale in its epilogue; "gemv" and "dequant_cublas" take the
+    # "dequant" route (their kernels have no such epilogue).
+    gemm_weight = _gemm_weight(weight, "dequant" if path in ("gemv", "dequant_cublas") else path, x.dtype)
+    norm = dora_weight_norm(adapter, gemm_weight, x.dtype)
+    scale = (adapter.magnitude.detach().float() / norm).contiguous()
+    lora_A, lora_B = adapter.lora_A, adapter.lora_B
+    left = lora_down(x, lora_A.t()) if x.shape[0] > SMALL_M else torch.mm(x, lora_A.t().to(x.dtype)).float()
+    y = lora_matmul(
+        x, gemm_weight, weight_out_by_in=True, right=lora_B, left=left, scaling=adapter.scaling, bias=bias,
+        out_scale=scale, scale_bias=False,
+    )  # fmt: skip
+    return y, (left, scale, norm)
+
+
+def _dora_kind_backward(
+    adapter: Dora, dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], saved: tuple, weight: Weight,
+    path: str, need_x: bool, needs: tuple[bool, ...], need_bias: bool,
+) -> tuple[Optional[torch.Tensor], tuple[Optional[torch.Tensor], ...], Optional[torch.Tensor]]:
+    left, scale, norm = saved
+    need_A, need_B, need_m = needs
+    bwd_path = "dequant" if path in ("gemv", "dequant_cublas") else path
+    # the norm is a constant (PEFT detaches it): y = g ⊙ z + bias, so dz = g ⊙ dy and LoRA's backward takes dz
+    dz = (dy.float() * scale).to(dy.dtype)
+    lora = Lora(adapter.lora_A, adapter.lora_B, adapter.scaling, None)
+    dx, d_lora_A, d_lora_B = lora_backward(lora, dz, x, left, weight, bwd_path, (need_x, need_A, need_B))
+    d_m = None
+    if need_m:  # dm = Σ_rows dy ⊙ z / ‖·‖, with z = x·Wᵀ + s·left·Bᵀ recomputed (one GEMM, no M x N saved)
+        z = lora_matmul(
+            x, _gemm_weight(weight, bwd_path, x.dtype), weight_out_by_in=True, right=adapter.lora_B, left=left,
+            scaling=adapter.scaling,
+        )  # fmt: skip
+        d_m = (dy.float() * z.float()).sum(0) / norm
+    d_bias = dy.sum(0, dtype=torch.float32) if need_bias else None
+    return dx, (d_lora_A, d_lora_B, d_m), d_bias
+
+
+class KindOps(NamedTuple):
+    """The kernels' forward and backward of one adapter kind.
+
+    forward(adapter, x, bias, weight, path, needs) -> (y, saved): ``needs`` says which trainables want a
+        gradient; ``saved`` holds the tensors the backward needs beyond x, bias and the trainables (or None).
+    backward(adapter, dy, x, bias, saved, weight, path, need_x, needs, need_bias) -> (dx, trainable grads,
+        fp32 dbias); what nobody asked for is None.
+    """
+
+    forward: Callable[..., tuple[torch.Tensor, tuple[Optional[torch.Tensor], ...]]]
+    backward: Callable[..., tuple[Optional[torch.Tensor], tuple[Optional[torch.Tensor], ...], Optional[torch.Tensor]]]
+
+
+KINDS: dict[type, KindOps] = {
+    Lora: KindOps(_lora_kind_forward, _lora_kind_backward),
+    IA3: KindOps(_ia3_kind_forward, _ia3_kind_backward),
+    Dora: KindOps(_dora_kind_forward, _dora_kind_backward),
+}
+
+
+def adapter_backward(
+    adapter: Adapter, dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], saved: tuple, weight: Weight,
+    path: str, need_x: bool, needs: tuple[bool, ...], need_bias: bool,
+) -> tuple[Optional[torch.Tensor], tuple[Optional[torch.Tensor], ...], Optional[torch.Tensor]]:
+    """The kind's backward with the gradients in their inputs' dtypes."""
+    backward = KINDS[type(adapter)].backward
+    dx, grads, d_bias = backward(adapter, dy, x, bias, saved, weight, path, need_x, needs, need_bias)
+    grads = tuple(g.to(t.dtype) if g is not None else None for g, t in zip(grads, adapter.trainables()))
+    return dx, grads, (d_bias.to(bias.dtype) if d_bias is not None else None)
+
+
+class AdapterLinearFunction(torch.autograd.Function):
+    """The adapted linear layer on 2-D x, through the Triton kernels of the adapter's kind.
+
+    ``apply(x, bias, weight, path, adapter, *adapter.trainables())``: the trainables travel as inputs of their own
+    so autograd tracks them; the forward rebuilds the bundle around them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, weight, path, adapter, *trainables):
+        adapter = adapter.with_trainables(trainables)
+        needs = tuple(ctx.needs_input_grad[5:])
+        y, saved = KINDS[type(adapter)].forward(adapter, x, bias, weight, path, needs)
+        ctx.save_for_backward(x, bias, *trainables, *saved)
+        ctx.num_trainables = len(trainables)
+        ctx.adapter, ctx.weight, ctx.path = adapter, weight, path
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, bias, *rest = ctx.saved_tensors
+        trainables, saved = rest[: ctx.num_trainables], tuple(rest[ctx.num_trainables :])
+        adapter = ctx.adapter.with_trainables(trainables)
+        need_x, need_bias = ctx.needs_input_grad[:2]
+        needs = tuple(ctx.needs_input_grad[5:])
+        if torch.is_grad_enabled():  # create_graph=True: these gradients will be differentiated again
+            dx, grads, d_bias = _differentiable_backward(adapter, dy, x, bias, ctx.weight, need_x, needs, need_bias)
+        else:
+            with dispatch.device_guard(dy.device):
+                dx, grads, d_bias = adapter_backward(
+                    adapter, dy, x, bias, saved, ctx.weight, ctx.path, need_x, needs, need_bias
+                )
+        return (dx, d_bias, None, None, None, *grads)
+
+
+def _differentiable_backward(
+    adapter: Adapter, dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], weight: Weight, need_x: bool,
+    needs: tuple[bool, ...], need_bias: bool,
+) -> tuple:
     """The gradients as torch operations on the decoded weight, recorded by autograd (for double backward)."""
     dispatch.report_once(
         "double-backward",
         "lora_engine: a backward with create_graph=True runs the layer's gradients as torch operations (second-"
         "order terms included), not through the kernels",
     )
-    x, lora_A, lora_B, _ = ctx.saved_tensors
-    weight, dropout = ctx.weight, ctx.dropout
     with dispatch.device_guard(dy.device):
         dense = dequantize_4bit(weight, torch.float32) if isinstance(weight, Packed4bit) else weight.float()
-    x_lora = x.float()
-    if dropout is not None:
-        keep = reference.dropout_keep_mask(dropout.seed, x.shape[0], x.shape[1], dropout.p, x.device)
-        x_lora = x_lora * (keep.float() * dropout.inv_keep_prob)
-    # the bias adds a constant: the gradients of x, A and B do not depend on it
-    y = x.float() @ dense.t() + ctx.scaling * ((x_lora @ lora_A.float().t()) @ lora_B.float().t())
-    wanted = [t for t, need in zip((x, lora_A, lora_B), ctx.needs_input_grad[:3]) if need]
-    grads = iter(torch.autograd.grad(y, wanted, dy.float(), create_graph=True) if wanted else ())
-    dx, d_lora_A, d_lora_B = (next(grads).to(t.dtype) if need else None
-                              for t, need in zip((x, lora_A, lora_B), ctx.needs_input_grad[:3]))  # fmt: skip
-    d_bias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
-    return dx, d_lora_A, d_lora_B, d_bias, None, None, None, None
+    trainables = adapter.trainables()
+    bias32 = bias.float() if bias is not None else None
+    y = adapter.dense_forward(x.float(), dense, bias32)
+    inputs = (x, bias, *trainables)
+    flags = (need_x, need_bias, *needs)
+    wanted = [t for t, need in zip(inputs, flags) if need]
+    grads = iter(torch.autograd.grad(y, wanted, dy.float(), create_graph=True, allow_unused=True) if wanted else ())
+    out = [next(grads) if need else None for need in flags]
+    out = [g.to(t.dtype) if g is not None else (torch.zeros_like(t) if need else None)
+           for g, t, need in zip(out, inputs, flags)]  # fmt: skip
+    return out[0], tuple(out[2:]), out[1]
 
 
 # A frozen 4-bit layer without an adapter: y = x·deq(W)ᵀ + bias, dx = dy·deq(W), dbias = Σ dy. The same kernels

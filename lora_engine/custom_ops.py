@@ -1,14 +1,20 @@
-"""The fused LoRA linear as ``torch.library`` custom ops, so ``torch.compile`` captures it without graph breaks.
+"""The fused adapted linear as ``torch.library`` custom ops, so ``torch.compile`` captures it without graph breaks.
 
-    lora_engine::lora_linear_fwd  (x, A, B, bias, W, ...) -> (y, left)        left = drop(x)·Aᵀ, kept for dB
-    lora_engine::lora_linear_bwd  (dy, x, A, B, left, bias, W, ...) -> (dx, dA, dB, dbias)
-    lora_engine::linear_4bit_fwd  (x, bias, W, path) -> y                     a 4-bit layer without an adapter
-    lora_engine::linear_4bit_dx   (dy, W, path) -> dx                         (its dbias = Σ dy is traced as is)
+    lora_engine::lora_linear_fwd     (x, A, B, bias, W, ...) -> (y, left)        left = drop(x)·Aᵀ, kept for dB
+    lora_engine::lora_linear_bwd     (dy, x, A, B, left, bias, W, ...) -> (dx, dA, dB, dbias)
+    lora_engine::adapter_linear_fwd  (kind, x, trainables, bias, W, options, ...) -> y
+    lora_engine::adapter_linear_bwd  (kind, dy, x, trainables, bias, W, options, ...) -> [dx, dbias, *grads]
+    lora_engine::linear_4bit_fwd     (x, bias, W, path) -> y                   a 4-bit layer without an adapter
+    lora_engine::linear_4bit_dx      (dy, W, path) -> dx                       (its dbias = Σ dy is traced as is)
 
-Both ops run exactly the code of ``autograd.LoRALinearFunction`` (``lora_forward``, and ``lora_backward`` called
-with a small context object; the base-only ops ``linear_forward`` and ``linear_backward_input``), so eager and
-compiled training share one implementation. The ops take only tensors
-and plain numbers: a 4-bit W travels as its ``Packed4bit`` tensors plus ``[n, k, blocksize, blocksize2]``, a
+The adapter ops serve every kind whose backward needs nothing but its inputs (IA3): the kind travels as its name,
+its trainable tensors as a list and its other settings as a list of numbers (``_OP_KINDS``), so a new kind of that
+sort adds one table entry, not a schema. LoRA keeps its own pair: its forward hands ``left`` to the backward.
+
+The ops run exactly the code of ``autograd.AdapterLinearFunction`` (the forward and backward of each kind in
+``autograd.KINDS``) and of ``autograd.Linear4bitFunction`` (``linear_forward``, ``linear_backward_input``), so
+eager and compiled training share one implementation.
+The ops take only tensors and plain numbers: a 4-bit W travels as its ``Packed4bit`` tensors plus ``[n, k, blocksize, blocksize2]``, a
 dense W as one tensor plus ``[n, k, 0, 0]``. The dropout seed is a tensor input drawn by the caller
 (``seed_tensor``): drawing it inside the op would hide randomness from the compiler, and reading it on the
 host (``.item()``) while tracing would break the graph. Fake implementations give shapes and dtypes to the
@@ -23,20 +29,13 @@ import torch
 
 from . import dispatch
 from .kernels.operands import Dropout, Packed4bit
+from .kinds import IA3, Adapter, Lora
 
 Weight = Union[Packed4bit, torch.Tensor]
 _EMPTY = (0,)  # shape of the placeholder returned for a gradient or buffer nobody asked for
 
 # int64 seeds drawn like reference.draw_dropout_seed (same generator, same range), kept on the host
 _SEED_HIGH = 2**31 - 1
-
-
-class _Context:
-    """Stands in for the autograd context when ``autograd.lora_backward`` runs inside an op."""
-
-    def __init__(self, needs_input_grad: tuple[bool, ...]) -> None:
-        self.needs_input_grad = needs_input_grad
-        self.saved_tensors: tuple[Optional[torch.Tensor], ...] = ()
 
 
 def weight_parts(weight: Weight) -> tuple[list[torch.Tensor], list[int]]:
@@ -129,22 +128,21 @@ def lora_linear_bwd(
     needs_grad: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dx, dA, dB, dbias)``; a gradient not in ``needs_grad`` comes back as an empty placeholder."""
-    from .autograd import lora_backward
+    from .autograd import adapter_backward
 
-    dropout = _dropout(dropout_p, dropout_seed, x.shape[1])
-    ctx = _Context(tuple(needs_grad) + (False,) * 4)
-    ctx.weight = _weight(weight, weight_sizes)
-    ctx.scaling, ctx.path, ctx.dropout = scaling, path, dropout
-    ctx.bias_dtype = bias.dtype if bias is not None else None
+    adapter = Lora(lora_A, lora_B, scaling, _dropout(dropout_p, dropout_seed, x.shape[1]))
+    need_x, need_A, need_B, need_bias = needs_grad
     with dispatch.device_guard(dy.device):
-        if needs_grad[2] and left.shape != (x.shape[0], lora_A.shape[0]):
+        if need_B and left.shape != (x.shape[0], lora_A.shape[0]):
             # the forward did not keep drop(x)·Aᵀ (lora_B needed no gradient then): one low-rank pass redoes it
             from .kernels.lora_lowrank import lora_down
 
-            left = lora_down(x, lora_A.t(), dropout)
-        ctx.saved_tensors = (x, lora_A, lora_B, left if needs_grad[2] else None)
-        grads = lora_backward(ctx, dy)[:4]
-    return tuple(g if g is not None else dy.new_empty(_EMPTY) for g in grads)
+            left = lora_down(x, lora_A.t(), adapter.dropout)
+        saved = (left if need_B else None,)
+        dx, (d_lora_A, d_lora_B), d_bias = adapter_backward(
+            adapter, dy, x, bias, saved, _weight(weight, weight_sizes), path, need_x, (need_A, need_B), need_bias
+        )
+    return tuple(g if g is not None else dy.new_empty(_EMPTY) for g in (dx, d_lora_A, d_lora_B, d_bias))
 
 
 @lora_linear_bwd.register_fake
@@ -199,6 +197,117 @@ def lora_linear(
         x, lora_A, lora_B, bias, tensors, sizes, float(scaling), float(dropout_p), seed, path, keep_left
     )
     return y
+
+
+# kind name -> (bundle type, bundle from (trainables, options), options of a bundle)
+_OP_KINDS = {
+    "ia3": (IA3, lambda trainables, options: IA3(trainables[0], bool(options[0])), lambda a: [float(a.scales_input)]),
+}
+_OP_KIND_NAMES = {kind: name for name, (kind, _, _) in _OP_KINDS.items()}
+
+
+def _adapter(kind: str, trainables: list[torch.Tensor], options: list[float]) -> Adapter:
+    return _OP_KINDS[kind][1](trainables, options)
+
+
+@torch.library.custom_op("lora_engine::adapter_linear_fwd", mutates_args=())
+def adapter_linear_fwd(
+    kind: str,
+    x: torch.Tensor,
+    trainables: list[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    weight: list[torch.Tensor],
+    weight_sizes: list[int],
+    options: list[float],
+    path: str,
+) -> torch.Tensor:
+    """The adapted layer of ``kind`` on 2-D x (``autograd.KINDS``' forward)."""
+    from .autograd import KINDS
+    from .kernels import runtime
+
+    runtime.load_kernels()
+    adapter = _adapter(kind, trainables, options)
+    with dispatch.device_guard(x.device):
+        y, _ = KINDS[type(adapter)].forward(
+            adapter, x, bias, _weight(weight, weight_sizes), path, (False,) * len(trainables)
+        )
+    return y
+
+
+@adapter_linear_fwd.register_fake
+def _(kind, x, trainables, bias, weight, weight_sizes, options, path):
+    return x.new_empty((x.shape[0], weight_sizes[0]))
+
+
+@torch.library.custom_op("lora_engine::adapter_linear_bwd", mutates_args=())
+def adapter_linear_bwd(
+    kind: str,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    trainables: list[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    weight: list[torch.Tensor],
+    weight_sizes: list[int],
+    options: list[float],
+    path: str,
+    needs_grad: list[bool],
+) -> list[torch.Tensor]:
+    """``[dx, dbias, *trainable grads]`` (``autograd.KINDS``' backward); what ``needs_grad`` leaves out is empty."""
+    from .autograd import adapter_backward
+
+    adapter = _adapter(kind, trainables, options)
+    need_x, need_bias, *needs = needs_grad
+    with dispatch.device_guard(dy.device):
+        dx, grads, d_bias = adapter_backward(
+            adapter, dy, x, bias, (), _weight(weight, weight_sizes), path, need_x, tuple(needs), need_bias
+        )
+    return [g if g is not None else dy.new_empty(_EMPTY) for g in (dx, d_bias, *grads)]
+
+
+@adapter_linear_bwd.register_fake
+def _(kind, dy, x, trainables, bias, weight, weight_sizes, options, path, needs_grad):
+    like = (x, bias, *trainables)
+    return [
+        t.new_empty(t.shape) if need and t is not None else dy.new_empty(_EMPTY) for t, need in zip(like, needs_grad)
+    ]
+
+
+def _adapter_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    kind, x, trainables, bias, weight, weight_sizes, options, path = inputs
+    ctx.save_for_backward(x, bias, *trainables, *weight)
+    ctx.kind, ctx.num_trainables, ctx.weight_sizes, ctx.options, ctx.path = (
+        kind, len(trainables), weight_sizes, options, path
+    )  # fmt: skip
+
+
+def _adapter_backward(ctx: Any, dy: torch.Tensor) -> tuple:
+    x, bias, *rest = ctx.saved_tensors
+    trainables, weight = rest[: ctx.num_trainables], rest[ctx.num_trainables :]
+    need_x = bool(ctx.needs_input_grad[1])
+    need_bias = bool(ctx.needs_input_grad[3]) and bias is not None
+    # needs_input_grad has one flag for the whole list (any of them); a gradient nobody wants is dropped by autograd
+    needs = [bool(ctx.needs_input_grad[2])] * len(trainables)
+    grads = adapter_linear_bwd(
+        ctx.kind, dy, x, trainables, bias, weight, ctx.weight_sizes, ctx.options, ctx.path, [need_x, need_bias, *needs]
+    )
+    dx, d_bias, *d_trainables = (g if need else None for g, need in zip(grads, [need_x, need_bias, *needs]))
+    return None, dx, d_trainables, d_bias, [None] * len(weight), None, None, None
+
+
+torch.library.register_autograd(
+    "lora_engine::adapter_linear_fwd", _adapter_backward, setup_context=_adapter_setup_context
+)
+
+
+def adapter_linear(
+    x: torch.Tensor, weight: Weight, adapter: Adapter, bias: Optional[torch.Tensor], path: str
+) -> torch.Tensor:
+    """The adapted layer on 2-D x through the adapter ops (what ``functional`` runs under ``torch.compile``)."""
+    name = _OP_KIND_NAMES[type(adapter)]
+    tensors, sizes = weight_parts(weight)
+    return adapter_linear_fwd(
+        name, x, list(adapter.trainables()), bias, tensors, sizes, _OP_KINDS[name][2](adapter), path
+    )
 
 
 @torch.library.custom_op("lora_engine::linear_4bit_fwd", mutates_args=())

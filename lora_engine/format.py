@@ -209,6 +209,23 @@ def packed_4bit_cached(weight: torch.Tensor, quant_state: Any) -> Packed4bit:
     return packed
 
 
+_row_norm_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def row_norms_sq_cached(weight: torch.Tensor, quant_state: Any, packed: Packed4bit) -> torch.Tensor:
+    """fp32 [N]: ‖deq(W)‖² of each row, computed once per weight (W is frozen) and rebuilt when its bytes or
+    statistics are replaced, like :func:`packed_4bit_cached`. The one dense decode happens here, once."""
+    built_from = _built_from(weight, quant_state)
+    cached = _row_norm_cache.get(quant_state)
+    if cached is not None and cached[0] == built_from:
+        return cached[1]
+    from .kernels.dequantize import dequantize_4bit
+
+    norms = dequantize_4bit(packed, torch.float32).square().sum(1)
+    _row_norm_cache[quant_state] = (built_from, norms)
+    return norms
+
+
 def _check_device(device: torch.device, *tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.device != device:

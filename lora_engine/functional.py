@@ -7,9 +7,16 @@ from typing import Any, Optional
 import torch
 
 from . import dispatch, reference
-from .format import packed_4bit, packed_4bit_cached, packed_bytes
+from .format import packed_4bit, packed_4bit_cached, packed_bytes, row_norms_sq_cached
 from .kernels.operands import Dropout, Packed4bit
-from .validation import check_frozen_weight, check_linear_args, check_lora_linear_args
+from .kinds import IA3, Adapter, Dora, Lora
+from .validation import (
+    check_dora_magnitude,
+    check_frozen_weight,
+    check_ia3_linear_args,
+    check_linear_args,
+    check_lora_linear_args,
+)
 
 
 def lora_linear_4bit(
@@ -122,6 +129,110 @@ def lora_linear(
     return _apply(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
 
 
+def ia3_linear_4bit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: Any,
+    ia3_l: torch.Tensor,
+    scales_input: bool,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """IA3 over a frozen bitsandbytes 4-bit weight: ``(x ⊙ l)·deq(W)ᵀ + bias`` when ``scales_input`` (PEFT's
+    feed-forward layers), else ``(x·deq(W)ᵀ + bias) ⊙ l``.
+
+    x: [..., in_features] fp16/bf16/fp32; ia3_l: (in_features,) or (out_features,), any float dtype (the scale
+    multiplies in fp32, the product runs in x's dtype); bias: (out_features,). Returns [..., out_features] in x's
+    dtype. The scale is fused into the GEMM's prologue or epilogue, forward and backward.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if not dispatch.use_triton(x.device, _dtypes(x, ia3_l, bias)):
+        return reference.ia3_linear_4bit(x, weight, quant_state, ia3_l, scales_input, bias)
+    if torch.compiler.is_compiling():
+        check_frozen_weight(weight, "ia3_linear_4bit")
+        packed = packed_4bit(weight, quant_state)  # traced tensors have no address to key the cache on
+    else:
+        with torch._C.DisableTorchFunctionSubclass():  # as in lora_linear_4bit: Params4bit's attributes are slow
+            check_frozen_weight(weight, "ia3_linear_4bit")
+            packed = packed_4bit_cached(weight, quant_state)
+    check_ia3_linear_args(x, packed.n, packed.k, ia3_l, scales_input, bias, packed.data.device)
+    return _apply_adapter(x, packed, IA3(ia3_l.contiguous(), scales_input), bias)
+
+
+def ia3_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    ia3_l: torch.Tensor,
+    scales_input: bool,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """IA3 over a frozen dense [out_features, in_features] weight (see :func:`ia3_linear_4bit`)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D tensor [out_features, in_features]")
+    check_frozen_weight(weight, "ia3_linear")
+    n, k = weight.shape
+    check_ia3_linear_args(x, n, k, ia3_l, scales_input, bias, weight.device)
+    if not dispatch.use_triton(x.device, _dtypes(x, weight, ia3_l, bias)):
+        return reference.ia3_linear(x, weight, ia3_l, scales_input, bias)
+    return _apply_adapter(x, weight, IA3(ia3_l.contiguous(), scales_input), bias)
+
+
+def dora_linear_4bit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: Any,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """DoRA over a frozen bitsandbytes 4-bit weight: ``g ⊙ (x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ) + bias`` with
+    ``g = magnitude / ‖deq(W) + s·B·A‖`` per output row, the norm not differentiated (PEFT's convention).
+
+    lora_A: (r, in_features); lora_B: (out_features, r); magnitude: (out_features,). No dropout. The row norm comes
+    from ‖W‖² (once per weight), one GEMM of A over the 4-bit W and rank-r products: never a dense W + s·B·A.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if not dispatch.use_triton(x.device, _dtypes(x, lora_A, lora_B, magnitude, bias)) or torch.compiler.is_compiling():
+        # DoRA has no registered custom op: under torch.compile the reference's torch operations are traced
+        return reference.dora_linear_4bit(x, weight, quant_state, lora_A, lora_B, magnitude, scaling, bias)
+    with torch._C.DisableTorchFunctionSubclass():
+        check_frozen_weight(weight, "dora_linear_4bit")
+        packed = packed_4bit_cached(weight, quant_state)
+    check_lora_linear_args(x, packed.n, packed.k, lora_A, lora_B, scaling, bias, 0.0, packed.data.device)
+    check_dora_magnitude(magnitude, packed.n, x)
+    with dispatch.device_guard(x.device):
+        base_norm_sq = row_norms_sq_cached(weight, quant_state, packed)
+    return _apply_adapter(x, packed, Dora(lora_A, lora_B, magnitude, float(scaling), base_norm_sq), bias)
+
+
+def _apply_adapter(
+    x: torch.Tensor, weight: Packed4bit | torch.Tensor, adapter: Adapter, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """Eager run of any adapter kind on x of any leading shape: the kind's kernels, with autograd when needed."""
+    from .autograd import KINDS, AdapterLinearFunction  # imports Triton, which only this path needs
+
+    in_features = x.shape[-1]
+    x2d = x.reshape(-1, in_features)
+    is_4bit = isinstance(weight, Packed4bit)
+    out_features = weight.n if is_4bit else weight.shape[0]
+    path = _resolve_path(x2d.shape[0], weight, x.device) if is_4bit else "dense"
+    trainables = adapter.trainables()
+    if torch.compiler.is_compiling():
+        # the registered adapter op runs the same forward and backward, opaque to the compiler (no graph break)
+        from .custom_ops import adapter_linear
+
+        return adapter_linear(x2d, weight, adapter, bias, path).reshape(*x.shape[:-1], out_features)
+    with dispatch.device_guard(x.device):
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, bias, *trainables)):
+            y = AdapterLinearFunction.apply(x2d, bias, weight, path, adapter, *trainables)
+        else:  # inference: the same kernels without autograd's bookkeeping
+            y, _ = KINDS[type(adapter)].forward(adapter, x2d, bias, weight, path, (False,) * len(trainables))
+    return y.reshape(*x.shape[:-1], out_features)
+
+
 def _dtypes(*tensors: Optional[torch.Tensor]) -> tuple[torch.dtype, ...]:
     return tuple(t.dtype for t in tensors if isinstance(t, torch.Tensor))
 
@@ -163,7 +274,7 @@ def _apply(
     training: bool,
     dropout_seed: Optional[int],
 ) -> torch.Tensor:
-    from .autograd import LoRALinearFunction, lora_forward  # imports Triton, which only this path needs
+    from .autograd import AdapterLinearFunction, lora_forward  # imports Triton, which only this path needs
 
     in_features = x.shape[-1]
     out_features = lora_B.shape[0]
@@ -185,7 +296,8 @@ def _apply(
         dropout = Dropout(seed, float(dropout_p), in_features)
     with dispatch.device_guard(x.device):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, lora_A, lora_B, bias)):
-            y = LoRALinearFunction.apply(x2d, lora_A, lora_B, bias, weight, float(scaling), dropout, path)
+            adapter = Lora(lora_A, lora_B, float(scaling), dropout)
+            y = AdapterLinearFunction.apply(x2d, bias, weight, path, adapter, lora_A, lora_B)
         else:  # inference: the same kernels without autograd's bookkeeping
             y, _ = lora_forward(x2d, lora_A, lora_B, bias, weight, float(scaling), dropout, path, keep_left=False)
     return y.reshape(*x.shape[:-1], out_features)

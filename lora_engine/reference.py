@@ -13,7 +13,13 @@ import torch
 
 from .format import is_cpu_packed, packed_bytes, unpack_cpu_packed, weight_shape
 from .kernels.operands import KEEP_BITS
-from .validation import check_frozen_weight, check_linear_args, check_lora_linear_args
+from .validation import (
+    check_dora_magnitude,
+    check_frozen_weight,
+    check_ia3_linear_args,
+    check_linear_args,
+    check_lora_linear_args,
+)
 
 _U32 = 0xFFFFFFFF
 # Philox-4x32-10 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3"), as tl.randint uses.
@@ -167,3 +173,76 @@ def lora_linear(
     n, k = weight.shape
     check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
     return _lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
+
+
+def _ia3_linear(
+    x: torch.Tensor, dense_weight: torch.Tensor, ia3_l: torch.Tensor, scales_input: bool, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    in_features = x.shape[-1]
+    x32 = x.reshape(-1, in_features).to(torch.float32)
+    scale = ia3_l.to(torch.float32)
+    if scales_input:
+        x32 = x32 * scale
+    y = x32 @ dense_weight.to(torch.float32).t()
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    if not scales_input:
+        y = y * scale  # the bias too, as PEFT's IA3 layers scale the base layer's whole output
+    return y.to(x.dtype).reshape(*x.shape[:-1], dense_weight.shape[0])
+
+
+def ia3_linear_4bit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: Any,
+    ia3_l: torch.Tensor,
+    scales_input: bool,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``(x ⊙ l)·deq(W)ᵀ + bias`` (``scales_input``) or ``(x·deq(W)ᵀ + bias) ⊙ l`` in fp32, in x's dtype; W frozen."""
+    n, k = weight_shape(weight, quant_state)
+    check_frozen_weight(weight, "ia3_linear_4bit")
+    check_ia3_linear_args(x, n, k, ia3_l, scales_input, bias, packed_bytes(weight).device)
+    return _ia3_linear(x, dequantize_4bit(weight, quant_state, torch.float32), ia3_l, scales_input, bias)
+
+
+def ia3_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    ia3_l: torch.Tensor,
+    scales_input: bool,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``(x ⊙ l)·Wᵀ + bias`` or ``(x·Wᵀ + bias) ⊙ l`` for a dense frozen W, in fp32, returned in x's dtype."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
+    check_frozen_weight(weight, "ia3_linear")
+    n, k = weight.shape
+    check_ia3_linear_args(x, n, k, ia3_l, scales_input, bias, weight.device)
+    return _ia3_linear(x, weight, ia3_l, scales_input, bias)
+
+
+def dora_linear_4bit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: Any,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``g ⊙ (x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ) + bias`` with ``g = m / ‖deq(W) + s·B·A‖`` (row norms, detached, as PEFT's
+    DoRA), in fp32, returned in x's dtype; W frozen."""
+    n, k = weight_shape(weight, quant_state)
+    check_frozen_weight(weight, "dora_linear_4bit")
+    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, 0.0, packed_bytes(weight).device)
+    check_dora_magnitude(magnitude, n, x)
+    dense = dequantize_4bit(weight, quant_state, torch.float32)
+    lora_A32, lora_B32 = lora_A.to(torch.float32), lora_B.to(torch.float32)
+    norm = torch.linalg.norm(dense + scaling * (lora_B32 @ lora_A32).detach(), dim=1).detach()
+    x32 = x.reshape(-1, k).to(torch.float32)
+    y = (x32 @ dense.t() + scaling * ((x32 @ lora_A32.t()) @ lora_B32.t())) * (magnitude.to(torch.float32) / norm)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

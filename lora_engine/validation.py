@@ -94,3 +94,55 @@ def _check_devices(x: torch.Tensor, weight_device: torch.device, **others: Optio
     for name, device in named:
         if device != x.device:
             raise ValueError(f"{name} is on {device} but x is on {x.device}: all operands must share one device")
+
+
+def check_ia3_linear_args(
+    x: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    ia3_l: torch.Tensor,
+    scales_input: bool,
+    bias: Optional[torch.Tensor],
+    weight_device: torch.device,
+) -> None:
+    """Validate ``(x ⊙ l)·Wᵀ + bias`` (``scales_input``) or ``(x·Wᵀ + bias) ⊙ l`` for W [out_features, in_features]."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(f"x's last dimension must be in_features={in_features}, got x of shape {tuple(x.shape)}")
+    if not isinstance(scales_input, bool):
+        raise TypeError(f"scales_input must be a bool, got {scales_input!r}")
+    if not isinstance(ia3_l, torch.Tensor):
+        raise TypeError(f"ia3_l must be a tensor, got {type(ia3_l).__name__}")
+    if not ia3_l.dtype.is_floating_point:
+        raise TypeError(f"ia3_l must be floating point, got {ia3_l.dtype}")
+    side, size = ("in_features", in_features) if scales_input else ("out_features", out_features)
+    if tuple(ia3_l.shape) != (size,):
+        raise ValueError(
+            f"ia3_l must be a vector ({side},) = ({size},) when scales_input={scales_input}, got {tuple(ia3_l.shape)}"
+            " (flatten PEFT's (1, in_features) or (out_features, 1) parameter)"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
+            raise TypeError("bias must be a floating point tensor or None")
+        if tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias must be (out_features,) = ({out_features},), got {tuple(bias.shape)}")
+    for name, device in (("weight", weight_device), ("ia3_l", ia3_l.device), ("bias", getattr(bias, "device", None))):
+        if device is not None and device != x.device:
+            raise ValueError(f"{name} is on {device} but x is on {x.device}: all operands must share one device")
+
+
+def check_dora_magnitude(magnitude: torch.Tensor, out_features: int, x: torch.Tensor) -> None:
+    """The DoRA magnitude: a floating point vector (out_features,) on x's device."""
+    if not isinstance(magnitude, torch.Tensor):
+        raise TypeError(f"magnitude must be a tensor, got {type(magnitude).__name__}")
+    if not magnitude.dtype.is_floating_point:
+        raise TypeError(f"magnitude must be floating point, got {magnitude.dtype}")
+    if tuple(magnitude.shape) != (out_features,):
+        raise ValueError(f"magnitude must be (out_features,) = ({out_features},), got {tuple(magnitude.shape)}")
+    if magnitude.device != x.device:
+        raise ValueError(
+            f"magnitude is on {magnitude.device} but x is on {x.device}: all operands must share one device"
+        )

@@ -85,6 +85,8 @@ def _member_plan(layer: nn.Module, x: torch.Tensor) -> tuple[Optional[GroupMembe
         adapter, compute, reason = layer._fused_plan(x, (), {})
         if reason is not None:
             return None, None, reason
+        if layer.use_dora.get(adapter, False):
+            return None, None, "a DoRA adapter (its output is scaled row by row, layer by layer)"
         lora_A, lora_B, scaling, p, training = layer._lora_args(adapter)
         if training and p > 0:
             return None, None, "LoRA dropout in training mode"

@@ -1,8 +1,9 @@
-"""Run PEFT's own LoRA layers, and every other bitsandbytes 4-bit layer, through lora_engine's kernels, keeping
-PEFT's and bitsandbytes' modules, parameters and state dict.
+"""Run PEFT's own LoRA and IA3 layers, and every other bitsandbytes 4-bit layer, through lora_engine's kernels,
+keeping PEFT's and bitsandbytes' modules, parameters and state dict.
 
 ``patch_peft_model(model)`` swaps the ``__class__`` of every live LoRA layer over a bitsandbytes 4-bit base
-(``peft.tuners.lora.bnb.Linear4bit``) or a plain ``nn.Linear`` base (``peft.tuners.lora.layer.Linear``) to a
+(``peft.tuners.lora.bnb.Linear4bit``) or a plain ``nn.Linear`` base (``peft.tuners.lora.layer.Linear``), and of
+every IA3 layer over the same bases (``peft.tuners.ia3.bnb.Linear4bit``, ``peft.tuners.ia3.layer.Linear``), to a
 subclass that overrides ``forward`` only. Nothing else changes: the module objects, parameter names and
 state-dict keys are PEFT's, so ``save_pretrained``, ``load_adapter``, ``set_adapter``, ``disable_adapter()``
 and ``merge_and_unload()`` run PEFT's code as before. The subclasses keep "Linear" in their names because
@@ -10,23 +11,26 @@ PEFT's ``target_modules="all-linear"`` matches adapter layers by class name, and
 (``lora.Linear``, ``lora.Linear4bit``) to the module repr and to ``get_layer_status`` (which reads the repr).
 
 The fused forward covers one active vanilla LoRA adapter (any scaling, rsLoRA included; dropout on the LoRA
-branch drawn in-kernel; base bias frozen or not). Anything else runs PEFT's forward for that call: DoRA and
-other LoRA variants, ``lora_bias``, mixed-batch ``adapter_names``, several active adapters, merged or
-disabled adapters, layouts or devices the kernels do not read, and a LoRA layer stacked on another tuner
-layer (a ``PeftMixedModel`` with LoHa, LoKr, AdaLoRA... under LoRA), whose delta only PEFT's forward adds. The
-``PatchReport`` lists those layers and why; each reason is logged once.
+branch drawn in-kernel; base bias frozen or not), one active DoRA adapter over a 4-bit base (without dropout in
+training: magnitude, A and B trained through the kernels, the weight norm detached as PEFT does), or one active
+IA3 adapter (the input scale of feed-forward layers fused into the GEMM's prologue, the output scale of the
+others into its epilogue, with PEFT's dtypes: its 4-bit IA3 layer returns float32 for a 16-bit input outside
+autocast). Merging stays PEFT's. Anything else runs PEFT's forward for that call: DoRA over an nn.Linear base or
+with dropout in training, other LoRA variants, ``lora_bias``, mixed-batch ``adapter_names``, several active
+adapters, merged or disabled adapters, layouts or devices the kernels do not read, and a LoRA layer stacked on
+another tuner layer (a ``PeftMixedModel`` with LoHa, LoKr, AdaLoRA... under LoRA), whose delta only PEFT's
+forward adds. The ``PatchReport`` lists those layers and why; each reason is logged once.
 
 Under FSDP2 the fused 4-bit layers read the gathered packed bytes with the quant state bitsandbytes also keeps on
 the module (the gathered weight is a plain tensor without it). Packed bytes that arrive in another dtype than
 their storage (FSDP's ``MixedPrecisionPolicy(param_dtype=...)`` casts them value by value) raise, naming the fix.
 
-The bitsandbytes 4-bit layers without a fused LoRA adapter get the same treatment: ``FusedLinear4bit``, a
+The bitsandbytes 4-bit layers without a fused adapter get the same treatment: ``FusedLinear4bit``, a
 ``bnb.nn.Linear4bit`` subclass overriding ``forward`` only (named ``Linear4bit`` in the repr), runs
 ``lora_engine.linear_4bit`` (``x·deq(W)ᵀ + bias``, the dispatcher's base-only paths) with bitsandbytes' dtype rules.
-That covers the projections LoRA does not target, the layers under IA3, the frozen layers of a prompt-learning
-model (Prefix Tuning, P-tuning, prompt tuning) and a model without PEFT (``patch_model``); also the bases of the
-LoRA layers, which PEFT's forward calls when a LoRA layer falls back (the fused LoRA forward reads their weight
-directly). A call the 4-bit path cannot read (a weight not quantized yet or repacked for bitsandbytes' CPU kernel,
+That covers the projections no adapter targets, the frozen layers of a prompt-learning model (Prefix Tuning,
+P-tuning, prompt tuning) and a model without PEFT (``patch_model``); also the bases of the LoRA and IA3 layers,
+which PEFT's forward calls when such a layer falls back (the fused forward reads their weight directly). A call the 4-bit path cannot read (a weight not quantized yet or repacked for bitsandbytes' CPU kernel,
 a sharded weight outside FSDP's gather, bf16 in the interpreter) runs bitsandbytes' forward, reported once.
 ``patch_model`` and ``patch_peft_model`` are one implementation; ``unpatch_model`` / ``unpatch_peft_model``
 restore every class. With ``group_projections=True`` they also group the q/k/v and gate/up projections of
@@ -44,6 +48,8 @@ import sys
 from typing import Any, Callable, Optional
 
 import torch
+from peft.tuners.ia3.layer import IA3Layer
+from peft.tuners.ia3.layer import Linear as PeftIA3Linear
 from peft.tuners.lora.layer import Linear as PeftLinear
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -56,10 +62,13 @@ from ..validation import ACTIVATION_DTYPES
 
 try:  # PEFT defines its 4-bit layer only when bitsandbytes can run 4-bit on this machine
     import bitsandbytes as bnb
+    from peft.tuners.ia3.bnb import Linear4bit as PeftIA3Linear4bit
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 except ImportError:  # pragma: no cover - bitsandbytes is a dependency; kept for partial installs
     bnb = None
-    PeftLinear4bit = None
+    PeftLinear4bit = PeftIA3Linear4bit = None
+
+_BNB_4BIT_LAYERS = tuple(kind for kind in (PeftLinear4bit, PeftIA3Linear4bit) if kind is not None)
 
 __all__ = [
     "FusedLinear4bit",
@@ -94,14 +103,13 @@ def _precomputed(layer: nn.Module, x: Any, args: tuple = (), kwargs: Optional[di
 class PatchReport:
     """What :func:`patch_peft_model` / :func:`patch_model` did.
 
-    patched: names of the LoRA layers given a fused class (its forward runs the kernels when it can).
-    fallbacks: patched LoRA layers that run PEFT's own forward, with the reasons: those known when patching, and
+    patched: names of the LoRA and IA3 layers given a fused class (its forward runs the kernels when it can).
+    fallbacks: patched LoRA / IA3 layers that run PEFT's own forward, with the reasons: those known when patching, and
         those met on later calls (outside ``torch.compile``).
-    skipped: LoRA layers left as PEFT made them (types or base layers the kernels do not cover), with why.
-    base_patched: the other bitsandbytes 4-bit layers (no adapter, or an adapter other than a patched LoRA one:
-        IA3, a skipped LoRA type, a prompt-learning model's frozen layers), given a class whose forward runs
-        ``lora_engine.linear_4bit``.
-    lora_bases: the 4-bit base layers of the patched LoRA layers, given the same class. The fused LoRA forward
+    skipped: LoRA / IA3 layers left as PEFT made them (types or base layers the kernels do not cover), with why.
+    base_patched: the other bitsandbytes 4-bit layers (no adapter, or one of a skipped type, a prompt-learning
+        model's frozen layers), given a class whose forward runs ``lora_engine.linear_4bit``.
+    lora_bases: the 4-bit base layers of the patched LoRA / IA3 layers, given the same class. The fused forward
         reads their weight directly; PEFT's forward (a fallback) calls them and so runs the same 4-bit path.
     base_fallbacks: 4-bit layers (of either list) that run bitsandbytes' own forward, with the reasons.
     base_skipped: 4-bit layers left as they are, with why.
@@ -114,6 +122,7 @@ class PatchReport:
     patched: list[str] = dataclasses.field(default_factory=list)
     fallbacks: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    kinds: set[str] = dataclasses.field(default_factory=set)  # "LoRA", "IA3": the adapter kinds met
     base_patched: list[str] = dataclasses.field(default_factory=list)
     lora_bases: list[str] = dataclasses.field(default_factory=list)
     base_fallbacks: dict[str, list[str]] = dataclasses.field(default_factory=dict)
@@ -160,7 +169,8 @@ class PatchReport:
         total = len(self.patched) + len(self.skipped)
         if total or not (self.base_patched or self.base_skipped):
             route = "the torch reference (backend 'torch')" if torch_backend else "the fused kernels"
-            clauses.append(f"{self.num_fused}/{total} PEFT LoRA layers run {route}")
+            kinds = "/".join(sorted(self.kinds, key=["LoRA", "IA3"].index)) or "LoRA"
+            clauses.append(f"{self.num_fused}/{total} PEFT {kinds} layers run {route}")
             if self.fallbacks:
                 verb = "falls" if len(self.fallbacks) == 1 else "fall"
                 clauses.append(f"{len(self.fallbacks)} {verb} back to PEFT's forward")
@@ -234,8 +244,10 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _active_adapter(layer: LoraLayer) -> tuple[Optional[str], Optional[str]]:
+def _active_adapter(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
     """(the one active adapter of this layer, None) or (None, why the fused forward cannot serve the layer)."""
+    if isinstance(layer, IA3Layer):
+        return _active_ia3_adapter(layer)
     if layer.disable_adapters:
         return None, "adapters disabled"
     if layer.merged:
@@ -248,7 +260,14 @@ def _active_adapter(layer: LoraLayer) -> tuple[Optional[str], Optional[str]]:
     name = active[0]
     if name in layer.lora_variant:
         is_dora = bool(getattr(layer, "use_dora", {}).get(name, False))
-        return None, "DoRA" if is_dora else f"LoRA variant {type(layer.lora_variant[name]).__name__}"
+        if not is_dora:
+            return None, f"LoRA variant {type(layer.lora_variant[name]).__name__}"
+        if not isinstance(layer, _BNB_4BIT_LAYERS):
+            return None, "DoRA over an nn.Linear base"
+        dropout = layer.lora_dropout[name]
+        if layer.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            # PEFT then computes the DoRA term on the dropped input with a second base product
+            return None, "DoRA with lora_dropout in training"
     if layer.lora_bias.get(name, False):
         return None, "lora_bias"
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
@@ -263,12 +282,29 @@ def _active_adapter(layer: LoraLayer) -> tuple[Optional[str], Optional[str]]:
     return name, None
 
 
+def _active_ia3_adapter(layer: IA3Layer) -> tuple[Optional[str], Optional[str]]:
+    if layer.disable_adapters:
+        return None, "adapters disabled"
+    if layer.merged:
+        return None, "adapter merged into the base weight"
+    active = [name for name in layer.active_adapters if name in layer.ia3_l]
+    if not active:
+        return None, "no active adapter in this layer"
+    if len(active) > 1:
+        return None, "several active adapters"
+    scale = layer.ia3_l[active[0]]
+    features = layer.in_features if layer.is_feedforward else layer.out_features
+    if scale.numel() != features:
+        return None, f"IA3 vector of shape {tuple(scale.shape)} for {features} features"
+    return active[0], None
+
+
 def _has_hooks(module: nn.Module) -> bool:
     """Hooks (accelerate's offloading ones included) would run in ``module(x)``, which the fused forward skips."""
     return hasattr(module, "_hf_hook") or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
 
 
-def _stack_reason(layer: LoraLayer) -> Optional[str]:
+def _stack_reason(layer: BaseTunerLayer) -> Optional[str]:
     """Why the base layer's output is not just the innermost base weight's product (None when it is).
 
     ``get_base_layer()`` skips every layer in between, but PEFT's forward calls ``self.base_layer(x)``: another
@@ -310,7 +346,7 @@ def _check_packed_dtype(base: nn.Module) -> None:
         )
 
 
-def _base_reason(layer: LoraLayer, sharded_ok: bool = False) -> Optional[str]:
+def _base_reason(layer: BaseTunerLayer, sharded_ok: bool = False) -> Optional[str]:
     """Why the kernels cannot read this layer's base weight right now (None when they can). ``sharded_ok``: a
     sharded weight is no reason (when patching: FSDP gathers it before each forward)."""
     stacked = _stack_reason(layer)
@@ -324,7 +360,7 @@ def _base_reason(layer: LoraLayer, sharded_ok: bool = False) -> Optional[str]:
         return (
             None if sharded_ok else "the base weight is sharded (FSDP gathers it in the forward of the module it wraps)"
         )
-    if PeftLinear4bit is not None and isinstance(layer, PeftLinear4bit):
+    if isinstance(layer, _BNB_4BIT_LAYERS):
         state = _quant_state(base)
         if state is None:
             return "the base weight is not quantized yet"
@@ -344,7 +380,7 @@ def _device_reason(device: torch.device) -> Optional[str]:
     return None  # an explicit backend is honoured: "torch" runs the reference, "triton" raises if it cannot run
 
 
-def _layer_reason(layer: LoraLayer) -> Optional[str]:
+def _layer_reason(layer: BaseTunerLayer) -> Optional[str]:
     """Why the layer, as it is now, would run PEFT's forward (independent of the input)."""
     _, reason = _active_adapter(layer)
     return reason or _base_reason(layer, sharded_ok=True) or _device_reason(layer.get_base_layer().weight.device)
@@ -386,8 +422,7 @@ class _FusedForward:
             return None, None, reason
         compute, reason = self._compute_dtype(x)
         if reason is None and x.device.type == "cpu" and dispatch.get_backend() != "torch":
-            dtypes = (compute, self.lora_A[adapter].weight.dtype, self.lora_B[adapter].weight.dtype)
-            if torch.bfloat16 in dtypes:
+            if torch.bfloat16 in (compute, *self._adapter_dtypes(adapter)):
                 reason = "bf16 in the Triton interpreter (it computes bf16 on raw bits)"
         return (adapter, compute, None) if reason is None else (None, None, reason)
 
@@ -397,6 +432,9 @@ class _FusedForward:
     def _compute_dtype(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
         """(the dtype the base product runs in, None), or (None, why the fused forward cannot run)."""
         raise NotImplementedError
+
+    def _adapter_dtypes(self, adapter: str) -> tuple[torch.dtype, ...]:
+        return self.lora_A[adapter].weight.dtype, self.lora_B[adapter].weight.dtype
 
     def _lora_args(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float, float, bool]:
         """lora_A (r, in), lora_B (out, r), scaling, dropout p and whether dropout is on."""
@@ -412,6 +450,34 @@ def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
+def _bnb_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype bitsandbytes' 4-bit forward computes ``x`` in (setting its compute type on the first call, as it
+    does). Under autocast the product runs in the autocast dtype, as bitsandbytes' F.linear would."""
+    if not base.compute_type_is_set:
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    return _autocast_dtype(x.device) or base.compute_dtype or x.dtype
+
+
+def _dense_compute_dtype(layer: nn.Module, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
+    """nn.Linear's rule: the autocast dtype, else x's, which must be the weight's (nn.Linear raises otherwise)."""
+    autocast = _autocast_dtype(x.device)
+    weight_dtype = layer.get_base_layer().weight.dtype
+    if autocast is None and x.dtype != weight_dtype:
+        return None, f"input dtype {x.dtype} differs from the base weight's {weight_dtype}"
+    return autocast or x.dtype, None
+
+
+def _dense_operands(layer: nn.Module, compute: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The frozen dense weight and bias in the compute dtype (cast under autocast, as F.linear does)."""
+    base = layer.get_base_layer()
+    weight, bias = base.weight, base.bias
+    if weight.dtype != compute:
+        weight = weight.to(compute)
+        bias = bias.to(compute) if bias is not None else None
+    return weight, bias
+
+
 if PeftLinear4bit is not None:
 
     class FusedLoraLinear4bit(_FusedForward, PeftLinear4bit):
@@ -423,16 +489,17 @@ if PeftLinear4bit is not None:
                 _check_packed_dtype(base)
 
         def _compute_dtype(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
-            base = self.get_base_layer()
-            if not base.compute_type_is_set:  # what bitsandbytes' forward does on its first call
-                base.set_compute_type(x)
-                base.compute_type_is_set = True
-            # Under autocast the product runs in the autocast dtype, as bitsandbytes' F.linear would.
-            return _autocast_dtype(x.device) or base.compute_dtype or x.dtype, None
+            return _bnb_compute_dtype(self.get_base_layer(), x), None
 
         def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype) -> torch.Tensor:
             base = self.get_base_layer()
             lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
+            if adapter in self.lora_variant:  # DoRA (the only variant _active_adapter lets through)
+                magnitude = self.lora_magnitude_vector[adapter].weight
+                y = F.dora_linear_4bit(
+                    x.to(compute), base.weight, _quant_state(base), lora_A, lora_B, magnitude, scaling, bias=base.bias
+                )
+                return y.to(x.dtype)
             y = F.lora_linear_4bit(
                 x.to(compute), base.weight, _quant_state(base), lora_A, lora_B, scaling, bias=base.bias, dropout_p=p,
                 training=training,
@@ -447,20 +514,64 @@ class FusedLoraLinear(_FusedForward, PeftLinear):
     """PEFT's ``lora.Linear`` over an ``nn.Linear`` with its forward run by ``lora_engine.lora_linear``."""
 
     def _compute_dtype(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
-        autocast = _autocast_dtype(x.device)
-        weight_dtype = self.get_base_layer().weight.dtype
-        if autocast is None and x.dtype != weight_dtype:
-            return None, f"input dtype {x.dtype} differs from the base weight's {weight_dtype}"  # nn.Linear raises
-        return autocast or x.dtype, None  # nn.Linear's rule
+        return _dense_compute_dtype(self, x)
 
     def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype) -> torch.Tensor:
-        base = self.get_base_layer()
-        weight, bias = base.weight, base.bias
-        if weight.dtype != compute:  # autocast: cast the frozen weight, as F.linear does
-            weight = weight.to(compute)
-            bias = bias.to(compute) if bias is not None else None
+        weight, bias = _dense_operands(self, compute)
         lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
         return F.lora_linear(x.to(compute), weight, lora_A, lora_B, scaling, bias=bias, dropout_p=p, training=training)
+
+
+class _FusedIA3Forward(_FusedForward):
+    """The IA3 side of the fused forward: one vector scaling the input (feed-forward layers) or the output."""
+
+    def _adapter_dtypes(self, adapter: str) -> tuple[torch.dtype, ...]:
+        return (self.ia3_l[adapter].dtype,)
+
+
+if PeftIA3Linear4bit is not None:
+
+    class FusedIA3Linear4bit(_FusedIA3Forward, PeftIA3Linear4bit):
+        """PEFT's ``ia3.Linear4bit`` with its forward run by ``lora_engine.ia3_linear_4bit``."""
+
+        def _check_base(self) -> None:
+            base = self.get_base_layer()
+            if not _is_sharded(base.weight):
+                _check_packed_dtype(base)
+
+        def _peft_dtype(self, x: torch.Tensor, adapter: str) -> torch.dtype:
+            """The dtype of PEFT's result: it upcasts a 16-bit input to float32 outside (CUDA) autocast, and the
+            scaled input or output takes the type promotion with the IA3 vector (float32 as PEFT creates it)."""
+            upcast = not torch.is_autocast_enabled() and x.dtype != torch.float32
+            return torch.promote_types(torch.float32 if upcast else x.dtype, self.ia3_l[adapter].dtype)
+
+        def _compute_dtype(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
+            # bitsandbytes computes PEFT's (upcast, scaled) input in its compute dtype
+            adapter = next(name for name in self.active_adapters if name in self.ia3_l)  # the one (checked before)
+            return _bnb_compute_dtype(self.get_base_layer(), x.to(self._peft_dtype(x, adapter))), None
+
+        def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype) -> torch.Tensor:
+            base = self.get_base_layer()
+            y = F.ia3_linear_4bit(
+                x.to(compute), base.weight, _quant_state(base), self.ia3_l[adapter].flatten(), self.is_feedforward,
+                bias=base.bias,
+            )  # fmt: skip
+            return y.to(self._peft_dtype(x, adapter))
+
+else:  # pragma: no cover
+    FusedIA3Linear4bit = None
+
+
+class FusedIA3Linear(_FusedIA3Forward, PeftIA3Linear):
+    """PEFT's ``ia3.Linear`` over an ``nn.Linear`` with its forward run by ``lora_engine.ia3_linear``."""
+
+    def _compute_dtype(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
+        return _dense_compute_dtype(self, x)
+
+    def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype) -> torch.Tensor:
+        weight, bias = _dense_operands(self, compute)
+        # PEFT's result keeps the base layer's dtype (it casts the scaled input or output back)
+        return F.ia3_linear(x.to(compute), weight, self.ia3_l[adapter].flatten(), self.is_feedforward, bias=bias)
 
 
 def _linear4bit_reason(layer: nn.Module, sharded_ok: bool = False) -> Optional[str]:
@@ -524,9 +635,10 @@ else:  # pragma: no cover
     FusedLinear4bit = None
 
 
-_FUSED = {PeftLinear: FusedLoraLinear}
+_FUSED = {PeftLinear: FusedLoraLinear, PeftIA3Linear: FusedIA3Linear}
 if PeftLinear4bit is not None:
     _FUSED[PeftLinear4bit] = FusedLoraLinear4bit
+    _FUSED[PeftIA3Linear4bit] = FusedIA3Linear4bit
 _ORIGINAL = {fused: original for original, fused in _FUSED.items()}
 
 
@@ -545,18 +657,18 @@ def _note_fallback(layer: nn.Module, reason: str) -> None:
     if is_base:
         key, message = f"bnb-fallback:{reason}", f"4-bit layer {name} runs bitsandbytes' own forward"
     else:
-        key, message = f"peft-fallback:{reason}", f"PEFT LoRA layer {name} runs PEFT's own forward"
+        key, message = f"peft-fallback:{reason}", f"PEFT layer {name} runs PEFT's own forward"
     dispatch.report_once(key, f"lora_engine: {message}: {reason} (each reason is reported once)")
 
 
-def _skip_reason(layer: LoraLayer) -> Optional[str]:
-    """Why a LoRA layer is not patched at all (None when it is a type the fused classes cover)."""
+def _skip_reason(layer: BaseTunerLayer) -> Optional[str]:
+    """Why a LoRA or IA3 layer is not patched at all (None when it is a type the fused classes cover)."""
     kind = type(layer)
     if kind in _ORIGINAL:
         return None
     if kind not in _FUSED:
-        return f"{kind.__module__}.{kind.__qualname__} is not covered (only LoRA over bnb 4-bit or nn.Linear)"
-    if kind is PeftLinear:
+        return f"{kind.__module__}.{kind.__qualname__} is not covered (only LoRA and IA3 over bnb 4-bit or nn.Linear)"
+    if kind in (PeftLinear, PeftIA3Linear):
         base = layer.get_base_layer()
         if getattr(layer, "fan_in_fan_out", False) or not isinstance(base, nn.Linear):
             return f"base layer {type(base).__name__} stores its weight transposed (fan_in_fan_out)"
@@ -570,12 +682,13 @@ def _patch(model: nn.Module, entry: str, group_projections: bool = False) -> Pat
     if not isinstance(model, nn.Module):
         raise TypeError(f"{entry} needs a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport(grouping_requested=bool(group_projections))
-    found_lora = False
+    found_adapter = False
     fused_bases: set[int] = set()  # ids of the 4-bit bases the fused LoRA forward reads directly
     for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
+        if not isinstance(module, (LoraLayer, IA3Layer)):
             continue
-        found_lora = True
+        found_adapter = True
+        report.kinds.add("IA3" if isinstance(module, IA3Layer) else "LoRA")
         why_not = _skip_reason(module)
         if why_not is not None:
             report.skipped[name] = why_not
@@ -612,9 +725,9 @@ def _patch(model: nn.Module, entry: str, group_projections: bool = False) -> Pat
         reason = _linear4bit_reason(module, sharded_ok=True) or _device_reason(module.weight.device)
         if reason is not None:
             report.add_base_fallback(name, reason)
-    if not found_lora and not found_4bit:
+    if not found_adapter and not found_4bit:
         raise ValueError(
-            f"{entry} found no PEFT LoRA layers and no bitsandbytes 4-bit layers (bnb.nn.Linear4bit) in the model: "
+            f"{entry} found no PEFT LoRA or IA3 layers and no bitsandbytes 4-bit layers (bnb.nn.Linear4bit) in the model: "
             "nothing runs lora_engine's kernels. Load the model in 4 bits (BitsAndBytesConfig(load_in_4bit=True)), "
             "or add LoRA with peft.get_peft_model(model, LoraConfig(...)) or PeftModel.from_pretrained(model, "
             "adapter_dir)"
@@ -631,8 +744,8 @@ def _patch(model: nn.Module, entry: str, group_projections: bool = False) -> Pat
 
 def patch_peft_model(model: nn.Module, group_projections: bool = False) -> PatchReport:
     """Make ``model`` (a ``PeftModel``, or any module holding PEFT layers) run lora_engine's kernels: every PEFT
-    LoRA layer over a bnb 4-bit or nn.Linear base the fused kernels, every other bitsandbytes 4-bit layer (no
-    adapter, IA3, prompt learning) lora_engine's 4-bit path. The same as :func:`patch_model`.
+    LoRA or IA3 layer over a bnb 4-bit or nn.Linear base the fused kernels, every other bitsandbytes 4-bit layer
+    (no adapter, a layer type not covered, prompt learning) lora_engine's 4-bit path. The same as :func:`patch_model`.
 
     ``group_projections=True`` also computes the q/k/v projections of each Llama, Mistral or Qwen2 attention
     block, and the gate/up projections of each MLP, together (one decode buffer, one GEMM over the decoded
@@ -647,8 +760,8 @@ def patch_peft_model(model: nn.Module, group_projections: bool = False) -> Patch
 
 
 def patch_model(model: nn.Module, group_projections: bool = False) -> PatchReport:
-    """Make every bitsandbytes 4-bit layer of ``model`` run lora_engine's 4-bit path (and PEFT LoRA layers, where
-    there are any, the fused kernels): the same as :func:`patch_peft_model`, for a model with or without PEFT,
+    """Make every bitsandbytes 4-bit layer of ``model`` run lora_engine's 4-bit path (and PEFT LoRA / IA3 layers,
+    where there are any, the fused kernels): the same as :func:`patch_peft_model`, for a model with or without PEFT,
     ``group_projections`` included. :func:`unpatch_model` restores it."""
     return _patch(model, "patch_model", group_projections)
 

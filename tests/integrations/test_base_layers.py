@@ -156,10 +156,13 @@ def _ia3_model(load_4bit, device: str) -> torch.nn.Module:
     return model
 
 
-def test_ia3_bases_are_patched_and_match_stock(load_4bit, tokens, kernel_device):
+def test_ia3_model_runs_every_4bit_layer_on_our_kernels_and_matches_stock(load_4bit, tokens, kernel_device):
     stock, patched = _ia3_model(load_4bit, kernel_device), _ia3_model(load_4bit, kernel_device)
     report = lora_engine.patch_peft_model(patched)
-    assert not report.patched and report.num_base_fused == FOUR_BIT_LAYERS, str(report)
+    ia3_layers = 2 * 3  # PEFT's IA3 targets for Llama: k_proj, v_proj and down_proj of each decoder layer
+    assert report.kinds == {"IA3"} and report.num_fused == len(report.patched) == ia3_layers, str(report)
+    assert len(report.lora_bases) == ia3_layers, "the IA3 layers' bases are patched for PEFT's fallback forward"
+    assert report.num_base_fused == FOUR_BIT_LAYERS - ia3_layers, str(report)
     ids = tokens(4, device=kernel_device)
     with torch.no_grad():
         logits, stock_logits = (m.eval()(input_ids=ids).logits for m in (patched, stock))
@@ -186,7 +189,7 @@ def test_bare_4bit_model_through_patch_model(load_4bit, tokens, kernel_device):
     assert {name: type(m) for name, m in patched.named_modules()} == before
     with torch.no_grad():
         assert torch.equal(patched(input_ids=ids).logits, stock(input_ids=ids).logits)
-    with pytest.raises(ValueError, match="patch_model found no PEFT LoRA layers and no bitsandbytes 4-bit layers"):
+    with pytest.raises(ValueError, match="patch_model found no PEFT LoRA or IA3 layers and no bitsandbytes 4-bit layers"):
         lora_engine.patch_model(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 

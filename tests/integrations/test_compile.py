@@ -187,6 +187,51 @@ def test_compiled_layer_follows_a_changed_backend_and_path(monkeypatch, kernel_d
     torch.testing.assert_close(y_dequant, y_torch, rtol=1e-5, atol=1e-5)
 
 
+def _ia3_4bit_args(scales_input: bool, device: str):
+    layer = _layer_4bit(0.0, device)
+    gen = torch.Generator().manual_seed(4)
+    scale = (1.0 + 0.3 * torch.randn(100 if scales_input else 37, generator=gen)).to(device).requires_grad_()
+    bias = torch.randn(37, generator=gen).to(device).requires_grad_()
+    return layer.weight, layer.weight.quant_state, scale, bias
+
+
+def test_adapter_op_passes_torch_opcheck(kernel_device):
+    """The adapter op (IA3's route under torch.compile): schema, fake implementation, autograd, AOT tracing."""
+    weight, state, scale, bias = _ia3_4bit_args(False, kernel_device)
+    tensors, sizes = custom_ops.weight_parts(packed_4bit(weight, state))
+    x = torch.randn(7, 100, generator=torch.Generator().manual_seed(5)).to(kernel_device).requires_grad_()
+    torch.library.opcheck(custom_ops.adapter_linear_fwd, ("ia3", x, [scale], bias, tensors, sizes, [0.0], "fused"))
+
+
+@pytest.mark.parametrize("scales_input", [True, False], ids=["input_scaled", "output_scaled"])
+def test_compiled_ia3_matches_eager_without_graph_breaks(scales_input, kernel_device):
+    weight, state, scale, bias = _ia3_4bit_args(scales_input, kernel_device)
+
+    def layer(x):
+        return torch.relu(lora_engine.ia3_linear_4bit(x, weight, state, scale, scales_input, bias=bias))
+
+    x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(2)).to(kernel_device).requires_grad_()
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert "lora_engine.adapter_linear_fwd" in explanation.graphs[0].code, "IA3 must run as the registered op"
+    torch._dynamo.reset()
+
+    def run(fn):
+        y = fn(x)
+        y.square().sum().backward()
+        grads = [t.grad.clone() for t in (x, scale, bias)]
+        for t in (x, scale, bias):
+            t.grad = None
+        return y.detach(), grads
+
+    eager = run(layer)
+    compiled = run(torch.compile(layer, backend=BACKEND, fullgraph=True))
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-6)
+    for g_c, g_e in zip(compiled[1], eager[1]):
+        assert g_e.abs().max() > 0
+        torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)
+
+
 def test_base_only_op_passes_torch_opcheck(kernel_device):
     """The op of a 4-bit layer without an adapter: schema, fake implementation, autograd (dx and dbias)."""
     layer = _layer_4bit(0.0, kernel_device)

@@ -132,6 +132,21 @@ def test_lora_dropout_in_training_falls_back(make_peft_llama, tokens, kernel_dev
     _assert_within("logits", grouped_logits, per_layer_logits, LOGITS_TOL * per_layer_logits.abs().max().item())
 
 
+def test_dora_layers_keep_their_own_forward(make_peft_llama, tokens, kernel_device, group_calls):
+    """DoRA scales each layer's output row by row: its projections are not grouped, and give what stock PEFT gives."""
+    stock = make_peft_llama(device=kernel_device, use_dora=True)
+    model = make_peft_llama(device=kernel_device, use_dora=True)
+    report = lora_engine.patch_peft_model(model, group_projections=True)
+    ids = tokens(0, device=kernel_device)
+    with lora_engine.use_backend("triton"), torch.no_grad():
+        logits = model.eval()(input_ids=ids).logits
+        stock_logits = stock.eval()(input_ids=ids).logits
+    assert group_calls["groups"] == 0
+    assert len(report.group_fallbacks) == GROUPS, str(report)
+    assert all("DoRA" in "; ".join(reasons) for reasons in report.group_fallbacks.values()), str(report)
+    _assert_within("logits", logits, stock_logits, LOGITS_TOL * stock_logits.abs().max().item())
+
+
 def test_plain_4bit_members(load_4bit, tokens, kernel_device, group_calls):
     """LoRA on q and v only: k joins its group as a 4-bit layer without LoRA, gate/up group without any LoRA."""
 

@@ -229,7 +229,7 @@ def _two_adapters(model: PeftModel) -> None:
 
 FALLBACKS = {
     # name: (LoraConfig kwargs, change made after patching, forward kwargs, reason)
-    "dora": (dict(use_dora=True), None, {}, "DoRA"),
+    # DoRA: fused over 4-bit bases, a fallback over nn.Linear and with dropout in training (test_dora_peft.py)
     "lora_bias": (dict(lora_bias=True), None, {}, "lora_bias"),
     "adapter_names": ({}, None, dict(adapter_names=["default", "__base__", "default"]), "mixed-batch adapter_names"),
     "several_active": ({}, _two_adapters, {}, "several active adapters"),
@@ -491,7 +491,7 @@ def test_unpatch_restores_peft_classes_and_patching_twice_is_harmless(kernel_dev
 def test_bad_input_is_named():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         lora_engine.patch_peft_model("model")
-    with pytest.raises(ValueError, match="no PEFT LoRA layers.*get_peft_model"):
+    with pytest.raises(ValueError, match="no PEFT LoRA or IA3 layers.*get_peft_model"):
         lora_engine.patch_peft_model(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(TypeError, match="unpatch_peft_model needs a torch.nn.Module"):
         lora_engine.unpatch_peft_model(None)

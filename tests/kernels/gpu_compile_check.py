@@ -117,6 +117,8 @@ def drive_launchers(quick: bool) -> None:
                     lora_gemv_4bit(x, weight, right=lora_B, left=torch.empty(m, 16), scaling=2.0,
                                    bias=torch.randn(n, dtype=dtype))  # fmt: skip
                     lora_gemv_4bit(x, weight)
+                    lora_gemv_4bit(x, weight, in_scale=torch.randn(k), bias=torch.randn(n, dtype=dtype))  # IA3
+                    lora_gemv_4bit(x, weight, out_scale=torch.randn(n), bias=torch.randn(n, dtype=dtype))
             for m in token_counts:
                 x, dy = torch.randn(m, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
                 lora_A, lora_B = torch.randn(16, k, dtype=dtype), torch.randn(n, 16, dtype=dtype)
@@ -129,6 +131,15 @@ def drive_launchers(quick: bool) -> None:
                 dense = torch.randn(n, k, dtype=dtype)
                 lora_matmul(x, dense, weight_out_by_in=True, right=lora_B, down=lora_A.t(), left_out=left, scaling=2.0)
                 lora_matmul(dy, dense, weight_out_by_in=False, right=lora_A.t(), left=left, scaling=2.0)
+                if m in (token_counts[0], token_counts[-1]):
+                    # IA3: the scale in the prologue (forward of input scaling, dx of output scaling) or the epilogue
+                    bias = torch.randn(n, dtype=dtype)
+                    lora_matmul(x, weight, weight_out_by_in=True, in_scale=torch.randn(k), bias=bias)
+                    lora_matmul(x, weight, weight_out_by_in=True, out_scale=torch.randn(n), bias=bias)
+                    lora_matmul(dy, weight, weight_out_by_in=False, in_scale=torch.randn(n))
+                    # DoRA: the row scale on the product and the LoRA term, before the bias
+                    lora_matmul(x, weight, weight_out_by_in=True, right=lora_B, left=left, scaling=2.0, bias=bias,
+                                out_scale=torch.randn(n), scale_bias=False)  # fmt: skip
                 lora_down(x, lora_A.t(), drop)
                 lora_dy_pass(dy, lora_B, left, 2.0)
                 lora_da(left, x, 2.0, drop)

@@ -1,0 +1,96 @@
+"""Adapter kinds: one operand bundle per kind, the tensors and numbers its kernels and gradients need.
+
+    Lora   y = x·Wᵀ + s·(drop(x)·Aᵀ)·Bᵀ + bias              trainable: A [r, in], B [out, r]
+    IA3    y = (x ⊙ l)·Wᵀ + bias         (scales_input)     trainable: l [in]   (PEFT's feed-forward layers)
+           y = (x·Wᵀ + bias) ⊙ l         (otherwise)        trainable: l [out]  (PEFT's other layers)
+    Dora   y = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias,  g = m / ‖W + s·B·A‖ (row norms, not differentiated: PEFT's rule)
+                                                            trainable: A, B, m [out]
+
+A bundle says which of its tensors are trained (``trainables``, in the order their gradients come back),
+rebuilds itself around autograd's copies of them (``with_trainables``), and gives its layer as torch operations
+on a dense fp32 weight (``dense_forward``: the differentiable backward differentiates it). The kernels' forward
+and backward of each kind live in ``autograd.py`` (``KINDS``), shared by the ``autograd.Function`` and the
+``torch.library`` ops. Importing this module does not import Triton.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from .kernels.operands import Dropout
+
+
+class Lora(NamedTuple):
+    """A LoRA adapter: ``s·(drop(x)·Aᵀ)·Bᵀ`` added to the base product."""
+
+    lora_A: torch.Tensor  # [r, in_features]
+    lora_B: torch.Tensor  # [out_features, r]
+    scaling: float
+    dropout: Optional[Dropout]  # on the LoRA branch only; None when off
+
+    def trainables(self) -> tuple[torch.Tensor, ...]:
+        return self.lora_A, self.lora_B
+
+    def with_trainables(self, tensors: Sequence[torch.Tensor]) -> "Lora":
+        return self._replace(lora_A=tensors[0], lora_B=tensors[1])
+
+    def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer in torch operations (all operands fp32, dense weight [out, in])."""
+        from .reference import dropout_keep_mask
+
+        x_lora = x
+        if self.dropout is not None:
+            keep = dropout_keep_mask(self.dropout.seed, x.shape[0], x.shape[1], self.dropout.p, x.device)
+            x_lora = x * (keep.float() * self.dropout.inv_keep_prob)
+        y = x @ weight.t() + self.scaling * ((x_lora @ self.lora_A.float().t()) @ self.lora_B.float().t())
+        return y if bias is None else y + bias
+
+
+class IA3(NamedTuple):
+    """An IA3 adapter: the base layer's input (``scales_input``) or output scaled per feature by ``scale``."""
+
+    scale: torch.Tensor  # [in_features] when scales_input, else [out_features]; contiguous
+    scales_input: bool
+
+    def trainables(self) -> tuple[torch.Tensor, ...]:
+        return (self.scale,)
+
+    def with_trainables(self, tensors: Sequence[torch.Tensor]) -> "IA3":
+        return self._replace(scale=tensors[0])
+
+    def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer in torch operations (all operands fp32, dense weight [out, in])."""
+        scale = self.scale.float()
+        if self.scales_input:
+            y = (x * scale) @ weight.t()
+            return y if bias is None else y + bias
+        y = x @ weight.t()
+        return (y if bias is None else y + bias) * scale
+
+
+class Dora(NamedTuple):
+    """A DoRA adapter (no dropout): the LoRA product and the base product rescaled per output row by m / ‖W + sBA‖."""
+
+    lora_A: torch.Tensor  # [r, in_features]
+    lora_B: torch.Tensor  # [out_features, r]
+    magnitude: torch.Tensor  # [out_features]
+    scaling: float
+    base_norm_sq: torch.Tensor  # fp32 [out_features]: ‖W‖² of each row, once per (frozen) weight
+
+    def trainables(self) -> tuple[torch.Tensor, ...]:
+        return self.lora_A, self.lora_B, self.magnitude
+
+    def with_trainables(self, tensors: Sequence[torch.Tensor]) -> "Dora":
+        return self._replace(lora_A=tensors[0], lora_B=tensors[1], magnitude=tensors[2])
+
+    def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer in torch operations (all operands fp32, dense weight [out, in])."""
+        lora_A, lora_B = self.lora_A.float(), self.lora_B.float()
+        norm = torch.linalg.norm(weight + self.scaling * (lora_B @ lora_A).detach(), dim=1).detach()
+        y = (x @ weight.t() + self.scaling * ((x @ lora_A.t()) @ lora_B.t())) * (self.magnitude.float() / norm)
+        return y if bias is None else y + bias
+
+
+Adapter = Union[Lora, IA3, Dora]
