@@ -12,7 +12,8 @@ The same model is timed stock and after ``lora_engine.patch_peft_model``, in ``-
 (stock, patched, stock, patched...: ``unpatch_peft_model`` in between), so drift hits both alike; each row is the
 median step over its rounds, and its peak memory the largest of them. ``--liger`` adds a second model with
 Liger-Kernel applied before PEFT (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy: the savvy user's baseline),
-timed the same way: rows ``stock + liger`` and ``lora_engine + liger``.
+timed the same way: rows ``stock + liger`` and ``lora_engine + liger``. ``--group-projections`` adds a row
+``lora_engine grouped`` per model: ``patch_peft_model(model, group_projections=True)`` (q/k/v and gate/up grouped).
 
 Llama-family models build a ``LlamaForCausalLM``; ``qwen2.5-7b`` a ``Qwen2ForCausalLM`` (biases on q, k, v).
 ``--layers`` shrinks the depth (the per-layer work is unchanged). Results: ``bench/results/<gpu>/e2e-*.json``.
@@ -139,29 +140,33 @@ def time_steps(model: torch.nn.Module, batch: int, seq: int, vocab: int, steps: 
 
 
 def compare(model: torch.nn.Module, args: argparse.Namespace, label: str) -> list[dict[str, Any]]:
-    """Stock and patched rows of one model, measured in alternating rounds."""
+    """The rows of one model (stock, patched, and with ``--group-projections`` patched with grouped projections),
+    measured in alternating rounds; the first row is the stock one."""
     import lora_engine
 
-    runs: dict[str, list[dict[str, Any]]] = {"stock": [], "patched": []}
-    report = None
+    variants: dict[str, Optional[dict[str, Any]]] = {"stock PEFT": None, "lora_engine": {}}
+    if args.group_projections:
+        variants["lora_engine grouped"] = {"group_projections": True}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    reports: dict[str, str] = {}
     for _ in range(args.rounds):
-        for kind in ("stock", "patched"):
-            if kind == "patched":
-                report = lora_engine.patch_peft_model(model)
-            runs[kind].append(time_steps(model, args.batch, args.seq, args.vocab, args.steps, args.device))
-            if kind == "patched":
+        for name, patch in variants.items():
+            if patch is not None:
+                reports[name] = lora_engine.patch_peft_model(model, **patch).summary()
+            runs[name].append(time_steps(model, args.batch, args.seq, args.vocab, args.steps, args.device))
+            if patch is not None:
                 lora_engine.unpatch_peft_model(model)
-    print(report)
     rows = []
-    for kind, name in (("stock", "stock PEFT"), ("patched", "lora_engine")):
-        step_s = [t for run in runs[kind] for t in run["step_s"]]
+    for name in variants:
+        if name in reports:
+            print(reports[name])
+        step_s = [t for run in runs[name] for t in run["step_s"]]
         median = statistics.median(step_s)
-        round_medians = [statistics.median(run["step_s"]) for run in runs[kind]]
-        peaks = [run["peak_gib"] for run in runs[kind] if run["peak_gib"] is not None]
+        round_medians = [statistics.median(run["step_s"]) for run in runs[name]]
+        peaks = [run["peak_gib"] for run in runs[name] if run["peak_gib"] is not None]
         rows.append({"row": f"{name}{label}", "step_s": median, "tokens_per_s": args.batch * args.seq / median,
                      "round_step_s": round_medians, "peak_gib": max(peaks) if peaks else None,
-                     "losses": [run["losses"] for run in runs[kind]]})  # fmt: skip
-    rows[1]["patch_report"] = report.summary() if report is not None else None
+                     "losses": [run["losses"] for run in runs[name]], "patch_report": reports.get(name)})  # fmt: skip
     return rows
 
 
@@ -174,16 +179,19 @@ def _commit() -> Optional[str]:
     return done.stdout.strip() or None
 
 
-def _print(rows: list[dict[str, Any]], what: str) -> None:
+def _print(rows: list[dict[str, Any]], what: str, per_model: int) -> None:
+    """The rows, then each patched row against the stock row of the same model (rows come ``per_model`` a model)."""
     print(what)
     for r in rows:
         peak = f"peak {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else ""
-        print(f"  {r['row']:22s} step {r['step_s']:.3f} s  {r['tokens_per_s']:9.0f} tokens/s  {peak}")
-    for stock, patched in zip(rows[::2], rows[1::2]):
-        ratio = patched["tokens_per_s"] / stock["tokens_per_s"]
-        memory = (f", peak memory {patched['peak_gib'] / stock['peak_gib']:.2f}x"
-                  if patched["peak_gib"] and stock["peak_gib"] else "")  # fmt: skip
-        print(f"  {patched['row']} / {stock['row']}: {ratio:.2f}x tokens/s{memory}")
+        print(f"  {r['row']:30s} step {r['step_s']:.3f} s  {r['tokens_per_s']:9.0f} tokens/s  {peak}")
+    for start in range(0, len(rows), per_model):
+        stock, *patched_rows = rows[start : start + per_model]
+        for patched in patched_rows:
+            ratio = patched["tokens_per_s"] / stock["tokens_per_s"]
+            memory = (f", peak memory {patched['peak_gib'] / stock['peak_gib']:.2f}x"
+                      if patched["peak_gib"] and stock["peak_gib"] else "")  # fmt: skip
+            print(f"  {patched['row']} / {stock['row']}: {ratio:.2f}x tokens/s{memory}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="alternating stock / patched rounds")
     p.add_argument("--method", default="lora", choices=["lora", "prefix"])
     p.add_argument("--targets", default="all", choices=list(TARGETS), help="LoRA target projections")
+    p.add_argument("--group-projections", action="store_true",
+                   help="also time patch_peft_model(model, group_projections=True): q/k/v and gate/up grouped")
     p.add_argument("--liger", action="store_true", help="also time both with Liger-Kernel (pip install liger-kernel)")
     p.add_argument("--tiny", action="store_true", help="toy sizes, two layers: checks that the script runs")
     p.add_argument("--device", default="cuda", help="cuda (default); with --tiny also cpu")
@@ -230,12 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         del model
         if args.device == "cuda":
             torch.cuda.empty_cache()
-    _print(rows, what)
+    _print(rows, what, per_model=3 if args.group_projections else 2)
     out = args.out or results_dir(env["gpu"])
     out.mkdir(parents=True, exist_ok=True)
     stem = f"e2e-{'tiny' if args.tiny else args.model}-{args.layers}l-{args.method}"
     stem += f"-{args.targets}" if args.method == "lora" else ""
     stem += "-liger" if args.liger else ""
+    stem += "-grouped" if args.group_projections else ""
     record = {**env, "setup": what, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "rows": rows}  # fmt: skip
     (out / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")

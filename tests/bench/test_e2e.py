@@ -13,7 +13,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
-    "extra", [["--model", "qwen2.5-7b", "--targets", "qv"], ["--method", "prefix"]], ids=["qwen2-lora-qv", "prefix"]
+    "extra",
+    [["--model", "qwen2.5-7b", "--targets", "qv"], ["--method", "prefix"], ["--group-projections"]],
+    ids=["qwen2-lora-qv", "prefix", "grouped"],
 )
 def test_tiny_run_writes_stock_and_patched_rows(tmp_path, extra):
     env = {key: os.environ[key] for key in ("PATH", "HOME", "TMPDIR") if key in os.environ}
@@ -23,8 +25,11 @@ def test_tiny_run_writes_stock_and_patched_rows(tmp_path, extra):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     (path,) = tmp_path.glob("e2e-tiny-2l-*.json")
     record = json.loads(path.read_text())
-    assert [r["row"] for r in record["rows"]] == ["stock PEFT", "lora_engine"]
+    grouped = ["lora_engine grouped"] if "--group-projections" in extra else []
+    assert [r["row"] for r in record["rows"]] == ["stock PEFT", "lora_engine", *grouped]
     for row in record["rows"]:
         assert len(row["round_step_s"]) == 2 and row["tokens_per_s"] > 0 and len(row["losses"]) == 2
     assert "lora_engine" in record["rows"][1]["patch_report"] and record["torch"] and "date" in record
+    if grouped:
+        assert "projection groups" in record["rows"][2]["patch_report"]
     assert "lora_engine / stock PEFT:" in done.stdout
