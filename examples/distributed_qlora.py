@@ -187,6 +187,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             (args.out / "run.json").write_text(json.dumps(result, indent=1) + "\n")
             print(f"adapter saved to {args.out}")
     if torch.distributed.is_initialized():
+        # every rank waits for rank 0's save: a gloo rank tearing its group down while a peer still works aborts
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return result
 
