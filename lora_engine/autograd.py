@@ -33,14 +33,15 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 
 from . import dispatch
-from .kernels.configs import matmul_config
+from .kernels.configs import matmul_config, multi_lora_config
 from .kernels.dequantize import dequantize_4bit
 from .kernels.dropout import dropout_scale_
 from .kernels.lora_gemv import lora_gemv_4bit
 from .kernels.lora_lowrank import lora_da, lora_down, lora_dy_pass
 from .kernels.lora_matmul import IN_LOOP_RANK_LIMIT, lora_matmul
+from .kernels.lora_multi import multi_lora_expand, multi_lora_shrink, segment_metadata
 from .kernels.operands import Dropout, Packed4bit
-from .kinds import IA3, Adapter, Dora, Lora
+from .kinds import IA3, Adapter, Dora, Lora, MultiLora
 
 Weight = Union[Packed4bit, torch.Tensor]
 
@@ -346,6 +347,15 @@ def _differentiable_backward(
     out = [g.to(t.dtype) if g is not None else (torch.zeros_like(t) if need else None)
            for g, t, need in zip(out, inputs, flags)]  # fmt: skip
     return out[0], tuple(out[2:]), out[1]
+
+
+def multi_lora_forward(adapter: MultiLora, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Add a mixed batch's low-rank terms to the base output ``y`` [M, N] in place (x [M, K]; inference only):
+    the rows grouped by adapter on the device, then the shrink and expand kernels (``kernels/lora_multi.py``)."""
+    stacked_A, stacked_B, scalings = adapter.stacked(x.dtype)
+    segments = segment_metadata(adapter.indices, len(adapter.lora_As), multi_lora_config(x.shape[0]).block_m)
+    left = multi_lora_shrink(x, stacked_A, segments)
+    return multi_lora_expand(y, left, stacked_B, scalings, segments)
 
 
 # A frozen 4-bit layer without an adapter: y = x·deq(W)ᵀ + bias, dx = dy·deq(W), dbias = Σ dy. The same kernels
