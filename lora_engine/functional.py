@@ -124,7 +124,8 @@ def multi_lora_linear_4bit(
     base product runs once for every row (what :func:`linear_4bit` runs), then two kernels add the low-rank terms
     with the rows grouped by adapter: a shrink (``x·A_iᵀ``) and an expand (``s_i·left·B_iᵀ`` into y). The factors
     are stacked, zero-padded to the largest rank, on every call. No dropout, no gradients: with autograd recording
-    and any operand requiring a gradient this raises (run it under ``torch.no_grad()``).
+    and any operand requiring a gradient this raises (run it under ``torch.no_grad()``). Under ``torch.compile`` the
+    reference's torch operations are traced instead of the kernels.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -135,7 +136,8 @@ def multi_lora_linear_4bit(
             "multi_lora_linear_4bit is inference only (mixed-batch adapters have no gradient path): run it under "
             "torch.no_grad() or torch.inference_mode(), or train one adapter at a time with lora_linear_4bit"
         )
-    if not dispatch.use_triton(x.device, _dtypes(x, bias, *lora_As, *lora_Bs)):
+    if not dispatch.use_triton(x.device, _dtypes(x, bias, *lora_As, *lora_Bs)) or torch.compiler.is_compiling():
+        # no registered custom op for the mixed batch: under torch.compile the reference's torch operations are traced
         return reference.multi_lora_linear_4bit(
             x, weight, quant_state, lora_As, lora_Bs, scalings, adapter_indices, bias
         )

@@ -134,6 +134,14 @@ def test_torch_backend_runs_the_reference():
     assert torch.equal(y, reference.multi_lora_linear_4bit(*args))
 
 
+def test_under_torch_compile_traces_the_reference():
+    t = _inputs(Case(7, "nf4", True, F32, True), "cpu")
+    args = (t["packed"], t["state"], t["As"], t["Bs"], list(SCALINGS), t["indices"], t["bias"])
+    compiled = torch.compile(lambda x: lora_engine.multi_lora_linear_4bit(x, *args), backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(t["x"]), reference.multi_lora_linear_4bit(t["x"], *args))
+
+
 def test_errors_name_the_problem(kernel_device):
     t = _inputs(Case(7, "nf4", False, F32, False), kernel_device)
     x, packed, state, As, Bs = t["x"], t["packed"], t["state"], t["As"], t["Bs"]
