@@ -116,3 +116,17 @@ def test_unserved_mixed_batches_fall_back_and_are_reported(case, make_peft_llama
         report
     )
     assert sum(reason in record.getMessage() for record in caplog.records) == 1
+
+
+def test_mixed_batch_with_grouped_projections(make_peft_llama, tokens, kernel_device):
+    """Grouped q/k/v and gate/up leave a mixed batch to the layers (PEFT's hook passes adapter_names to each)."""
+    stock = _two_adapter_llama(make_peft_llama, kernel_device)
+    patched = _two_adapter_llama(make_peft_llama, kernel_device)
+    report = lora_engine.patch_peft_model(patched, group_projections=True)
+    assert report.grouped, str(report)
+    ids = tokens(6, batch=len(NAMES), seq=7)
+    with torch.no_grad():
+        _assert_logits("grouped", patched(input_ids=ids, adapter_names=NAMES).logits,
+                       stock(input_ids=ids, adapter_names=NAMES).logits)  # fmt: skip
+    assert not report.fallbacks, str(report)
+    assert all("pre-hooks" in "; ".join(reasons) for reasons in report.group_fallbacks.values()), str(report)
