@@ -123,19 +123,12 @@ def multi_lora_linear_4bit(
     adapter_indices: integers of shape ``x.shape[:-1]`` (one per row) or ``(x.shape[0],)`` (one per sample). The
     base product runs once for every row (what :func:`linear_4bit` runs), then two kernels add the low-rank terms
     with the rows grouped by adapter: a shrink (``x·A_iᵀ``) and an expand (``s_i·left·B_iᵀ`` into y). The factors
-    are stacked, zero-padded to the largest rank, on every call. No dropout, no gradients: with autograd recording
-    and any operand requiring a gradient this raises (run it under ``torch.no_grad()``). Under ``torch.compile`` the
-    reference's torch operations are traced instead of the kernels.
+    are stacked, zero-padded to the largest rank, on every call. No dropout. Gradients for x, bias and every
+    factor: dx through the base path and the same two kernels, the factors' by torch products per adapter
+    (``autograd.MultiLoraFunction``). Under ``torch.compile`` the reference's torch operations are traced instead.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if torch.is_grad_enabled() and any(
-        isinstance(t, torch.Tensor) and t.requires_grad for t in (x, bias, *lora_As, *lora_Bs)
-    ):
-        raise RuntimeError(
-            "multi_lora_linear_4bit is inference only (mixed-batch adapters have no gradient path): run it under "
-            "torch.no_grad() or torch.inference_mode(), or train one adapter at a time with lora_linear_4bit"
-        )
     if not dispatch.use_triton(x.device, _dtypes(x, bias, *lora_As, *lora_Bs)) or torch.compiler.is_compiling():
         # no registered custom op for the mixed batch: under torch.compile the reference's torch operations are traced
         return reference.multi_lora_linear_4bit(
@@ -147,12 +140,18 @@ def multi_lora_linear_4bit(
     indices = check_multi_lora_args(
         x, packed.n, packed.k, lora_As, lora_Bs, scalings, adapter_indices, bias, packed.data.device
     )
-    y = linear_4bit(x, weight, quant_state, bias)  # the base product, once for every row
     if not lora_As:
-        return y
-    from .autograd import multi_lora_forward
+        return linear_4bit(x, weight, quant_state, bias)
+    from .autograd import MultiLoraFunction, multi_lora_forward
 
     adapter = MultiLora(tuple(lora_As), tuple(lora_Bs), tuple(float(s) for s in scalings), indices)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *lora_As, *lora_Bs)):
+        x2d = x.reshape(-1, packed.k)
+        path = _resolve_path(x2d.shape[0], packed, x.device)
+        with dispatch.device_guard(x.device):
+            y = MultiLoraFunction.apply(x2d, bias, packed, path, adapter, *lora_As, *lora_Bs)
+        return y.reshape(*x.shape[:-1], packed.n)
+    y = linear_4bit(x, weight, quant_state, bias)  # the base product, once for every row
     with dispatch.device_guard(x.device):
         y2d = y.reshape(-1, packed.n)
         multi_lora_forward(adapter, x.reshape(-1, packed.k), y2d)

@@ -6,7 +6,7 @@
     Dora   y = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias,  g = m / ‖W + s·B·A‖ (row norms, not differentiated: PEFT's rule)
                                                             trainable: A, B, m [out]
     MultiLora  y[m] = x[m]·Wᵀ + s_i·(x[m]·A_iᵀ)·B_iᵀ + bias,  i = idx[m]  (idx[m] = -1: the base alone)
-                                                            inference only (a mixed batch of adapters)
+                                                            trainable: every A_i, B_i (no dropout)
 
 A bundle says which of its tensors are trained (``trainables``, in the order their gradients come back),
 rebuilds itself around autograd's copies of them (``with_trainables``), and gives its layer as torch operations
@@ -98,8 +98,8 @@ class Dora(NamedTuple):
 class MultiLora(NamedTuple):
     """A mixed batch: row m of x takes LoRA adapter ``indices[m]`` (its own rank and scaling), -1 the base alone.
 
-    Inference only: the kernels compute no gradient for it (``functional.multi_lora_linear_4bit`` raises where one
-    is asked for), so it has no entry in ``autograd.KINDS``. No dropout.
+    No dropout. Its forward and backward live in ``autograd.MultiLoraFunction`` rather than ``autograd.KINDS``: the
+    rows are grouped by adapter once per call and the base product runs once for all of them.
     """
 
     lora_As: tuple[torch.Tensor, ...]  # each [r_i, in_features]

@@ -209,11 +209,12 @@ class LoRALinear4bit(_LoRAAdapter):
     ``compute_dtype`` (when set) and the output back. More named adapters: ``add_adapter``, ``set_adapter``,
     ``delete_adapter`` (see ``_LoRAAdapter``).
 
-    Mixed batches (inference): ``layer(x, adapter_indices=idx)`` runs row m of x through adapter
+    Mixed batches: ``layer(x, adapter_indices=idx)`` runs row m of x through adapter
     ``adapter_names[idx[m]]`` (-1: the base alone), whichever adapter is active; ``idx`` is an integer tensor of
     shape ``x.shape[:-1]`` (one per row) or ``(x.shape[0],)`` (one per sample). Adapters of different ranks and
     scalings mix in one call (``lora_engine.multi_lora_linear_4bit``): the base product once, then each row's
-    low-rank term. No dropout and no gradients there: it raises under autograd and in training mode with dropout.
+    low-rank term; gradients reach x and every adapter's factors. No dropout there: in training mode with
+    ``lora_dropout`` on an adapter it raises.
     """
 
     def __init__(
@@ -344,12 +345,12 @@ class LoRALinear4bit(_LoRAAdapter):
         return y.to(x.dtype)
 
     def _mixed_forward(self, x: torch.Tensor, adapter_indices: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
-        """Each row of x through its own adapter (indices into ``adapter_names``, -1: none), inference only."""
+        """Each row of x through its own adapter (indices into ``adapter_names``, -1: none), without dropout."""
         adapters = [self.get_adapter(name) for name in self._adapter_order]
         if self.training and any(w.lora_dropout > 0 for w in adapters):
             raise ValueError(
                 "adapter_indices runs no dropout, but the layer is in training mode with lora_dropout on an adapter: "
-                "call .eval() for mixed-batch inference"
+                "call .eval(), or set the adapters' lora_dropout to 0 to train them on mixed batches"
             )
         y = F.multi_lora_linear_4bit(
             x.to(compute), self.weight, self.weight.quant_state, [w.lora_A for w in adapters],

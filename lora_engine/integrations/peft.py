@@ -17,7 +17,7 @@ IA3 adapter (the input scale of feed-forward layers fused into the GEMM's prolog
 others into its epilogue, with PEFT's dtypes: its 4-bit IA3 layer returns float32 for a 16-bit input outside
 autocast). PEFT's mixed batches (``adapter_names``, one name per sample, "__base__" for none) over a 4-bit base
 run ``multi_lora_linear_4bit`` (the base product once, each row's low-rank term from its own adapter) when every
-named adapter of the layer is a plain LoRA adapter and autograd is not recording. Merging stays PEFT's. Anything
+named adapter of the layer is a plain LoRA adapter (gradients included). Merging stays PEFT's. Anything
 else runs PEFT's forward for that call: DoRA over an nn.Linear base or with dropout in training, other LoRA
 variants, ``lora_bias``, the mixed batches the kernels do not serve, several active adapters, merged or
 disabled adapters, layouts or devices the kernels do not read, and a LoRA layer stacked on another tuner layer (a
@@ -293,7 +293,7 @@ def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
 
 def _mixed_batch_reason(layer: LoraLayer, x: Any, names: Any) -> Optional[str]:
     """Why a call with PEFT's ``adapter_names`` (one name per sample, "__base__": none) cannot run the mixed-batch
-    kernels (None when it can): every named adapter of this layer must be a plain LoRA adapter, used for inference."""
+    kernels (None when it can): every named adapter of this layer must be a plain LoRA adapter without dropout."""
     if layer.disable_adapters:
         return "adapters disabled"
     if layer.merged:
@@ -314,9 +314,6 @@ def _mixed_batch_reason(layer: LoraLayer, x: Any, names: Any) -> Optional[str]:
         dropout = layer.lora_dropout[name]
         if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
             return f"mixed-batch adapter_names with lora_dropout in training ({name!r})"
-    factors = [layer.lora_A[name].weight for name in used] + [layer.lora_B[name].weight for name in used]
-    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in factors)):
-        return "mixed-batch adapter_names with autograd recording (the mixed-batch kernels are inference only)"
     return None
 
 
