@@ -115,7 +115,7 @@ def multi_lora_linear_4bit(
     adapter_indices: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """A mixed batch of LoRA adapters over a frozen bitsandbytes 4-bit weight (inference):
+    """A mixed batch of LoRA adapters over a frozen bitsandbytes 4-bit weight, each row of x with its own adapter:
 
         y[m] = x[m]·deq(W)ᵀ + s_i·(x[m]·A_iᵀ)·B_iᵀ + bias,   i = adapter_indices[m]   (-1: the base alone)
 
@@ -125,7 +125,8 @@ def multi_lora_linear_4bit(
     with the rows grouped by adapter: a shrink (``x·A_iᵀ``) and an expand (``s_i·left·B_iᵀ`` into y). The factors
     are stacked, zero-padded to the largest rank, on every call. No dropout. Gradients for x, bias and every
     factor: dx through the base path and the same two kernels, the factors' by torch products per adapter
-    (``autograd.MultiLoraFunction``). Under ``torch.compile`` the reference's torch operations are traced instead.
+    (``autograd.MultiLoraFunction``; the base product then takes the LoRA layers' path table, not the base-only
+    one). Under ``torch.compile`` the reference's torch operations are traced instead.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
