@@ -92,6 +92,27 @@ def lowrank_config(m: int) -> LowRankConfig:
     return LowRankConfig(block_m=64, block_k=128)
 
 
+@dataclass(frozen=True)
+class MultiLoraConfig:
+    """Tiles of the mixed-batch kernels: BLOCK_M sorted rows of one adapter per program, K (shrink) or N (expand)
+    swept in BLOCK_K / BLOCK_N steps."""
+
+    block_m: int
+    block_k: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@functools.lru_cache(maxsize=4096)  # called per launch; a pure function of its arguments and the mode
+def multi_lora_config(m: int) -> MultiLoraConfig:
+    """Tiles for the mixed-batch shrink and expand kernels over ``m`` rows. Not yet tuned on a GPU: 16-row blocks
+    because a segment wastes at most one partial block, and serving batches mix adapters over few rows each."""
+    if interpreter_active():
+        return MultiLoraConfig(block_m=16, block_k=32, block_n=32, num_warps=1, num_stages=1)
+    return MultiLoraConfig(block_m=16, block_k=128, block_n=64)
+
+
 DEQUANT_BLOCK = 1024  # elements decoded per program of the dequantize kernel (512 packed bytes)
 DEQUANT_BLOCK_INTERPRETER = 256
 

@@ -42,7 +42,7 @@ def load_kernels() -> None:
     from triton.runtime.interpreter import InterpretedFunction
 
     # all at once, so that no kernel is decorated later under another value of the variable
-    from . import decode, dequantize, dropout, lora_gemv, lora_lowrank, lora_matmul  # noqa: F401
+    from . import decode, dequantize, dropout, lora_gemv, lora_lowrank, lora_matmul, lora_multi  # noqa: F401
 
     # one @triton.jit function of Triton's library and one of ours (imported earlier, e.g. by a test or a bench)
     for where, function in (

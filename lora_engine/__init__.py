@@ -19,6 +19,7 @@ from .functional import (
     linear_4bit,
     lora_linear,
     lora_linear_4bit,
+    multi_lora_linear_4bit,
 )
 from .modules import LoRALinear, LoRALinear4bit
 
@@ -87,6 +88,7 @@ __all__ = [
     "linear_4bit",
     "lora_linear",
     "lora_linear_4bit",
+    "multi_lora_linear_4bit",
     "patch_model",
     "patch_peft_model",
     "reference",

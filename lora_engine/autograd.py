@@ -33,14 +33,15 @@ from typing import Callable, NamedTuple, Optional, Union
 import torch
 
 from . import dispatch
-from .kernels.configs import matmul_config
+from .kernels.configs import matmul_config, multi_lora_config
 from .kernels.dequantize import dequantize_4bit
 from .kernels.dropout import dropout_scale_
 from .kernels.lora_gemv import lora_gemv_4bit
 from .kernels.lora_lowrank import lora_da, lora_down, lora_dy_pass
 from .kernels.lora_matmul import IN_LOOP_RANK_LIMIT, lora_matmul
+from .kernels.lora_multi import multi_lora_expand, multi_lora_shrink, segment_metadata
 from .kernels.operands import Dropout, Packed4bit
-from .kinds import IA3, Adapter, Dora, Lora
+from .kinds import IA3, Adapter, Dora, Lora, MultiLora
 
 Weight = Union[Packed4bit, torch.Tensor]
 
@@ -346,6 +347,68 @@ def _differentiable_backward(
     out = [g.to(t.dtype) if g is not None else (torch.zeros_like(t) if need else None)
            for g, t, need in zip(out, inputs, flags)]  # fmt: skip
     return out[0], tuple(out[2:]), out[1]
+
+
+def multi_lora_forward(adapter: MultiLora, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Add a mixed batch's low-rank terms to the base output ``y`` [M, N] in place (x [M, K]): the rows grouped by
+    adapter on the device, then the shrink and expand kernels (``kernels/lora_multi.py``)."""
+    stacked_A, stacked_B, scalings = adapter.stacked(x.dtype)
+    segments = segment_metadata(adapter.indices, len(adapter.lora_As), multi_lora_config(x.shape[0]).block_m)
+    left = multi_lora_shrink(x, stacked_A, segments)
+    return multi_lora_expand(y, left, stacked_B, scalings, segments)
+
+
+class MultiLoraFunction(torch.autograd.Function):
+    """A mixed batch with gradients, on 2-D x: ``apply(x, bias, weight, path, adapter, *lora_As, *lora_Bs)``.
+
+        forward   y[m] = x[m]·Wᵀ + s_i·left[m]·B_iᵀ + bias,  left[m] = x[m]·A_iᵀ     (i = idx[m]; saves left)
+        backward  dyB[m] = dy[m]·B_i                      the shrink kernel over dy with the stacked Bᵀ
+                  dx = dy·W + s_i·dyB[m]·A_i               the base path, then the expand kernel with the stacked Aᵀ
+                  dA_i = s_i·Σ_{m of i} dyB[m]ᵀ·x[m],  dB_i = s_i·Σ_{m of i} dy[m]ᵀ·left[m]
+                                                           torch products per adapter over its rows (fp32)
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, weight, path, adapter, *factors):
+        n = len(adapter.lora_As)
+        adapter = adapter._replace(lora_As=tuple(factors[:n]), lora_Bs=tuple(factors[n:]))
+        stacked_A, stacked_B, scalings = adapter.stacked(x.dtype)
+        segments = segment_metadata(adapter.indices, n, multi_lora_config(x.shape[0]).block_m)
+        left = multi_lora_shrink(x, stacked_A, segments)
+        y = multi_lora_expand(linear_forward(x, bias, weight, path), left, stacked_B, scalings, segments)
+        ctx.save_for_backward(x, bias, left, stacked_A, stacked_B, scalings, *factors)
+        ctx.adapter, ctx.segments, ctx.weight, ctx.path = adapter, segments, weight, path
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, bias, left, stacked_A, stacked_B, scalings, *factors = ctx.saved_tensors
+        adapter, segments = ctx.adapter, ctx.segments
+        n = len(adapter.lora_As)
+        need_x, need_bias = ctx.needs_input_grad[:2]
+        needs = ctx.needs_input_grad[5:]
+        if torch.is_grad_enabled():
+            raise RuntimeError("multi_lora_linear_4bit has no double backward (create_graph=True)")
+        dx = d_bias = None
+        with dispatch.device_guard(dy.device):
+            dy_b = multi_lora_shrink(dy, stacked_B.transpose(1, 2), segments)  # sorted order, fp32 [M, r_max]
+            if need_x:
+                base = linear_backward_input(dy, ctx.weight, "dequant" if ctx.path == "gemv" else ctx.path)
+                dx = multi_lora_expand(base, dy_b, stacked_A.transpose(1, 2), scalings, segments)
+        if need_bias:
+            d_bias = dy.sum(0, dtype=torch.float32).to(bias.dtype)
+        grads = [None] * (2 * n)
+        if any(needs):
+            key = adapter.indices[segments.rows]  # the adapter of each sorted position
+            x_sorted, dy_sorted = x[segments.rows].float(), dy[segments.rows].float()
+            for i, scaling in enumerate(adapter.scalings):
+                rows = (key == i).float()[:, None]  # masks, not slices: no host sync for the segment bounds
+                rank = factors[i].shape[0]
+                if needs[i]:
+                    grads[i] = (scaling * ((dy_b * rows).t() @ x_sorted))[:rank].to(factors[i].dtype)
+                if needs[n + i]:
+                    grads[n + i] = (scaling * ((dy_sorted * rows).t() @ left))[:, :rank].to(factors[n + i].dtype)
+        return (dx, d_bias, None, None, None, *grads)
 
 
 # A frozen 4-bit layer without an adapter: y = x·deq(W)ᵀ + bias, dx = dy·deq(W), dbias = Σ dy. The same kernels

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
 from . import dispatch, reference
 from .format import packed_4bit, packed_4bit_cached, packed_bytes, row_norms_sq_cached
 from .kernels.operands import Dropout, Packed4bit
-from .kinds import IA3, Adapter, Dora, Lora
+from .kinds import IA3, Adapter, Dora, Lora, MultiLora
 from .validation import (
     check_dora_magnitude,
     check_frozen_weight,
     check_ia3_linear_args,
     check_linear_args,
     check_lora_linear_args,
+    check_multi_lora_args,
 )
 
 
@@ -102,6 +103,60 @@ def linear_4bit(
         else:  # inference: the same kernels without autograd's bookkeeping
             y = linear_forward(x2d, bias, packed, path)
     return y.reshape(*x.shape[:-1], packed.n)
+
+
+def multi_lora_linear_4bit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: Any,
+    lora_As: Sequence[torch.Tensor],
+    lora_Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    adapter_indices: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """A mixed batch of LoRA adapters over a frozen bitsandbytes 4-bit weight, each row of x with its own adapter:
+
+        y[m] = x[m]·deq(W)ᵀ + s_i·(x[m]·A_iᵀ)·B_iᵀ + bias,   i = adapter_indices[m]   (-1: the base alone)
+
+    lora_As[i]: (r_i, in_features), lora_Bs[i]: (out_features, r_i), scalings[i]: a number; ranks may differ.
+    adapter_indices: integers of shape ``x.shape[:-1]`` (one per row) or ``(x.shape[0],)`` (one per sample). The
+    base product runs once for every row (what :func:`linear_4bit` runs), then two kernels add the low-rank terms
+    with the rows grouped by adapter: a shrink (``x·A_iᵀ``) and an expand (``s_i·left·B_iᵀ`` into y). The factors
+    are stacked, zero-padded to the largest rank, on every call. No dropout. Gradients for x, bias and every
+    factor: dx through the base path and the same two kernels, the factors' by torch products per adapter
+    (``autograd.MultiLoraFunction``; the base product then takes the LoRA layers' path table, not the base-only
+    one). Under ``torch.compile`` the reference's torch operations are traced instead.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if not dispatch.use_triton(x.device, _dtypes(x, bias, *lora_As, *lora_Bs)) or torch.compiler.is_compiling():
+        # no registered custom op for the mixed batch: under torch.compile the reference's torch operations are traced
+        return reference.multi_lora_linear_4bit(
+            x, weight, quant_state, lora_As, lora_Bs, scalings, adapter_indices, bias
+        )
+    with torch._C.DisableTorchFunctionSubclass():  # as in lora_linear_4bit: Params4bit's attributes are slow
+        check_frozen_weight(weight, "multi_lora_linear_4bit")
+        packed = packed_4bit_cached(weight, quant_state)
+    indices = check_multi_lora_args(
+        x, packed.n, packed.k, lora_As, lora_Bs, scalings, adapter_indices, bias, packed.data.device
+    )
+    if not lora_As:
+        return linear_4bit(x, weight, quant_state, bias)
+    from .autograd import MultiLoraFunction, multi_lora_forward
+
+    adapter = MultiLora(tuple(lora_As), tuple(lora_Bs), tuple(float(s) for s in scalings), indices)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *lora_As, *lora_Bs)):
+        x2d = x.reshape(-1, packed.k)
+        path = _resolve_path(x2d.shape[0], packed, x.device)
+        with dispatch.device_guard(x.device):
+            y = MultiLoraFunction.apply(x2d, bias, packed, path, adapter, *lora_As, *lora_Bs)
+        return y.reshape(*x.shape[:-1], packed.n)
+    y = linear_4bit(x, weight, quant_state, bias)  # the base product, once for every row
+    with dispatch.device_guard(x.device):
+        y2d = y.reshape(-1, packed.n)
+        multi_lora_forward(adapter, x.reshape(-1, packed.k), y2d)
+    return y2d.reshape(*x.shape[:-1], packed.n)
 
 
 def lora_linear(

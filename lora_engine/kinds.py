@@ -5,6 +5,8 @@
            y = (x·Wᵀ + bias) ⊙ l         (otherwise)        trainable: l [out]  (PEFT's other layers)
     Dora   y = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias,  g = m / ‖W + s·B·A‖ (row norms, not differentiated: PEFT's rule)
                                                             trainable: A, B, m [out]
+    MultiLora  y[m] = x[m]·Wᵀ + s_i·(x[m]·A_iᵀ)·B_iᵀ + bias,  i = idx[m]  (idx[m] = -1: the base alone)
+                                                            trainable: every A_i, B_i (no dropout)
 
 A bundle says which of its tensors are trained (``trainables``, in the order their gradients come back),
 rebuilds itself around autograd's copies of them (``with_trainables``), and gives its layer as torch operations
@@ -90,6 +92,44 @@ class Dora(NamedTuple):
         lora_A, lora_B = self.lora_A.float(), self.lora_B.float()
         norm = torch.linalg.norm(weight + self.scaling * (lora_B @ lora_A).detach(), dim=1).detach()
         y = (x @ weight.t() + self.scaling * ((x @ lora_A.t()) @ lora_B.t())) * (self.magnitude.float() / norm)
+        return y if bias is None else y + bias
+
+
+class MultiLora(NamedTuple):
+    """A mixed batch: row m of x takes LoRA adapter ``indices[m]`` (its own rank and scaling), -1 the base alone.
+
+    No dropout. Its forward and backward live in ``autograd.MultiLoraFunction`` rather than ``autograd.KINDS``: the
+    rows are grouped by adapter once per call and the base product runs once for all of them.
+    """
+
+    lora_As: tuple[torch.Tensor, ...]  # each [r_i, in_features]
+    lora_Bs: tuple[torch.Tensor, ...]  # each [out_features, r_i]
+    scalings: tuple[float, ...]
+    indices: torch.Tensor  # int64 [M], values in [-1, len(lora_As))
+
+    def trainables(self) -> tuple[torch.Tensor, ...]:
+        return (*self.lora_As, *self.lora_Bs)
+
+    def stacked(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A [n, r_max, in], B [n, out, r_max], scalings fp32 [n])``: the factors in ``dtype``, zero-padded to the
+        largest rank (zeros add nothing to the products). Built per call: nothing cached to go stale."""
+        r_max = max(a.shape[0] for a in self.lora_As)
+        n, k, out = len(self.lora_As), self.lora_As[0].shape[1], self.lora_Bs[0].shape[0]
+        device = self.lora_As[0].device
+        stacked_A = torch.zeros((n, r_max, k), dtype=dtype, device=device)
+        stacked_B = torch.zeros((n, out, r_max), dtype=dtype, device=device)
+        for i, (lora_A, lora_B) in enumerate(zip(self.lora_As, self.lora_Bs)):
+            stacked_A[i, : lora_A.shape[0]] = lora_A.detach()
+            stacked_B[i, :, : lora_B.shape[1]] = lora_B.detach()
+        scalings = torch.tensor(self.scalings, dtype=torch.float32).to(device, non_blocking=True)
+        return stacked_A, stacked_B, scalings
+
+    def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer in torch operations (all operands fp32, dense weight [out, in])."""
+        y = x @ weight.t()
+        for i, (lora_A, lora_B, scaling) in enumerate(zip(self.lora_As, self.lora_Bs, self.scalings)):
+            rows = (self.indices == i).nonzero().flatten()
+            y = y.index_add(0, rows, scaling * ((x[rows] @ lora_A.float().t()) @ lora_B.float().t()))
         return y if bias is None else y + bias
 
 

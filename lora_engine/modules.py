@@ -208,6 +208,13 @@ class LoRALinear4bit(_LoRAAdapter):
     in the layer's format; on any error the layer is left as it was. Floating-point inputs are cast to
     ``compute_dtype`` (when set) and the output back. More named adapters: ``add_adapter``, ``set_adapter``,
     ``delete_adapter`` (see ``_LoRAAdapter``).
+
+    Mixed batches: ``layer(x, adapter_indices=idx)`` runs row m of x through adapter
+    ``adapter_names[idx[m]]`` (-1: the base alone), whichever adapter is active; ``idx`` is an integer tensor of
+    shape ``x.shape[:-1]`` (one per row) or ``(x.shape[0],)`` (one per sample). Adapters of different ranks and
+    scalings mix in one call (``lora_engine.multi_lora_linear_4bit``): the base product once, then each row's
+    low-rank term; gradients reach x and every adapter's factors. No dropout there: in training mode with
+    ``lora_dropout`` on an adapter it raises.
     """
 
     def __init__(
@@ -324,14 +331,30 @@ class LoRALinear4bit(_LoRAAdapter):
             if self.weight.dtype != storage:
                 self.weight.data = self.weight.data.view(storage)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, adapter_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
         _check_floating_input(x)
         compute = self.compute_dtype or x.dtype
+        if adapter_indices is not None:
+            return self._mixed_forward(x, adapter_indices, compute)
         if self.lora_A is None:  # no adapter active on this layer
             return _base_linear(x.to(compute), self.dequantize(compute), self.bias).to(x.dtype)
         y = F.lora_linear_4bit(
             x.to(compute), self.weight, self.weight.quant_state, self.lora_A, self.lora_B, self.scaling,
             bias=self.bias, dropout_p=self.lora_dropout, training=self.training,
+        )  # fmt: skip
+        return y.to(x.dtype)
+
+    def _mixed_forward(self, x: torch.Tensor, adapter_indices: torch.Tensor, compute: torch.dtype) -> torch.Tensor:
+        """Each row of x through its own adapter (indices into ``adapter_names``, -1: none), without dropout."""
+        adapters = [self.get_adapter(name) for name in self._adapter_order]
+        if self.training and any(w.lora_dropout > 0 for w in adapters):
+            raise ValueError(
+                "adapter_indices runs no dropout, but the layer is in training mode with lora_dropout on an adapter: "
+                "call .eval(), or set the adapters' lora_dropout to 0 to train them on mixed batches"
+            )
+        y = F.multi_lora_linear_4bit(
+            x.to(compute), self.weight, self.weight.quant_state, [w.lora_A for w in adapters],
+            [w.lora_B for w in adapters], [w.scaling for w in adapters], adapter_indices, bias=self.bias,
         )  # fmt: skip
         return y.to(x.dtype)
 

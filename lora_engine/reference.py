@@ -7,7 +7,7 @@ the Triton kernels, so both drop exactly the same elements for a given seed.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -19,6 +19,7 @@ from .validation import (
     check_ia3_linear_args,
     check_linear_args,
     check_lora_linear_args,
+    check_multi_lora_args,
 )
 
 _U32 = 0xFFFFFFFF
@@ -243,6 +244,35 @@ def dora_linear_4bit(
     norm = torch.linalg.norm(dense + scaling * (lora_B32 @ lora_A32).detach(), dim=1).detach()
     x32 = x.reshape(-1, k).to(torch.float32)
     y = (x32 @ dense.t() + scaling * ((x32 @ lora_A32.t()) @ lora_B32.t())) * (magnitude.to(torch.float32) / norm)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def multi_lora_linear_4bit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: Any,
+    lora_As: Sequence[torch.Tensor],
+    lora_Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    adapter_indices: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """A mixed batch: row m gets ``x[m]·deq(W)ᵀ + s_i·(x[m]·A_iᵀ)·B_iᵀ + bias`` with ``i`` its adapter index (-1: the
+    base alone), in fp32, returned in x's dtype; W frozen. Indices as ``lora_engine.multi_lora_linear_4bit``."""
+    n, k = weight_shape(weight, quant_state)
+    check_frozen_weight(weight, "multi_lora_linear_4bit")
+    indices = check_multi_lora_args(
+        x, n, k, lora_As, lora_Bs, scalings, adapter_indices, bias, packed_bytes(weight).device
+    )
+    dense = dequantize_4bit(weight, quant_state, torch.float32)
+    x32 = x.reshape(-1, k).to(torch.float32)
+    y = x32 @ dense.t()
+    for i, (lora_A, lora_B, scaling) in enumerate(zip(lora_As, lora_Bs, scalings)):
+        rows = indices == i
+        delta = scaling * ((x32 @ lora_A.to(torch.float32).t()) @ lora_B.to(torch.float32).t())
+        y = torch.where(rows[:, None], y + delta, y)
     if bias is not None:
         y = y + bias.to(torch.float32)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -146,3 +146,56 @@ def check_dora_magnitude(magnitude: torch.Tensor, out_features: int, x: torch.Te
         raise ValueError(
             f"magnitude is on {magnitude.device} but x is on {x.device}: all operands must share one device"
         )
+
+
+def check_multi_lora_args(
+    x: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    lora_As: Sequence[torch.Tensor],
+    lora_Bs: Sequence[torch.Tensor],
+    scalings: Sequence[float],
+    adapter_indices: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    weight_device: torch.device,
+) -> torch.Tensor:
+    """Validate a mixed batch and return the adapter of every row of x as int64 [rows] on x's device.
+
+    ``adapter_indices``: integers in [-1, len(lora_As)) (-1: the base alone), of shape ``x.shape[:-1]`` (one per
+    row) or ``(x.shape[0],)`` (one per sample, for every row of that sample). The range is checked on the host: free
+    for indices held on the CPU, one device sync for indices already on an accelerator.
+    """
+    if not isinstance(lora_As, (list, tuple)) or not isinstance(lora_Bs, (list, tuple)):
+        raise TypeError("lora_As and lora_Bs must be lists or tuples of tensors, one pair per adapter")
+    if not isinstance(scalings, (list, tuple)):
+        raise TypeError("scalings must be a list or tuple of Python numbers, one per adapter")
+    if not (len(lora_As) == len(lora_Bs) == len(scalings)):
+        raise ValueError(
+            f"one lora_A, lora_B and scaling per adapter: got {len(lora_As)}, {len(lora_Bs)} and {len(scalings)}"
+        )
+    for i, (lora_A, lora_B, scaling) in enumerate(zip(lora_As, lora_Bs, scalings)):
+        try:
+            check_lora_linear_args(x, out_features, in_features, lora_A, lora_B, scaling, bias, 0.0, weight_device)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"adapter {i}: {error}") from None
+    if not isinstance(adapter_indices, torch.Tensor):
+        raise TypeError(f"adapter_indices must be an integer tensor, got {type(adapter_indices).__name__}")
+    dtype = adapter_indices.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise TypeError(f"adapter_indices must be an integer tensor, got {adapter_indices.dtype}")
+    leading = tuple(x.shape[:-1])
+    shape = tuple(adapter_indices.shape)
+    if shape != leading and not (len(leading) >= 1 and shape == leading[:1]):
+        raise ValueError(
+            f"adapter_indices must have shape x.shape[:-1] = {leading} (one per row) or ({leading[:1]}) (one per "
+            f"sample), got {shape}"
+        )
+    if adapter_indices.numel() and bool(((adapter_indices < -1) | (adapter_indices >= len(lora_As))).any()):
+        raise ValueError(
+            f"adapter_indices must lie in [-1, {len(lora_As)}) (-1: the base alone), got values from "
+            f"{int(adapter_indices.min())} to {int(adapter_indices.max())}"
+        )
+    indices = adapter_indices.to(device=x.device, dtype=torch.int64)
+    if shape != leading:  # one per sample: the same adapter for every row of the sample
+        indices = indices.reshape(-1, *([1] * (len(leading) - 1))).expand(leading)
+    return indices.reshape(-1)

@@ -15,11 +15,14 @@ branch drawn in-kernel; base bias frozen or not), one active DoRA adapter over a
 training: magnitude, A and B trained through the kernels, the weight norm detached as PEFT does), or one active
 IA3 adapter (the input scale of feed-forward layers fused into the GEMM's prologue, the output scale of the
 others into its epilogue, with PEFT's dtypes: its 4-bit IA3 layer returns float32 for a 16-bit input outside
-autocast). Merging stays PEFT's. Anything else runs PEFT's forward for that call: DoRA over an nn.Linear base or
-with dropout in training, other LoRA variants, ``lora_bias``, mixed-batch ``adapter_names``, several active
-adapters, merged or disabled adapters, layouts or devices the kernels do not read, and a LoRA layer stacked on
-another tuner layer (a ``PeftMixedModel`` with LoHa, LoKr, AdaLoRA... under LoRA), whose delta only PEFT's
-forward adds. The ``PatchReport`` lists those layers and why; each reason is logged once.
+autocast). PEFT's mixed batches (``adapter_names``, one name per sample, "__base__" for none) over a 4-bit base
+run ``multi_lora_linear_4bit`` (the base product once, each row's low-rank term from its own adapter) when every
+named adapter of the layer is a plain LoRA adapter (gradients included). Merging stays PEFT's. Anything
+else runs PEFT's forward for that call: DoRA over an nn.Linear base or with dropout in training, other LoRA
+variants, ``lora_bias``, the mixed batches the kernels do not serve, several active adapters, merged or
+disabled adapters, layouts or devices the kernels do not read, and a LoRA layer stacked on another tuner layer (a
+``PeftMixedModel`` with LoHa, LoKr, AdaLoRA... under LoRA), whose delta only PEFT's forward adds. The
+``PatchReport`` lists those layers and why; each reason is logged once.
 
 Under FSDP2 the fused 4-bit layers read the gathered packed bytes with the quant state bitsandbytes also keeps on
 the module (the gathered weight is a plain tensor without it). Packed bytes that arrive in another dtype than
@@ -268,18 +271,50 @@ def _active_adapter(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
         if layer.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
             # PEFT then computes the DoRA term on the dropped input with a second base product
             return None, "DoRA with lora_dropout in training"
+    reason = _factors_reason(layer, name)
+    return (None, reason) if reason is not None else (name, None)
+
+
+def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
+    """Why adapter ``name``'s factors are not what the kernels read as A and B (None when they are)."""
     if layer.lora_bias.get(name, False):
-        return None, "lora_bias"
+        return "lora_bias"
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
     if not (type(lora_A) is nn.Linear and type(lora_B) is nn.Linear and lora_A.bias is None and lora_B.bias is None):
-        return None, "LoRA factors are not bias-free nn.Linear modules"
+        return "LoRA factors are not bias-free nn.Linear modules"
     if _has_hooks(lora_A) or _has_hooks(lora_B):
-        return None, "the LoRA modules have forward hooks (e.g. accelerate offloading)"
+        return "the LoRA modules have forward hooks (e.g. accelerate offloading)"
     if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
-        return None, f"dropout module {type(layer.lora_dropout[name]).__name__}"
+        return f"dropout module {type(layer.lora_dropout[name]).__name__}"
     if not _is_number(layer.scaling[name]):
-        return None, "scaling is not a Python number"
-    return name, None
+        return "scaling is not a Python number"
+    return None
+
+
+def _mixed_batch_reason(layer: LoraLayer, x: Any, names: Any) -> Optional[str]:
+    """Why a call with PEFT's ``adapter_names`` (one name per sample, "__base__": none) cannot run the mixed-batch
+    kernels (None when it can): every named adapter of this layer must be a plain LoRA adapter without dropout."""
+    if layer.disable_adapters:
+        return "adapters disabled"
+    if layer.merged:
+        return "adapter merged into the base weight"
+    if not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES:
+        return f"input of type {type(x).__name__} and dtype {getattr(x, 'dtype', None)}"
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+        return f"adapter_names of type {type(names).__name__} (PEFT passes a list of str)"
+    if x.dim() < 2 or len(names) != x.shape[0]:
+        return f"{len(names)} adapter_names for an input of shape {tuple(x.shape)}"
+    used = [name for name in dict.fromkeys(names) if name in layer.lora_A]  # PEFT skips names this layer lacks
+    for name in used:
+        if name in layer.lora_variant:
+            return f"mixed-batch adapter_names with LoRA variant {type(layer.lora_variant[name]).__name__} ({name!r})"
+        reason = _factors_reason(layer, name)
+        if reason is not None:
+            return f"mixed-batch adapter_names: {reason} ({name!r})"
+        dropout = layer.lora_dropout[name]
+        if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            return f"mixed-batch adapter_names with lora_dropout in training ({name!r})"
+    return None
 
 
 def _active_ia3_adapter(layer: IA3Layer) -> tuple[Optional[str], Optional[str]]:
@@ -399,18 +434,45 @@ class _FusedForward:
         if grouped is not None:  # computed with the other projections of this attention or MLP block
             return grouped
         self._check_base()
-        adapter, compute, reason = self._fused_plan(x, args, kwargs)
+        names = kwargs.get("adapter_names")
+        if names is not None:
+            compute, reason = self._mixed_plan(x, args, kwargs)
+            if reason is None:
+                return self._mixed_forward(x, names, compute)
+        else:
+            adapter, compute, reason = self._fused_plan(x, args, kwargs)
+            if reason is None:
+                return self._fused_forward(x, adapter, compute)
+        _note_fallback(self, reason)
+        return super().forward(x, *args, **kwargs)
+
+    def _mixed_plan(self, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[Optional[torch.dtype], Optional[str]]:
+        """(compute dtype, None) for the mixed-batch kernels on a call with ``adapter_names``, or (None, why not)."""
+        extra = sorted(key for key, value in kwargs.items() if value is not None and key != "adapter_names")
+        if args or extra:
+            return None, f"extra forward arguments {extra or len(args)}"
+        if not self._serves_mixed_batches:
+            return None, "mixed-batch adapter_names (the kernels serve them over a 4-bit base)"
+        names = kwargs["adapter_names"]
+        reason = _mixed_batch_reason(self, x, names) or _base_reason(self) or _device_reason(x.device)
         if reason is not None:
-            _note_fallback(self, reason)
-            return super().forward(x, *args, **kwargs)
-        return self._fused_forward(x, adapter, compute)
+            return None, reason
+        compute, reason = self._compute_dtype(x)
+        if reason is None and x.device.type == "cpu" and dispatch.get_backend() != "torch":
+            used = [name for name in dict.fromkeys(names) if name in self.lora_A]
+            if torch.bfloat16 in (compute, *(dtype for name in used for dtype in self._adapter_dtypes(name))):
+                reason = "bf16 in the Triton interpreter (it computes bf16 on raw bits)"
+        return (compute, None) if reason is None else (None, reason)
+
+    _serves_mixed_batches = False  # the classes with a _mixed_forward set it
+
+    def _mixed_forward(self, x: torch.Tensor, names: list[str], compute: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
 
     def _fused_plan(
         self, x: torch.Tensor, args: tuple, kwargs: dict
     ) -> tuple[Optional[str], Optional[torch.dtype], Optional[str]]:
         """(adapter, compute dtype, None) for the fused forward, or (None, None, why PEFT's forward runs)."""
-        if kwargs.get("adapter_names") is not None:
-            return None, None, "mixed-batch adapter_names"
         extra = sorted(key for key, value in kwargs.items() if value is not None)
         if args or extra:
             return None, None, f"extra forward arguments {extra or len(args)}"
@@ -505,6 +567,23 @@ if PeftLinear4bit is not None:
                 training=training,
             )  # fmt: skip
             return y.to(x.dtype)  # bitsandbytes returns the input's dtype
+
+        _serves_mixed_batches = True
+
+        def _mixed_forward(self, x: torch.Tensor, names: list[str], compute: torch.dtype) -> torch.Tensor:
+            """PEFT's mixed batch (sample b through adapter ``names[b]``; "__base__" or a name this layer lacks: the
+            base alone) through ``lora_engine.multi_lora_linear_4bit``, the dtypes as in ``_fused_forward``."""
+            base = self.get_base_layer()
+            used = [name for name in dict.fromkeys(names) if name in self.lora_A]
+            position = {name: i for i, name in enumerate(used)}
+            # built on the host from the names: range-checked there, copied to x's device without a sync
+            indices = torch.tensor([position.get(name, -1) for name in names], dtype=torch.int64)
+            y = F.multi_lora_linear_4bit(
+                x.to(compute), base.weight, _quant_state(base), [self.lora_A[name].weight for name in used],
+                [self.lora_B[name].weight for name in used], [self.scaling[name] for name in used], indices,
+                bias=base.bias,
+            )  # fmt: skip
+            return y.to(x.dtype)
 
 else:  # pragma: no cover
     FusedLoraLinear4bit = None

@@ -231,7 +231,7 @@ FALLBACKS = {
     # name: (LoraConfig kwargs, change made after patching, forward kwargs, reason)
     # DoRA: fused over 4-bit bases, a fallback over nn.Linear and with dropout in training (test_dora_peft.py)
     "lora_bias": (dict(lora_bias=True), None, {}, "lora_bias"),
-    "adapter_names": ({}, None, dict(adapter_names=["default", "__base__", "default"]), "mixed-batch adapter_names"),
+    # mixed-batch adapter_names: the kernels over 4-bit bases, fallbacks in test_multi_lora_peft.py
     "several_active": ({}, _two_adapters, {}, "several active adapters"),
     "merged": ({}, lambda m: m.merge_adapter(), {}, "adapter merged into the base weight"),
     "disabled": ({}, "disable", {}, "adapters disabled"),
@@ -339,7 +339,8 @@ def test_report_headline_counts_only_layers_that_run_the_kernels(kernel_device):
     assert headline == "lora_engine: 2/3 PEFT LoRA layers run the fused kernels; 1 falls back to PEFT's forward"
     x = _x(kernel_device)
     with torch.no_grad(), lora_engine.use_backend("torch"):
-        patched(x, adapter_names=["default"] * 3)  # a fallback met at call time counts as well
+        with patched.disable_adapter():
+            patched(x)  # a fallback met at call time counts as well
         assert report.num_fused == 0
         assert str(report).startswith("lora_engine: 0/3 PEFT LoRA layers run the torch reference (backend 'torch'); 3")
 

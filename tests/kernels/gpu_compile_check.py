@@ -96,7 +96,9 @@ def drive_launchers(quick: bool) -> None:
     from lora_engine.kernels.dropout import dropout_scale_
     from lora_engine.kernels.lora_gemv import gemv_supported, lora_gemv_4bit
     from lora_engine.kernels.lora_lowrank import lora_da, lora_down, lora_dy_pass
+    from lora_engine.kernels.configs import multi_lora_config
     from lora_engine.kernels.lora_matmul import lora_matmul
+    from lora_engine.kernels.lora_multi import multi_lora_expand, multi_lora_shrink, segment_metadata
     from lora_engine.kernels.operands import Dropout
 
     from lora_engine.format import packed_4bit
@@ -140,6 +142,11 @@ def drive_launchers(quick: bool) -> None:
                     # DoRA: the row scale on the product and the LoRA term, before the bias
                     lora_matmul(x, weight, weight_out_by_in=True, right=lora_B, left=left, scaling=2.0, bias=bias,
                                 out_scale=torch.randn(n), scale_bias=False)  # fmt: skip
+                    # mixed batch: three adapters stacked to rank 16, rows of no adapter, rows grouped by adapter
+                    segments = segment_metadata(torch.arange(m) % 4 - 1, 3, multi_lora_config(m).block_m)
+                    left_mixed = multi_lora_shrink(x, torch.randn(3, 16, k, dtype=dtype), segments)
+                    multi_lora_expand(torch.randn(m, n, dtype=dtype), left_mixed, torch.randn(3, n, 16, dtype=dtype),
+                                      torch.ones(3), segments)  # fmt: skip
                 lora_down(x, lora_A.t(), drop)
                 lora_dy_pass(dy, lora_B, left, 2.0)
                 lora_da(left, x, 2.0, drop)
