@@ -94,3 +94,36 @@ def token_batch(seed: int, batch: int = 2, seq: int = 16, device: str = "cpu") -
 @pytest.fixture(scope="session")
 def tokens() -> Callable[..., torch.Tensor]:
     return token_batch
+
+
+LR = 1e-2  # AdamW's learning rate in the stock-vs-patched training tests
+
+
+def trainable_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters an optimizer trains (the adapter's), by name."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def train_steps(model: torch.nn.Module, batches: list[torch.Tensor], lr: float = LR):
+    """AdamW over the trainable weights, one step per batch: ``(losses, the first step's gradients by name)``."""
+    model.train()
+    params = trainable_params(model)
+    optimizer = torch.optim.AdamW(list(params.values()), lr=lr)
+    losses, first_grads = [], None
+    for ids in batches:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if first_grads is None:
+            first_grads = {name: p.grad.detach().clone() for name, p in params.items()}
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, first_grads
+
+
+def assert_within(name: str, actual: torch.Tensor, expected: torch.Tensor, bound: float) -> None:
+    """``max|actual - expected| <= bound``, with a message saying where and how much otherwise."""
+    from lora_engine.testing import describe_mismatch
+
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= bound, describe_mismatch(name, actual, expected, bound)

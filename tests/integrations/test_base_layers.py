@@ -21,13 +21,12 @@ import lora_engine
 from lora_engine.integrations.peft import FusedLinear4bit, FusedLoraLinear4bit
 from lora_engine.testing import describe_mismatch
 
-from .conftest import randomize_lora_B
+from .conftest import LR, randomize_lora_B, train_steps
 
 pytestmark = pytest.mark.interpreter
 
 FOUR_BIT_LAYERS = 14  # 2 decoder layers x (q, k, v, o, gate, up, down); lm_head stays unquantized
 STEPS = 3
-LR = 1e-2
 REL_TOL = 1e-4  # x max|expected| for logits and gradients
 LOSS_RTOL = 1e-5
 # AdamW moves every entry by about LR per step whatever the gradient's scale: gradient noise of 1e-5 relative
@@ -61,23 +60,6 @@ def _lora_qv(load_4bit, device: str) -> torch.nn.Module:
     return model
 
 
-def _train(model: torch.nn.Module, batches: list[torch.Tensor]) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """AdamW over the trainable weights, one step per batch; returns the losses and the first step's gradients."""
-    model.train()
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(list(params.values()), lr=LR)
-    losses, first_grads = [], None
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if first_grads is None:
-            first_grads = {name: p.grad.detach().clone() for name, p in params.items()}
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, first_grads
-
-
 def test_lora_on_q_and_v_runs_every_4bit_layer_on_our_kernels(load_4bit, tokens, kernel_device, monkeypatch):
     stock, patched = _lora_qv(load_4bit, kernel_device), _lora_qv(load_4bit, kernel_device)
     report = lora_engine.patch_peft_model(patched)
@@ -100,8 +82,8 @@ def test_lora_on_q_and_v_runs_every_4bit_layer_on_our_kernels(load_4bit, tokens,
         lora_engine.functional, "linear_4bit", lambda x, *a, **k: base_calls.append(1) or real(x, *a, **k)
     )
     batches = [tokens(0, device=kernel_device)] * STEPS  # one batch again and again: the loss must fall
-    stock_losses, stock_grads = _train(stock, batches)
-    losses, grads = _train(patched, batches)
+    stock_losses, stock_grads = train_steps(stock, batches)
+    losses, grads = train_steps(patched, batches)
     assert len(base_calls) == 10 * STEPS, "each of the 10 layers without an adapter runs lora_engine.linear_4bit"
 
     assert grads.keys() == stock_grads.keys() and len(grads) == 8
@@ -189,7 +171,7 @@ def test_bare_4bit_model_through_patch_model(load_4bit, tokens, kernel_device):
     assert {name: type(m) for name, m in patched.named_modules()} == before
     with torch.no_grad():
         assert torch.equal(patched(input_ids=ids).logits, stock(input_ids=ids).logits)
-    with pytest.raises(ValueError, match="patch_model found no PEFT LoRA or IA3 layers and no bitsandbytes 4-bit layers"):
+    with pytest.raises(ValueError, match="patch_model found no PEFT LoRA or IA3 layers and no bitsandbytes 4-bit"):
         lora_engine.patch_model(torch.nn.Sequential(torch.nn.Linear(4, 4)))
 
 

@@ -12,12 +12,12 @@ from torch import nn
 
 import lora_engine
 from lora_engine.integrations.peft import FusedLoraLinear4bit
-from lora_engine.testing import describe_mismatch
+
+from .conftest import LR, assert_within, train_steps, trainable_params
 
 pytestmark = pytest.mark.interpreter
 
 STEPS = 3
-LR = 1e-2
 LORA_LAYERS = 14
 # fp32, with the reasoning of test_tiny_llama_equivalence.py (same fp32 numbers, other summation order). The norm
 # here comes from ‖W‖² + cross and quadratic rank-r terms instead of a dense W + s·B·A: a few ulps more per row,
@@ -28,31 +28,6 @@ LOGITS_TOL = 1e-4
 WEIGHT_ATOL = 1e-2 * LR
 
 
-def _params(model):
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _train(model, batches):
-    model.train()
-    params = _params(model)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=LR)
-    losses, first_grads = [], None
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if first_grads is None:
-            first_grads = {name: p.grad.detach().clone() for name, p in params.items()}
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, first_grads
-
-
-def _assert_within(name, actual, expected, bound):
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= bound, describe_mismatch(name, actual, expected, bound)
-
-
 def test_dora_training_matches_stock_peft(make_peft_llama, load_4bit, tokens, tmp_path, kernel_device):
     stock = make_peft_llama(device=kernel_device, use_dora=True)
     patched = make_peft_llama(device=kernel_device, use_dora=True)
@@ -61,21 +36,21 @@ def test_dora_training_matches_stock_peft(make_peft_llama, load_4bit, tokens, tm
 
     batches = [tokens(0, device=kernel_device)] * STEPS
     with lora_engine.use_backend("triton"):
-        losses, grads = _train(patched, batches)
-    stock_losses, stock_grads = _train(stock, batches)
+        losses, grads = train_steps(patched, batches)
+    stock_losses, stock_grads = train_steps(stock, batches)
     assert not report.fallbacks, str(report)
 
     assert grads.keys() == stock_grads.keys() and len(grads) == 3 * LORA_LAYERS
     assert sum("lora_magnitude_vector" in name for name in grads) == LORA_LAYERS
     for name, expected in stock_grads.items():
         assert expected.abs().max() > 0, f"{name}: degenerate gradient"
-        _assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
+        assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
     for step, (loss, expected) in enumerate(zip(losses, stock_losses)):
         assert math.isfinite(loss) and abs(loss - expected) <= LOSS_RTOL * abs(expected), (step, losses, stock_losses)
     assert losses[-1] < losses[0], f"training did not reduce the loss: {losses}"
-    stock_weights = _params(stock)
-    for name, param in _params(patched).items():
-        _assert_within(f"weight {name}", param.detach(), stock_weights[name].detach(), WEIGHT_ATOL)
+    stock_weights = trainable_params(stock)
+    for name, param in trainable_params(patched).items():
+        assert_within(f"weight {name}", param.detach(), stock_weights[name].detach(), WEIGHT_ATOL)
 
     patched.save_pretrained(tmp_path / "patched")
     stock.save_pretrained(tmp_path / "stock")
@@ -84,14 +59,14 @@ def test_dora_training_matches_stock_peft(make_peft_llama, load_4bit, tokens, tm
     reloaded = PeftModel.from_pretrained(load_4bit(device=kernel_device), tmp_path / "patched")
     assert not any(isinstance(m, FusedLoraLinear4bit) for m in reloaded.modules())
     reloaded_weights = dict(reloaded.named_parameters())
-    for name, param in _params(patched).items():
+    for name, param in trainable_params(patched).items():
         assert torch.equal(reloaded_weights[name], param), f"{name} changed on the way through save/load"
     ids = tokens(100, device=kernel_device)
     with torch.no_grad(), lora_engine.use_backend("triton"):
         logits = patched.eval()(input_ids=ids).logits
     with torch.no_grad():
         stock_logits = reloaded.eval()(input_ids=ids).logits
-    _assert_within("logits", logits, stock_logits, LOGITS_TOL * stock_logits.abs().max().item())
+    assert_within("logits", logits, stock_logits, LOGITS_TOL * stock_logits.abs().max().item())
 
 
 def test_dora_with_dropout_in_training_falls_back(make_peft_llama, tokens, kernel_device):

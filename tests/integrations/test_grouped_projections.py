@@ -18,8 +18,8 @@ import lora_engine.kernels.dequantize
 from lora_engine.grouped import GroupedLoRA4bitFunction
 from lora_engine.integrations.peft import FusedLinear4bit, FusedLoraLinear4bit
 
-from .conftest import randomize_lora_B
-from .test_tiny_llama_equivalence import GRAD_TOL, LOGITS_TOL, LOSS_RTOL, STEPS, WEIGHT_ATOL, _assert_within, _train
+from .conftest import assert_within, randomize_lora_B, train_steps
+from .test_tiny_llama_equivalence import GRAD_TOL, LOGITS_TOL, LOSS_RTOL, STEPS, WEIGHT_ATOL
 
 pytestmark = pytest.mark.interpreter
 
@@ -61,20 +61,20 @@ def test_training_matches_stock_peft(make_peft_llama, tokens, load_4bit, tmp_pat
         assert patched.state_dict().keys() == stock.state_dict().keys()
 
         batches = [tokens(0, device=kernel_device)] * STEPS
-        stock_losses, stock_grads = _train(stock, batches)
-        losses, grads = _train(patched, batches)
+        stock_losses, stock_grads = train_steps(stock, batches)
+        losses, grads = train_steps(patched, batches)
     assert group_calls["autograd"] == GROUPS * STEPS, group_calls  # every group, every step, through autograd
     assert not report.group_fallbacks, str(report)
 
     for name, expected in stock_grads.items():
         assert expected.abs().max() > 0, f"{name}: degenerate gradient"
-        _assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
+        assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
     for step, (loss, expected) in enumerate(zip(losses, stock_losses)):
         assert abs(loss - expected) <= LOSS_RTOL * abs(expected), (step, losses, stock_losses)
     stock_weights = dict(stock.named_parameters())
     for name, param in patched.named_parameters():
         if param.requires_grad:
-            _assert_within(f"weight {name}", param.detach(), stock_weights[name].detach(), WEIGHT_ATOL)
+            assert_within(f"weight {name}", param.detach(), stock_weights[name].detach(), WEIGHT_ATOL)
 
     # The saved adapter is a stock PEFT adapter: reloaded into an unpatched model it holds the same weights and
     # gives the same logits.
@@ -88,7 +88,7 @@ def test_training_matches_stock_peft(make_peft_llama, tokens, load_4bit, tmp_pat
     with torch.no_grad(), lora_engine.use_backend("triton"):
         logits = patched.eval()(input_ids=ids).logits
         expected = reloaded(input_ids=ids).logits
-    _assert_within("logits", logits, expected, LOGITS_TOL * expected.abs().max().item())
+    assert_within("logits", logits, expected, LOGITS_TOL * expected.abs().max().item())
 
     # Unpatching gives every module transformers', PEFT's and bitsandbytes' class back.
     lora_engine.unpatch_peft_model(patched)
@@ -129,7 +129,7 @@ def test_lora_dropout_in_training_falls_back(make_peft_llama, tokens, kernel_dev
         assert group_calls["groups"] == GROUPS
         lora_engine.patch_peft_model(model)
         per_layer_logits = model(input_ids=ids).logits
-    _assert_within("logits", grouped_logits, per_layer_logits, LOGITS_TOL * per_layer_logits.abs().max().item())
+    assert_within("logits", grouped_logits, per_layer_logits, LOGITS_TOL * per_layer_logits.abs().max().item())
 
 
 def test_dora_layers_keep_their_own_forward(make_peft_llama, tokens, kernel_device, group_calls):
@@ -144,7 +144,7 @@ def test_dora_layers_keep_their_own_forward(make_peft_llama, tokens, kernel_devi
     assert group_calls["groups"] == 0
     assert len(report.group_fallbacks) == GROUPS, str(report)
     assert all("DoRA" in "; ".join(reasons) for reasons in report.group_fallbacks.values()), str(report)
-    _assert_within("logits", logits, stock_logits, LOGITS_TOL * stock_logits.abs().max().item())
+    assert_within("logits", logits, stock_logits, LOGITS_TOL * stock_logits.abs().max().item())
 
 
 def test_plain_4bit_members(load_4bit, tokens, kernel_device, group_calls):
@@ -164,13 +164,13 @@ def test_plain_4bit_members(load_4bit, tokens, kernel_device, group_calls):
         attention = _modules(patched, LlamaAttention)[0]
         assert type(attention.k_proj) is FusedLinear4bit and type(attention.q_proj) is FusedLoraLinear4bit
         ids = tokens(0, device=kernel_device)
-        stock_losses, stock_grads = _train(stock, [ids])
-        losses, grads = _train(patched, [ids])
+        stock_losses, stock_grads = train_steps(stock, [ids])
+        losses, grads = train_steps(patched, [ids])
     assert group_calls["autograd"] == GROUPS, group_calls
     assert abs(losses[0] - stock_losses[0]) <= LOSS_RTOL * abs(stock_losses[0]), (losses, stock_losses)
     for name, expected in stock_grads.items():
         assert expected.abs().max() > 0, f"{name}: degenerate gradient"
-        _assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
+        assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
 
 
 def test_threads_see_their_own_outputs(make_peft_llama, tokens, kernel_device, group_calls, monkeypatch):
@@ -293,13 +293,13 @@ def test_other_families(family, tmp_path, tokens, kernel_device, group_calls):
         report = lora_engine.patch_peft_model(patched, group_projections=True)
         assert len(report.grouped) == GROUPS and not report.group_skipped, str(report)
         ids = tokens(0, device=kernel_device)
-        stock_losses, stock_grads = _train(stock, [ids])
-        losses, grads = _train(patched, [ids])
+        stock_losses, stock_grads = train_steps(stock, [ids])
+        losses, grads = train_steps(patched, [ids])
     assert group_calls["autograd"] == GROUPS, group_calls
     assert abs(losses[0] - stock_losses[0]) <= LOSS_RTOL * abs(stock_losses[0]), (losses, stock_losses)
     for name, expected in stock_grads.items():
         assert expected.abs().max() > 0, f"{name}: degenerate gradient"
-        _assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
+        assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
 
 
 def test_gradient_checkpointing(make_peft_llama, tokens, kernel_device, group_calls):
@@ -310,8 +310,8 @@ def test_gradient_checkpointing(make_peft_llama, tokens, kernel_device, group_ca
     with lora_engine.use_backend("triton"):
         lora_engine.patch_peft_model(patched, group_projections=True)
         ids = tokens(0, device=kernel_device)
-        _, stock_grads = _train(stock, [ids])
-        _, grads = _train(patched, [ids])
+        _, stock_grads = train_steps(stock, [ids])
+        _, grads = train_steps(patched, [ids])
     assert group_calls["autograd"] == 2 * GROUPS, group_calls  # forward, and again in the backward
     for name, expected in stock_grads.items():
-        _assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
+        assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())

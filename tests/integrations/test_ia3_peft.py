@@ -11,12 +11,12 @@ from torch import nn
 
 import lora_engine
 from lora_engine.integrations.peft import FusedIA3Linear, FusedIA3Linear4bit
-from lora_engine.testing import describe_mismatch
+
+from .conftest import LR, assert_within, train_steps, trainable_params
 
 pytestmark = pytest.mark.interpreter
 
 STEPS = 3
-LR = 1e-2
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FEEDFORWARD = ["up_proj", "down_proj"]  # input-scaled (prologue); the other five are output-scaled (epilogue)
 IA3_LAYERS = 14  # 2 decoder layers x 7 projections
@@ -41,31 +41,6 @@ def _make(load_4bit, device):
     return peft_model
 
 
-def _params(model):
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _train(model, batches):
-    model.train()
-    params = _params(model)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=LR)
-    losses, first_grads = [], None
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if first_grads is None:
-            first_grads = {name: p.grad.detach().clone() for name, p in params.items()}
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, first_grads
-
-
-def _assert_within(name, actual, expected, bound):
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= bound, describe_mismatch(name, actual, expected, bound)
-
-
 def test_ia3_training_matches_stock_peft(load_4bit, tokens, tmp_path, kernel_device):
     stock = _make(load_4bit, kernel_device)
     patched = _make(load_4bit, kernel_device)
@@ -76,20 +51,20 @@ def test_ia3_training_matches_stock_peft(load_4bit, tokens, tmp_path, kernel_dev
 
     batches = [tokens(0, device=kernel_device)] * STEPS
     with lora_engine.use_backend("triton"):
-        losses, grads = _train(patched, batches)
-    stock_losses, stock_grads = _train(stock, batches)
+        losses, grads = train_steps(patched, batches)
+    stock_losses, stock_grads = train_steps(stock, batches)
     assert not report.fallbacks, str(report)
 
     assert grads.keys() == stock_grads.keys() and len(grads) == IA3_LAYERS
     for name, expected in stock_grads.items():
         assert expected.abs().max() > 0, f"{name}: degenerate gradient"
-        _assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
+        assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
     for step, (loss, expected) in enumerate(zip(losses, stock_losses)):
         assert math.isfinite(loss) and abs(loss - expected) <= LOSS_RTOL * abs(expected), (step, losses, stock_losses)
     assert losses[-1] < losses[0], f"training did not reduce the loss: {losses}"
-    stock_weights = _params(stock)
-    for name, param in _params(patched).items():
-        _assert_within(f"weight {name}", param.detach(), stock_weights[name].detach(), WEIGHT_ATOL)
+    stock_weights = trainable_params(stock)
+    for name, param in trainable_params(patched).items():
+        assert_within(f"weight {name}", param.detach(), stock_weights[name].detach(), WEIGHT_ATOL)
 
     # The saved adapter is a stock PEFT IA3 adapter: same files, keys, shapes and dtypes as stock PEFT's.
     patched.save_pretrained(tmp_path / "patched")
@@ -102,14 +77,14 @@ def test_ia3_training_matches_stock_peft(load_4bit, tokens, tmp_path, kernel_dev
     reloaded = PeftModel.from_pretrained(load_4bit(device=kernel_device), tmp_path / "patched")
     assert not any(isinstance(m, FusedIA3Linear4bit) for m in reloaded.modules())
     reloaded_weights = dict(reloaded.named_parameters())
-    for name, param in _params(patched).items():
+    for name, param in trainable_params(patched).items():
         assert torch.equal(reloaded_weights[name], param), f"{name} changed on the way through save/load"
     ids = tokens(100, device=kernel_device)
     with torch.no_grad(), lora_engine.use_backend("triton"):
         logits = patched.eval()(input_ids=ids).logits
     with torch.no_grad():
         stock_logits = reloaded.eval()(input_ids=ids).logits
-    _assert_within("logits", logits, stock_logits, LOGITS_TOL * stock_logits.abs().max().item())
+    assert_within("logits", logits, stock_logits, LOGITS_TOL * stock_logits.abs().max().item())
 
 
 def test_ia3_fallbacks_are_reported(load_4bit, tokens, kernel_device):
@@ -153,7 +128,7 @@ def test_dense_ia3_matches_stock_peft(feedforward, kernel_device):
         with lora_engine.use_backend(backend):
             y = model(x)
         y.square().sum().backward()
-        outputs.append((y, {n: p.grad for n, p in _params(model).items()}))
+        outputs.append((y, {n: p.grad for n, p in trainable_params(model).items()}))
     assert not report.fallbacks, str(report)
     (y, grads), (y_stock, stock_grads) = outputs
     torch.testing.assert_close(y, y_stock, rtol=1e-5, atol=1e-5)

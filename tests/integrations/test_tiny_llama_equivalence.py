@@ -11,12 +11,13 @@ from peft import PeftModel
 
 import lora_engine
 from lora_engine.integrations.peft import FusedLoraLinear4bit
-from lora_engine.testing import assert_close_3way, describe_mismatch
+from lora_engine.testing import assert_close_3way
+
+from .conftest import LR, assert_within, train_steps, trainable_params
 
 pytestmark = pytest.mark.interpreter
 
 STEPS = 3
-LR = 1e-2
 LORA_LAYERS = 14  # 2 decoder layers x (q, k, v, o, gate, up, down); all-linear leaves lm_head out
 
 # fp32 tolerances. Stock PEFT and the kernels multiply the same fp32 numbers (bitsandbytes decodes the NF4
@@ -33,32 +34,6 @@ LOGITS_TOL = 1e-4  # x max|logits|
 WEIGHT_ATOL = 1e-2 * LR
 
 
-def _lora_params(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _train(model: torch.nn.Module, batches: list[torch.Tensor]) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """AdamW over the LoRA weights, one step per batch; returns the losses and the first step's gradients."""
-    model.train()
-    params = _lora_params(model)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=LR)
-    losses, first_grads = [], None
-    for ids in batches:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        if first_grads is None:
-            first_grads = {name: p.grad.detach().clone() for name, p in params.items()}
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, first_grads
-
-
-def _assert_within(name: str, actual: torch.Tensor, expected: torch.Tensor, bound: float) -> None:
-    err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= bound, describe_mismatch(name, actual, expected, bound)
-
-
 def test_training_matches_stock_peft(make_peft_llama, tokens, load_4bit, tmp_path, kernel_device):
     stock = make_peft_llama(device=kernel_device)
     patched = make_peft_llama(device=kernel_device)
@@ -66,26 +41,26 @@ def test_training_matches_stock_peft(make_peft_llama, tokens, load_4bit, tmp_pat
     assert report.num_patched == LORA_LAYERS and not report.fallbacks and not report.skipped, str(report)
 
     batches = [tokens(0, device=kernel_device)] * STEPS  # one batch again and again: the loss must fall
-    stock_losses, stock_grads = _train(stock, batches)
-    losses, grads = _train(patched, batches)
+    stock_losses, stock_grads = train_steps(stock, batches)
+    losses, grads = train_steps(patched, batches)
 
     assert grads.keys() == stock_grads.keys() and len(grads) == 2 * LORA_LAYERS
     for name, expected in stock_grads.items():
         assert expected.abs().max() > 0, f"{name}: degenerate gradient"
-        _assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
+        assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
     for step, (loss, expected) in enumerate(zip(losses, stock_losses)):
         assert math.isfinite(loss) and abs(loss - expected) <= LOSS_RTOL * abs(expected), (step, losses, stock_losses)
     assert losses[-1] < losses[0] - 0.05, f"training did not reduce the loss: {losses}"
-    stock_weights = _lora_params(stock)
-    for name, param in _lora_params(patched).items():
-        _assert_within(f"weight {name}", param.detach(), stock_weights[name].detach(), WEIGHT_ATOL)
+    stock_weights = trainable_params(stock)
+    for name, param in trainable_params(patched).items():
+        assert_within(f"weight {name}", param.detach(), stock_weights[name].detach(), WEIGHT_ATOL)
 
     # The adapter saved from the patched model is a stock PEFT adapter.
     patched.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(load_4bit(device=kernel_device), tmp_path / "adapter")
     assert not any(isinstance(m, FusedLoraLinear4bit) for m in reloaded.modules())
     reloaded_weights = dict(reloaded.named_parameters())
-    for name, param in _lora_params(patched).items():
+    for name, param in trainable_params(patched).items():
         assert torch.equal(reloaded_weights[name], param), f"{name} changed on the way through save/load"
     ids = tokens(100, device=kernel_device)
     patched.eval()
@@ -93,7 +68,7 @@ def test_training_matches_stock_peft(make_peft_llama, tokens, load_4bit, tmp_pat
     with torch.no_grad():
         logits = patched(input_ids=ids).logits
         stock_logits = reloaded(input_ids=ids).logits
-    _assert_within("logits", logits, stock_logits, LOGITS_TOL * stock_logits.abs().max().item())
+    assert_within("logits", logits, stock_logits, LOGITS_TOL * stock_logits.abs().max().item())
 
 
 def test_training_with_dropout(make_peft_llama, tokens, kernel_device):
@@ -111,7 +86,7 @@ def test_training_with_dropout(make_peft_llama, tokens, kernel_device):
     assert not torch.equal(first, other_mask), "dropout had no effect in training mode"
 
     torch.manual_seed(10)
-    losses, _ = _train(model, [ids] * 2)
+    losses, _ = train_steps(model, [ids] * 2)
     assert all(math.isfinite(loss) for loss in losses), losses
     # same torch seed, same masks: the first training loss is the loss of the logits seen above
     seen = torch.nn.functional.cross_entropy(first[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
@@ -130,9 +105,9 @@ def test_training_matches_stock_peft_bf16(make_peft_llama, tokens, load_4bit, tm
     assert report.num_patched == LORA_LAYERS and not report.fallbacks, str(report)
 
     batches = [tokens(0, device="cuda")] * STEPS
-    precise_losses, precise_grads = _train(precise, batches)
-    stock_losses, stock_grads = _train(stock, batches)
-    losses, grads = _train(patched, batches)
+    precise_losses, precise_grads = train_steps(precise, batches)
+    stock_losses, stock_grads = train_steps(stock, batches)
+    losses, grads = train_steps(patched, batches)
     bf16_eps = torch.finfo(torch.bfloat16).eps
     for step in range(STEPS):
         assert_close_3way(
