@@ -17,7 +17,7 @@ import torch
 from .providers import ALL_PROVIDERS, DEFAULT_PROVIDERS, MODES, Runnable, build, make_inputs
 
 # Modules of lora_engine.kernels whose compiled Triton kernels are listed (every module that launches one).
-KERNEL_MODULES = ("dequantize", "dropout", "lora_gemv", "lora_lowrank", "lora_matmul")
+KERNEL_MODULES = ("dequantize", "dropout", "lora_gemv", "lora_lowrank", "lora_matmul", "lora_multi")
 
 
 def kernel_times(fn, calls: int = 5) -> dict[str, float]:
