@@ -1,7 +1,8 @@
 """What the layer benchmark times: our layer (dispatcher and each path) and the anchors, on shared inputs.
 
-Every provider is built from the same ``LayerInputs`` (one quantized weight, one x, one LoRA pair, one dy),
-so all of them compute the same function and are timed in the same process.
+Every provider is built from the same ``LayerInputs`` (one quantized weight, one x, one LoRA pair, one dy) and
+timed in the same process. The LoRA providers compute the same layer; ``dense_bf16`` and the base-only ones
+(``bnb_base``, ``lora_engine_base*``) the same layer without its LoRA term.
 
     lora_engine                  LoRALinear4bit.from_bnb over the bnb layer; the dispatcher picks the path
     lora_engine[<path>]          the functional API with the path forced (fused, dequant, dequant_cublas, gemv;
@@ -12,6 +13,8 @@ so all of them compute the same function and are timed in the same process.
                                  decodes again (the algorithm Unsloth uses)
     dense_bf16                   cuBLAS on the already-decoded weight, no LoRA (the floor)
     torch_reference              lora_engine.reference (pure torch, fp32 accumulation)
+    bnb_base                     bitsandbytes' Linear4bit alone, no adapter (the base-only anchor)
+    lora_engine_base[<path>]     lora_engine.linear_4bit, no adapter: the dispatcher's choice, or a path forced
     gemlite                      where the package is installed (not a dependency): GemLite's Triton 4-bit
                                  GEMV/GEMM on the same dense weight quantized again, group-wise int4 with
                                  group 64, no LoRA, no backward. Not the same format nor the same function: a
@@ -36,6 +39,11 @@ RANK = 16
 LORA_ALPHA = 32
 PATH_PROVIDERS = tuple(f"lora_engine[{p}]" for p in dispatch.PATHS)
 ANCHORS = ("bnb_peft", "dequant_cublas", "dense_bf16")
+# A 4-bit layer without an adapter (x·deq(W)ᵀ, what `lora_engine.linear_4bit` computes): bitsandbytes' own
+# Linear4bit, our dispatcher's choice, and each of our paths forced. They decide the dispatcher's base-only table
+# (`dispatch.BASE_PATH_STEPS`); not in the default set (`--providers` names them).
+BASE_ANCHOR = "bnb_base"
+BASE_PROVIDERS = (BASE_ANCHOR, "lora_engine_base", *(f"lora_engine_base[{p}]" for p in dispatch.PATHS))
 # Providers of another weight format, each from a package of its own that this project does not depend on:
 # {provider: the package it needs}. They compute a different function, so the same-layer checks leave them out.
 OTHER_FORMATS = {"gemlite": "gemlite"}
@@ -50,7 +58,7 @@ def installed(provider: str) -> bool:
 
 
 DEFAULT_PROVIDERS = ("lora_engine", *PATH_PROVIDERS, *ANCHORS, *(p for p in OTHER_FORMATS if installed(p)))
-ALL_PROVIDERS = ("lora_engine", *PATH_PROVIDERS, *ANCHORS, "torch_reference", *OTHER_FORMATS)
+ALL_PROVIDERS = ("lora_engine", *PATH_PROVIDERS, *ANCHORS, "torch_reference", *BASE_PROVIDERS, *OTHER_FORMATS)
 
 
 class ProviderUnavailable(RuntimeError):
@@ -244,6 +252,37 @@ def _torch_reference(t: LayerInputs, mode: str) -> Runnable:
     return _wrap(forward, mode, t.dy, (x, lora_A, lora_B))
 
 
+def _bnb_base_only(t: LayerInputs, mode: str) -> Runnable:
+    """bitsandbytes' Linear4bit alone, no adapter (its GEMV at one token, decode + cuBLAS above)."""
+    layer = _bnb_base(t)
+    (x,) = _leaves(t, mode, lora=False)
+    return _wrap(lambda: layer(x), mode, t.dy, (x,))
+
+
+def _lora_engine_base(path: Optional[str]) -> Callable[[LayerInputs, str], Optional[Runnable]]:
+    """``lora_engine.linear_4bit``: the dispatcher's base-only choice (``path`` None) or one path forced."""
+
+    def build(t: LayerInputs, mode: str) -> Optional[Runnable]:
+        import lora_engine
+        from lora_engine.format import packed_4bit
+        from lora_engine.kernels.lora_gemv import gemv_supported
+
+        if path == "gemv" and not gemv_supported(t.m, packed_4bit(t.weight, t.weight.quant_state)):
+            return None  # the call would take the dequant path: not a gemv measurement
+        (x,) = _leaves(t, mode, lora=False)
+        state = t.weight.quant_state
+
+        def forward() -> torch.Tensor:
+            if path is None:
+                return lora_engine.linear_4bit(x, t.weight, state)
+            with lora_engine.force_path(path):
+                return lora_engine.linear_4bit(x, t.weight, state)
+
+        return _wrap(forward, mode, t.dy, (x,))
+
+    return build
+
+
 def int4_groupwise(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise int4 of ``weight`` (N, K) in HQQ's convention, which GemLite packs:
     ``W ≈ (W_q - zeros) * scales`` with ``W_q`` uint8 in [0, 15] of shape (N, K) and ``scales``, ``zeros`` of shape
@@ -280,6 +319,9 @@ BUILDERS: dict[str, Callable[[LayerInputs, str], Optional[Runnable]]] = {
     "dequant_cublas": _dequant_cublas,
     "dense_bf16": _dense_bf16,
     "torch_reference": _torch_reference,
+    BASE_ANCHOR: _bnb_base_only,
+    "lora_engine_base": _lora_engine_base(None),
+    **{f"lora_engine_base[{p}]": _lora_engine_base(p) for p in dispatch.PATHS},
     "gemlite": _gemlite,
 }
 assert set(BUILDERS) == set(ALL_PROVIDERS)

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .measure import DRIFT_LIMIT, KINDS
-from .providers import ANCHORS
+from .providers import ANCHORS, BASE_ANCHOR
 
 OURS = "lora_engine"
+BASE_OURS = "lora_engine_base"  # the base-only layer (no adapter), against bitsandbytes' Linear4bit alone
 DENSE = "dense_bf16"
 GRAPH_SUFFIX = "+graph"  # files written before device time had it as providers of their own: `<provider>+graph`
 
@@ -33,6 +34,8 @@ STYLES = {
     "dense_bf16": ("tab:green", "P"),
     "torch_reference": ("tab:gray", "X"),
     "gemlite": ("tab:olive", "*"),
+    "bnb_base": ("#fd8d3c", "d"),
+    "lora_engine_base": ("#6baed6", "h"),
 }
 _SPARE_COLOURS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354")
 _SPARE_MARKERS = ("h", "p", "d", "8", "H", "1", "2", "3")
@@ -115,7 +118,8 @@ def markdown(records: list[dict], env: dict[str, Any]) -> str:
         "kernels counts in full where the host is slower than the GPU.",
         "- **device**: the same call captured once in a CUDA graph and replayed: GPU time alone.",
         "",
-        f"`x A` = A's time / lora_engine's time of the same row (above 1: we are faster). `~`: the medians of two "
+        f"`x A` = A's time / lora_engine's time of the same row (above 1: we are faster); `base: x {BASE_ANCHOR}` = "
+        f"{BASE_ANCHOR}'s time / {BASE_OURS}'s (the layer without an adapter). `~`: the medians of two "
         f"rounds of that cell differ by more than {DRIFT_LIMIT:.0%} (`eager_drift`, `device_drift` in the JSON). "
         "`–`: the call could not be captured in a CUDA graph (reasons below). Peak memory is in the JSON (`peak_mib`).",
     ]
@@ -124,6 +128,9 @@ def markdown(records: list[dict], env: dict[str, Any]) -> str:
         anchors = [a for a in ANCHORS if any(a in table[k] for k in keys)]
         shown = [p for p in providers if any(p in table[k] for k in keys)]
         head = ["N x K", "M", "time", *shown, *(f"x {a}" for a in anchors)]
+        base = any(BASE_ANCHOR in table[k] and BASE_OURS in table[k] for k in keys)
+        if base:
+            head.append(f"base: x {BASE_ANCHOR}")
         if mode == "fwdbwd":
             head += ["overhead ours", "overhead dequant_cublas"]
         lines += ["", f"## {mode}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -136,6 +143,9 @@ def markdown(records: list[dict], env: dict[str, Any]) -> str:
                 for a in anchors:
                     theirs = _ms(row.get(a), kind)
                     cells.append(f"{theirs / ours:.2f}" if ours and theirs else "")
+                if base:
+                    theirs, ours_base = _ms(row.get(BASE_ANCHOR), kind), _ms(row.get(BASE_OURS), kind)
+                    cells.append(f"{theirs / ours_base:.2f}" if theirs and ours_base else "")
                 if mode == "fwdbwd":
                     floor = _ms(row.get(DENSE), kind)
                     for p in (OURS, "dequant_cublas"):

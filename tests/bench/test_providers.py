@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from bench.providers import ALL_PROVIDERS, MODES, OTHER_FORMATS, ProviderUnavailable, build, installed, make_inputs
+from bench.providers import (
+    ALL_PROVIDERS,
+    BASE_PROVIDERS,
+    MODES,
+    OTHER_FORMATS,
+    ProviderUnavailable,
+    build,
+    installed,
+    make_inputs,
+)
 from bench.shapes import MODELS, layer_shapes
 
 pytestmark = pytest.mark.interpreter
@@ -22,9 +31,14 @@ def test_every_provider_computes_the_same_layer():
     y_expected = build("torch_reference", inputs, "fwd").fn()
     for provider in _same_layer_providers():
         y = build(provider, inputs, "fwd").fn()
-        if provider == "dense_bf16":  # no LoRA term: it must differ by exactly the LoRA product
+        if provider == "dense_bf16" or provider in BASE_PROVIDERS:  # no LoRA term: short of the LoRA product
             lora = inputs.scaling * (inputs.x @ inputs.lora_A.t()) @ inputs.lora_B.t()
-            torch.testing.assert_close(y + lora, y_expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(y + lora, y_expected, rtol=1e-5, atol=1e-5, msg=f"{provider} forward")
+            if provider in BASE_PROVIDERS:  # dx = dy·W, the gradient of the layer without its LoRA term
+                run = build(provider, inputs, "fwdbwd")
+                run.fn()
+                base_dx = inputs.dy @ inputs.dense
+                torch.testing.assert_close(run.grad_leaves[0].grad, base_dx, rtol=1e-4, atol=1e-5, msg=provider)
             continue
         torch.testing.assert_close(y, y_expected, rtol=1e-5, atol=1e-5, msg=f"{provider} forward")
         run = build(provider, inputs, "fwdbwd")
@@ -44,7 +58,8 @@ def test_unknown_provider_and_mode_are_named():
 
 def test_shape_registry_holds_real_projections():
     llama = MODELS["llama3-8b"].projections()
-    assert llama["q_proj"] == (4096, 4096) and llama["gate_proj"] == (14336, 4096) and llama["down_proj"] == (4096, 14336)
+    assert llama["q_proj"] == (4096, 4096) and llama["gate_proj"] == (14336, 4096)
+    assert llama["down_proj"] == (4096, 14336)
     assert llama["k_proj"] == (1024, 4096)
     shapes = layer_shapes(["llama3-8b", "mistral-7b"])
     assert len({(n, k) for _, _, n, k in shapes}) == len(shapes), "repeated (N, K) pairs are measured once"

@@ -90,6 +90,16 @@ def test_markdown_shows_eager_and_device_rows_with_ratios_of_the_same_kind():
     assert "2 interleaved rounds" in text
 
 
+def test_the_base_only_layer_is_compared_with_bitsandbytes_alone():
+    records = [_record("lora_engine", 1, 0.1, 0.02), _record("bnb_base", 1, 0.06, 0.016),
+               _record("lora_engine_base", 1, 0.03, 0.02)]  # fmt: skip
+    text = report.markdown(records, ENV)
+    header = next(line for line in text.splitlines() if line.startswith("| N x K"))
+    assert header.rstrip(" |").endswith("base: x bnb_base"), header
+    rows = [line for line in text.splitlines() if line.startswith("| 64 x 128 | 1 |")]
+    assert [row.rstrip(" |").rsplit(" | ", 1)[1] for row in rows] == ["2.00", "0.80"]
+
+
 def test_older_files_read_their_graph_providers_as_device_time():
     records = json.loads((RESULTS / "layer_small_m.json").read_text())
     assert any(r["provider"].endswith("+graph") for r in records), "the committed file is of the older format"
