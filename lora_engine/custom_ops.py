@@ -13,9 +13,9 @@ sort adds one table entry, not a schema. LoRA keeps its own pair: its forward ha
 
 The ops run exactly the code of ``autograd.AdapterLinearFunction`` (the forward and backward of each kind in
 ``autograd.KINDS``) and of ``autograd.Linear4bitFunction`` (``linear_forward``, ``linear_backward_input``), so
-eager and compiled training share one implementation.
-The ops take only tensors and plain numbers: a 4-bit W travels as its ``Packed4bit`` tensors plus ``[n, k, blocksize, blocksize2]``, a
-dense W as one tensor plus ``[n, k, 0, 0]``. The dropout seed is a tensor input drawn by the caller
+eager and compiled training share one implementation. The ops take only tensors and plain numbers: a 4-bit W
+travels as its ``Packed4bit`` tensors plus ``[n, k, blocksize, blocksize2]``, a dense W as one tensor plus
+``[n, k, 0, 0]``. The dropout seed is a tensor input drawn by the caller
 (``seed_tensor``): drawing it inside the op would hide randomness from the compiler, and reading it on the
 host (``.item()``) while tracing would break the graph. Fake implementations give shapes and dtypes to the
 compiler; the real ones launch the Triton kernels (on CUDA, or in the interpreter under ``TRITON_INTERPRET=1``).

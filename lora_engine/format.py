@@ -15,7 +15,7 @@ and say so.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -194,19 +194,25 @@ def _built_from(weight: torch.Tensor, quant_state: Any) -> tuple:
     )  # bitsandbytes' CPU repacking rewrites the bytes: a new address, so a rebuild that refuses the layout
 
 
+def _per_weight(cache: WeakIdKeyDictionary, weight: torch.Tensor, quant_state: Any, build: Callable[[], Any]) -> Any:
+    """``build()`` once per weight in ``cache`` (keyed by the quant state's identity), built again when the weight's
+    bytes or statistics are replaced (see :func:`_built_from`)."""
+    built_from = _built_from(weight, quant_state)
+    cached = cache.get(quant_state)
+    if cached is not None and cached[0] == built_from:
+        return cached[1]
+    value = build()
+    cache[quant_state] = (built_from, value)
+    return value
+
+
 def packed_4bit_cached(weight: torch.Tensor, quant_state: Any) -> Packed4bit:
     """``packed_4bit``, validated and built once per weight and rebuilt when its bytes or statistics are replaced
     (``load_state_dict``, ``.to()``, a new ``Params4bit`` or quant state). Cheapest with bitsandbytes'
     ``__torch_function__`` disabled around it (``torch._C.DisableTorchFunctionSubclass()``)."""
     if quant_state is None:
         return packed_4bit(weight, quant_state)  # raises, naming the problem
-    built_from = _built_from(weight, quant_state)
-    cached = _packed_cache.get(quant_state)
-    if cached is not None and cached[0] == built_from:
-        return cached[1]
-    packed = packed_4bit(weight, quant_state)
-    _packed_cache[quant_state] = (built_from, packed)
-    return packed
+    return _per_weight(_packed_cache, weight, quant_state, lambda: packed_4bit(weight, quant_state))
 
 
 _row_norm_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -215,15 +221,13 @@ _row_norm_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
 def row_norms_sq_cached(weight: torch.Tensor, quant_state: Any, packed: Packed4bit) -> torch.Tensor:
     """fp32 [N]: ‖deq(W)‖² of each row, computed once per weight (W is frozen) and rebuilt when its bytes or
     statistics are replaced, like :func:`packed_4bit_cached`. The one dense decode happens here, once."""
-    built_from = _built_from(weight, quant_state)
-    cached = _row_norm_cache.get(quant_state)
-    if cached is not None and cached[0] == built_from:
-        return cached[1]
-    from .kernels.dequantize import dequantize_4bit
 
-    norms = dequantize_4bit(packed, torch.float32).square().sum(1)
-    _row_norm_cache[quant_state] = (built_from, norms)
-    return norms
+    def build() -> torch.Tensor:
+        from .kernels.dequantize import dequantize_4bit
+
+        return dequantize_4bit(packed, torch.float32).square().sum(1)
+
+    return _per_weight(_row_norm_cache, weight, quant_state, build)
 
 
 def _check_device(device: torch.device, *tensors: torch.Tensor) -> None:

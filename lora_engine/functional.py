@@ -47,15 +47,7 @@ def lora_linear_4bit(
         return reference.lora_linear_4bit(
             x, weight, quant_state, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed=dropout_seed
         )
-    if torch.compiler.is_compiling():
-        check_frozen_weight(weight, "lora_linear_4bit")
-        packed = packed_4bit(weight, quant_state)  # traced tensors have no address to key the cache on
-    else:
-        # Reading the weight through bitsandbytes' Params4bit costs ~3 µs an attribute (its __torch_function__);
-        # the bytes and flags are the same without it. The weight is validated once, when first seen.
-        with torch._C.DisableTorchFunctionSubclass():
-            check_frozen_weight(weight, "lora_linear_4bit")
-            packed = packed_4bit_cached(weight, quant_state)
+    packed = _packed_weight(weight, quant_state, "lora_linear_4bit")
     check_lora_linear_args(x, packed.n, packed.k, lora_A, lora_B, scaling, bias, dropout_p, packed.data.device,
                            dropout_seed)  # fmt: skip
     return _apply(x, packed, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
@@ -76,14 +68,15 @@ def linear_4bit(
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not dispatch.use_triton(x.device, _dtypes(x, bias)):
         return reference.linear_4bit(x, weight, quant_state, bias)
-    if torch.compiler.is_compiling():
-        check_frozen_weight(weight, "linear_4bit")
-        packed = packed_4bit(weight, quant_state)
-    else:
-        with torch._C.DisableTorchFunctionSubclass():  # see lora_linear_4bit
-            check_frozen_weight(weight, "linear_4bit")
-            packed = packed_4bit_cached(weight, quant_state)
+    packed = _packed_weight(weight, quant_state, "linear_4bit")
     check_linear_args(x, packed.n, packed.k, bias, packed.data.device)
+    return _linear_4bit(x, weight, quant_state, packed, bias)
+
+
+def _linear_4bit(
+    x: torch.Tensor, weight: torch.Tensor, quant_state: Any, packed: Packed4bit, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """:func:`linear_4bit` on checked operands (``packed``: the weight's kernel operands)."""
     x2d = x.reshape(-1, packed.k)
     path = _resolve_path(x2d.shape[0], packed, x.device, base_only=True)
     if path == "bitsandbytes":
@@ -135,14 +128,12 @@ def multi_lora_linear_4bit(
         return reference.multi_lora_linear_4bit(
             x, weight, quant_state, lora_As, lora_Bs, scalings, adapter_indices, bias
         )
-    with torch._C.DisableTorchFunctionSubclass():  # as in lora_linear_4bit: Params4bit's attributes are slow
-        check_frozen_weight(weight, "multi_lora_linear_4bit")
-        packed = packed_4bit_cached(weight, quant_state)
+    packed = _packed_weight(weight, quant_state, "multi_lora_linear_4bit")
     indices = check_multi_lora_args(
         x, packed.n, packed.k, lora_As, lora_Bs, scalings, adapter_indices, bias, packed.data.device
     )
     if not lora_As:
-        return linear_4bit(x, weight, quant_state, bias)
+        return linear_4bit(x, weight, quant_state, bias)  # checks x and bias, which no adapter's check did
     from .autograd import MultiLoraFunction, multi_lora_forward
 
     adapter = MultiLora(tuple(lora_As), tuple(lora_Bs), tuple(float(s) for s in scalings), indices)
@@ -152,7 +143,7 @@ def multi_lora_linear_4bit(
         with dispatch.device_guard(x.device):
             y = MultiLoraFunction.apply(x2d, bias, packed, path, adapter, *lora_As, *lora_Bs)
         return y.reshape(*x.shape[:-1], packed.n)
-    y = linear_4bit(x, weight, quant_state, bias)  # the base product, once for every row
+    y = _linear_4bit(x, weight, quant_state, packed, bias)  # the base product, once for every row (x, bias checked)
     with dispatch.device_guard(x.device):
         y2d = y.reshape(-1, packed.n)
         multi_lora_forward(adapter, x.reshape(-1, packed.k), y2d)
@@ -203,13 +194,7 @@ def ia3_linear_4bit(
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not dispatch.use_triton(x.device, _dtypes(x, ia3_l, bias)):
         return reference.ia3_linear_4bit(x, weight, quant_state, ia3_l, scales_input, bias)
-    if torch.compiler.is_compiling():
-        check_frozen_weight(weight, "ia3_linear_4bit")
-        packed = packed_4bit(weight, quant_state)  # traced tensors have no address to key the cache on
-    else:
-        with torch._C.DisableTorchFunctionSubclass():  # as in lora_linear_4bit: Params4bit's attributes are slow
-            check_frozen_weight(weight, "ia3_linear_4bit")
-            packed = packed_4bit_cached(weight, quant_state)
+    packed = _packed_weight(weight, quant_state, "ia3_linear_4bit")
     check_ia3_linear_args(x, packed.n, packed.k, ia3_l, scales_input, bias, packed.data.device)
     return _apply_adapter(x, packed, IA3(ia3_l.contiguous(), scales_input), bias)
 
@@ -253,9 +238,7 @@ def dora_linear_4bit(
     if not dispatch.use_triton(x.device, _dtypes(x, lora_A, lora_B, magnitude, bias)) or torch.compiler.is_compiling():
         # DoRA has no registered custom op: under torch.compile the reference's torch operations are traced
         return reference.dora_linear_4bit(x, weight, quant_state, lora_A, lora_B, magnitude, scaling, bias)
-    with torch._C.DisableTorchFunctionSubclass():
-        check_frozen_weight(weight, "dora_linear_4bit")
-        packed = packed_4bit_cached(weight, quant_state)
+    packed = _packed_weight(weight, quant_state, "dora_linear_4bit")
     check_lora_linear_args(x, packed.n, packed.k, lora_A, lora_B, scaling, bias, 0.0, packed.data.device)
     check_dora_magnitude(magnitude, packed.n, x)
     with dispatch.device_guard(x.device):
@@ -286,6 +269,18 @@ def _apply_adapter(
         else:  # inference: the same kernels without autograd's bookkeeping
             y, _ = KINDS[type(adapter)].forward(adapter, x2d, bias, weight, path, (False,) * len(trainables))
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def _packed_weight(weight: torch.Tensor, quant_state: Any, caller: str) -> Packed4bit:
+    """The kernels' operands of a frozen 4-bit weight, checked. Eager calls validate and build them once per weight
+    and read it with bitsandbytes' ``__torch_function__`` off (through ``Params4bit`` an attribute costs ~3 µs; the
+    bytes and flags are the same). Traced tensors have no address to key the cache on: built in each trace."""
+    if torch.compiler.is_compiling():
+        check_frozen_weight(weight, caller)
+        return packed_4bit(weight, quant_state)
+    with torch._C.DisableTorchFunctionSubclass():
+        check_frozen_weight(weight, caller)
+        return packed_4bit_cached(weight, quant_state)
 
 
 def _dtypes(*tensors: Optional[torch.Tensor]) -> tuple[torch.dtype, ...]:

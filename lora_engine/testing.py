@@ -54,7 +54,8 @@ def assert_close_3way(
     if not finite.any():
         return
     if ((a - p)[finite].abs().max().item()) > bound:
-        raise AssertionError(describe_mismatch(name, actual, precise, bound) + f" [torch {actual.dtype} err {torch_err:.3g}]")
+        message = describe_mismatch(name, actual, precise, bound)
+        raise AssertionError(f"{message} [torch {actual.dtype} err {torch_err:.3g}]")
 
 
 def normalize_zero_sign(t: torch.Tensor) -> torch.Tensor:

@@ -93,17 +93,9 @@ def _member_plan(layer: nn.Module, x: torch.Tensor) -> tuple[Optional[GroupMembe
         base = layer.get_base_layer()
         return GroupMember(base.weight, _peft._quant_state(base), lora_A, lora_B, scaling, base.bias), compute, ""
     if type(layer) is _peft.FusedLinear4bit:
-        if _peft._quant_state(layer) is not None and not _peft._is_sharded(layer.weight):
-            _peft._check_packed_dtype(layer)
-        reason = _peft._linear4bit_reason(layer) or _peft._device_reason(x.device)
+        compute, reason = layer._plan(x)  # the checks of its own forward
         if reason is not None:
             return None, None, reason
-        if not layer.compute_type_is_set:  # what bitsandbytes' forward does on its first call
-            layer.set_compute_type(x)
-            layer.compute_type_is_set = True
-        compute = _peft._autocast_dtype(x.device) or layer.compute_dtype or x.dtype
-        if x.device.type == "cpu" and compute == torch.bfloat16 and dispatch.get_backend() != "torch":
-            return None, None, "bf16 in the Triton interpreter (it computes bf16 on raw bits)"
         return GroupMember(layer.weight, _peft._quant_state(layer), bias=layer.bias), compute, ""
     return None, None, f"a {type(layer).__name__} layer"  # changed since patching
 

@@ -33,8 +33,9 @@ The bitsandbytes 4-bit layers without a fused adapter get the same treatment: ``
 ``lora_engine.linear_4bit`` (``x·deq(W)ᵀ + bias``, the dispatcher's base-only paths) with bitsandbytes' dtype rules.
 That covers the projections no adapter targets, the frozen layers of a prompt-learning model (Prefix Tuning,
 P-tuning, prompt tuning) and a model without PEFT (``patch_model``); also the bases of the LoRA and IA3 layers,
-which PEFT's forward calls when such a layer falls back (the fused forward reads their weight directly). A call the 4-bit path cannot read (a weight not quantized yet or repacked for bitsandbytes' CPU kernel,
-a sharded weight outside FSDP's gather, bf16 in the interpreter) runs bitsandbytes' forward, reported once.
+which PEFT's forward calls when such a layer falls back (the fused forward reads their weight directly). A call
+the 4-bit path cannot read (a weight not quantized yet or repacked for bitsandbytes' CPU kernel, a sharded weight
+outside FSDP's gather, bf16 in the interpreter) runs bitsandbytes' forward, reported once.
 ``patch_model`` and ``patch_peft_model`` are one implementation; ``unpatch_model`` / ``unpatch_peft_model``
 restore every class. With ``group_projections=True`` they also group the q/k/v and gate/up projections of
 transformers' Llama, Mistral and Qwen2 blocks (``integrations/grouped.py``; opt-in, not yet measured on a GPU).
@@ -675,10 +676,9 @@ if bnb is not None:
         def _get_name(self) -> str:
             return bnb.nn.Linear4bit.__name__  # the module repr keeps bitsandbytes' name
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            grouped = _precomputed(self, x)
-            if grouped is not None:  # computed with the other projections of this attention or MLP block
-                return grouped
+        def _plan(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
+            """(the dtype the product runs in, None), or (None, why this call runs bitsandbytes' forward). Sets
+            the layer's compute type on its first call, as bitsandbytes' forward does."""
             if _quant_state(self) is not None and not _is_sharded(self.weight):
                 _check_packed_dtype(self)  # neither forward can be right on codes cast value by value
             reason = _linear4bit_reason(self)
@@ -686,16 +686,25 @@ if bnb is not None:
                 reason = f"input of type {type(x).__name__} and dtype {getattr(x, 'dtype', None)}"
             reason = reason or _device_reason(x.device)
             if reason is not None:
-                _note_fallback(self, reason)
-                return super().forward(x)
+                return None, reason
             if not self.compute_type_is_set:  # bitsandbytes' forward, step by step, from here on
                 self.set_compute_type(x)
                 self.compute_type_is_set = True
-            autocast = _autocast_dtype(x.device)  # under autocast bitsandbytes' F.linear runs in its dtype
-            compute = autocast or self.compute_dtype or x.dtype
+            # under autocast bitsandbytes' F.linear runs in the autocast dtype
+            compute = _autocast_dtype(x.device) or self.compute_dtype or x.dtype
             if x.device.type == "cpu" and compute == torch.bfloat16 and dispatch.get_backend() != "torch":
-                _note_fallback(self, "bf16 in the Triton interpreter (it computes bf16 on raw bits)")
+                return None, "bf16 in the Triton interpreter (it computes bf16 on raw bits)"
+            return compute, None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            grouped = _precomputed(self, x)
+            if grouped is not None:  # computed with the other projections of this attention or MLP block
+                return grouped
+            compute, reason = self._plan(x)
+            if reason is not None:
+                _note_fallback(self, reason)
                 return super().forward(x)
+            autocast = _autocast_dtype(x.device)
             input_dtype = x.dtype
             if self.compute_dtype is not None:
                 x = x.to(self.compute_dtype)
@@ -806,10 +815,10 @@ def _patch(model: nn.Module, entry: str, group_projections: bool = False) -> Pat
             report.add_base_fallback(name, reason)
     if not found_adapter and not found_4bit:
         raise ValueError(
-            f"{entry} found no PEFT LoRA or IA3 layers and no bitsandbytes 4-bit layers (bnb.nn.Linear4bit) in the model: "
-            "nothing runs lora_engine's kernels. Load the model in 4 bits (BitsAndBytesConfig(load_in_4bit=True)), "
-            "or add LoRA with peft.get_peft_model(model, LoraConfig(...)) or PeftModel.from_pretrained(model, "
-            "adapter_dir)"
+            f"{entry} found no PEFT LoRA or IA3 layers and no bitsandbytes 4-bit layers (bnb.nn.Linear4bit) in the "
+            "model: nothing runs lora_engine's kernels. Load the model in 4 bits "
+            "(BitsAndBytesConfig(load_in_4bit=True)), or add LoRA with peft.get_peft_model(model, LoraConfig(...)) "
+            "or PeftModel.from_pretrained(model, adapter_dir)"
         )
     from .grouped import patch_groups, unpatch_groups
 
