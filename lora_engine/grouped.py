@@ -12,10 +12,16 @@ and optional biases b_i, all reading the same x [M, K]:
              dx    = dy·W_cat + dyB·A_cat                        W decoded again: one GEMM, one rank-r_tot GEMM
              dA_cat = dyBᵀ·x,  dB_i = s_i·dy_iᵀ·left_i,  db_i = Σ_m dy_i
 
+A member with LoRA dropout (p_i > 0) reads its own dropped input, as PEFT's per-layer dropout modules do: its
+left_i = drop_i(x)·A_iᵀ is a product of its own instead of a block of the stacked one, its share of dx is
+drop_i'(dyB_i·A_i) and dA_i = dyB_iᵀ·drop_i(x). The masks are never stored: each is redrawn from the member's
+seed (``kernels/dropout.py``; ``reference.dropout_keep_mask`` on the torch backend), the same mask
+:func:`lora_engine.lora_linear_4bit` draws for that seed, and seeds are drawn member by member in the order
+the per-layer calls draw them.
+
 The output is [M, ΣN_i]; member i's output is its column block. W gets no gradient. The dense buffer is never
 kept between forward and backward (it is as large as the three weights in 16 bits): the backward decodes again.
-Buffers come from torch's caching allocator, per call. There is no dropout on the LoRA branch here: a caller
-groups only layers whose dropout is the identity for the call.
+Buffers come from torch's caching allocator, per call.
 
 On the Triton backend the weights are decoded by ``kernels.dequantize`` into slices of the buffer and the
 products run on torch (cuBLAS on a GPU) in x's dtype; where Triton cannot run (backend "torch", CPU without the
@@ -33,6 +39,7 @@ import torch
 
 from . import dispatch, reference
 from .format import packed_4bit_cached, weight_shape
+from .kernels.operands import Dropout
 from .validation import check_frozen_weight, check_linear_args, check_lora_linear_args
 
 __all__ = ["GroupMember", "GroupedLoRA4bitFunction", "grouped_lora_linear_4bit"]
@@ -47,6 +54,8 @@ class GroupMember(NamedTuple):
     lora_B: Optional[torch.Tensor] = None  # (out_features, r)
     scaling: float = 1.0
     bias: Optional[torch.Tensor] = None  # (out_features,)
+    dropout_p: float = 0.0  # LoRA dropout for this call (give 0 outside training)
+    dropout_seed: Optional[int] = None  # drawn from torch's CPU generator when None and dropout_p > 0
 
     @property
     def has_lora(self) -> bool:
@@ -59,6 +68,7 @@ class _Plan(NamedTuple):
     members: tuple[GroupMember, ...]
     sizes: tuple[int, ...]  # N_i
     ranks: tuple[int, ...]  # r_i (0 without LoRA)
+    dropouts: tuple[Optional[Dropout], ...]  # member i's LoRA dropout for this call, None without
     triton: bool  # decode with the Triton kernel (else the torch reference)
     compute: torch.dtype  # dtype of the products
 
@@ -82,18 +92,53 @@ def _decode_cat(plan: _Plan, device: torch.device) -> torch.Tensor:
     return out
 
 
+class _Entry(NamedTuple):
+    """A member with LoRA, as the products see it."""
+
+    index: int  # the member's position
+    cols: slice  # its column block of y
+    ranks: slice  # its rank block of left and dyB
+    lora_A: torch.Tensor  # in the compute dtype
+    lora_B: torch.Tensor
+    scaling: float
+    dropout: Optional[Dropout]
+
+
 def _lora_factors(plan: _Plan, tensors: Sequence[Optional[torch.Tensor]], dtype: torch.dtype):
-    """(A_cat [r_tot, K], [(member index, column block, rank block, B_i, s_i)]) over the members with LoRA."""
-    a_parts, entries, col, rank_at = [], [], 0, 0
+    """(A_cat [r_shared, K] of the members without dropout, or None; their entries, then those with dropout).
+
+    The members without dropout take the first r_shared columns of left and dyB, in member order, so that one
+    product with A_cat serves them all; each member with dropout follows with a rank block of its own.
+    """
+    shared, dropped, col = [], [], 0
     for i, (n, r) in enumerate(zip(plan.sizes, plan.ranks)):
         if r:
-            a_parts.append(tensors[3 * i].to(dtype))
-            entries.append((i, slice(col, col + n), slice(rank_at, rank_at + r), tensors[3 * i + 1].to(dtype),
-                            float(plan.members[i].scaling)))  # fmt: skip
-            rank_at += r
+            (dropped if plan.dropouts[i] is not None else shared).append((i, slice(col, col + n), r))
         col += n
+    entries, rank_at = [], 0
+    for i, cols, r in shared + dropped:
+        lora_A, lora_B = tensors[3 * i].to(dtype), tensors[3 * i + 1].to(dtype)
+        scaling = float(plan.members[i].scaling)
+        entries.append(_Entry(i, cols, slice(rank_at, rank_at + r), lora_A, lora_B, scaling, plan.dropouts[i]))
+        rank_at += r
+    a_parts = [e.lora_A for e in entries[: len(shared)]]
     a_cat = torch.cat(a_parts) if len(a_parts) > 1 else (a_parts[0] if a_parts else None)
     return a_cat, entries
+
+
+def _keep_scale(plan: _Plan, dropout: Dropout, rows: int, device: torch.device) -> torch.Tensor:
+    """The torch backend's [rows, K] keep-scale (0 or 1 / (1 - p)) of ``dropout``, in the compute dtype."""
+    keep = reference.dropout_keep_mask(dropout.seed, rows, dropout.row_length, dropout.p, device)
+    return keep.to(plan.compute) * dropout.inv_keep_prob
+
+
+def _dropped_left(plan: _Plan, x: torch.Tensor, entry: _Entry) -> torch.Tensor:
+    """drop_i(x)·A_iᵀ [M, r_i] in the compute dtype, the mask redrawn from the member's seed."""
+    if plan.triton:
+        from .kernels.lora_lowrank import lora_down
+
+        return lora_down(x, entry.lora_A.t(), entry.dropout).to(plan.compute)
+    return torch.mm(x * _keep_scale(plan, entry.dropout, x.shape[0], x.device), entry.lora_A.t())
 
 
 def _forward(plan: _Plan, x: torch.Tensor, tensors: Sequence[Optional[torch.Tensor]]):
@@ -101,9 +146,12 @@ def _forward(plan: _Plan, x: torch.Tensor, tensors: Sequence[Optional[torch.Tens
     x = x.to(plan.compute)
     y = torch.mm(x, _decode_cat(plan, x.device).t())  # the buffer is freed when this returns
     a_cat, entries = _lora_factors(plan, tensors, plan.compute)
-    left = torch.mm(x, a_cat.t()) if a_cat is not None else None
-    for _, cols, ranks, lora_B, scaling in entries:
-        y[:, cols].addmm_(left[:, ranks], lora_B.t(), alpha=scaling)
+    # the rank blocks in entry order: the shared product first, then each member with dropout
+    parts = [torch.mm(x, a_cat.t())] if a_cat is not None else []
+    parts += [_dropped_left(plan, x, entry) for entry in entries if entry.dropout is not None]
+    left = torch.cat(parts, dim=1) if len(parts) > 1 else (parts[0] if parts else None)
+    for entry in entries:
+        y[:, entry.cols].addmm_(left[:, entry.ranks], entry.lora_B.t(), alpha=entry.scaling)
     col = 0
     for i, n in enumerate(plan.sizes):
         bias = tensors[3 * i + 2]
@@ -118,6 +166,26 @@ def _no_autocast(device: torch.device):
     if torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _dropped_back(plan: _Plan, t: torch.Tensor, dropout: Dropout) -> torch.Tensor:
+    """``t`` [M, K] times the keep-scale of ``dropout`` (the mask's backward), in place where it can be."""
+    if plan.triton:
+        from .kernels.dropout import dropout_scale_
+
+        return dropout_scale_(t, dropout)
+    return t * _keep_scale(plan, dropout, t.shape[0], t.device)
+
+
+def _grad_A(plan: _Plan, dyb: torch.Tensor, x: torch.Tensor, dropout: Optional[Dropout]) -> torch.Tensor:
+    """dA_i = dyB_iᵀ·drop_i(x) [r_i, K] (dyB_i carries s_i)."""
+    if dropout is None:
+        return torch.mm(dyb.t(), x)
+    if plan.triton:
+        from .kernels.lora_lowrank import lora_da
+
+        return lora_da(dyb, x, 1.0, dropout)
+    return torch.mm(dyb.t(), x * _keep_scale(plan, dropout, x.shape[0], x.device))
 
 
 class GroupedLoRA4bitFunction(torch.autograd.Function):
@@ -149,22 +217,26 @@ class GroupedLoRA4bitFunction(torch.autograd.Function):
             dy = dy.to(plan.compute)
             a_cat, entries = _lora_factors(plan, tensors, plan.compute)
             dyb = None
-            if entries and (needs[0] or any(needs[2 + 3 * i] for i, *_ in entries)):
+            if entries and (needs[0] or any(needs[2 + 3 * e.index] for e in entries)):
                 # dyB_i = s_i·dy_i·B_i, side by side: one rank-r_tot operand for dx and for every dA_i
-                dyb = torch.cat([torch.mm(dy[:, cols], lora_B) * scaling for _, cols, _, lora_B, scaling in entries],
-                                dim=1)  # fmt: skip
+                dyb = torch.cat([torch.mm(dy[:, e.cols], e.lora_B) * e.scaling for e in entries], dim=1)
             if needs[0]:
                 dx = torch.mm(dy, _decode_cat(plan, dy.device))
-                if dyb is not None:
-                    dx.addmm_(dyb, a_cat)
+                if a_cat is not None:
+                    dx.addmm_(dyb[:, : a_cat.shape[0]], a_cat)
+                for e in entries:
+                    if e.dropout is not None:
+                        dx += _dropped_back(plan, torch.mm(dyb[:, e.ranks], e.lora_A), e.dropout)
                 dx = dx.to(ctx.x_dtype)
             xc = x.to(plan.compute)
-            for i, cols, ranks, _, scaling in entries:
-                lora_A, lora_B = tensors[3 * i], tensors[3 * i + 1]
-                if needs[2 + 3 * i]:
-                    grads[3 * i] = torch.mm(dyb[:, ranks].t(), xc).to(lora_A.dtype)
-                if needs[2 + 3 * i + 1]:
-                    grads[3 * i + 1] = (torch.mm(dy[:, cols].t(), left[:, ranks]) * scaling).to(lora_B.dtype)
+            for e in entries:
+                lora_A, lora_B = tensors[3 * e.index], tensors[3 * e.index + 1]
+                if needs[2 + 3 * e.index]:
+                    grads[3 * e.index] = _grad_A(plan, dyb[:, e.ranks], xc, e.dropout).to(lora_A.dtype)
+                if needs[2 + 3 * e.index + 1]:
+                    grads[3 * e.index + 1] = (torch.mm(dy[:, e.cols].t(), left[:, e.ranks]) * e.scaling).to(
+                        lora_B.dtype
+                    )
             col = 0
             for i, n in enumerate(plan.sizes):
                 bias = tensors[3 * i + 2]
@@ -191,9 +263,11 @@ def _validate(x: torch.Tensor, members: Sequence[GroupMember]) -> tuple[tuple[in
             check_frozen_weight(member.weight, "grouped_lora_linear_4bit")
             device = member.weight.device
             if member.has_lora:
-                check_lora_linear_args(x, n, k, member.lora_A, member.lora_B, member.scaling, member.bias, 0.0,
-                                       device, None)  # fmt: skip
+                check_lora_linear_args(x, n, k, member.lora_A, member.lora_B, member.scaling, member.bias,
+                                       member.dropout_p, device, member.dropout_seed)  # fmt: skip
             else:
+                if member.dropout_p:
+                    raise ValueError(f"dropout_p ({member.dropout_p!r}) is LoRA dropout: this member has no LoRA")
                 check_linear_args(x, n, k, member.bias, device)
         except (ValueError, TypeError) as error:
             raise type(error)(f"grouped_lora_linear_4bit, member {i}: {error}") from None
@@ -203,12 +277,13 @@ def _validate(x: torch.Tensor, members: Sequence[GroupMember]) -> tuple[tuple[in
 
 
 def grouped_lora_linear_4bit(x: torch.Tensor, members: Sequence[GroupMember]) -> list[torch.Tensor]:
-    """Each member's ``x·deq(W_i)ᵀ + s_i·(x·A_iᵀ)·B_iᵀ + b_i`` (no LoRA term for a member without one), computed
-    with one decode buffer and one GEMM for all members (see the module docstring).
+    """Each member's ``x·deq(W_i)ᵀ + s_i·(drop_i(x)·A_iᵀ)·B_iᵀ + b_i`` (no LoRA term for a member without one),
+    computed with one decode buffer and one GEMM for all members (see the module docstring).
 
-    x: [..., in_features] fp16/bf16/fp32 (every member reads the same in_features). Returns one tensor per
-    member, [..., N_i] in x's dtype: views of one [..., ΣN_i] output. Gradients: x, each A_i, B_i and a bias
-    that requires one; the 4-bit weights get none.
+    x: [..., in_features] fp16/bf16/fp32 (every member reads the same in_features). A member's ``dropout_p`` is
+    applied as given (pass 0 outside training); its seed is ``dropout_seed``, or drawn from torch's CPU generator
+    member by member. Returns one tensor per member, [..., N_i] in x's dtype: views of one [..., ΣN_i] output.
+    Gradients: x, each A_i, B_i and a bias that requires one; the 4-bit weights get none.
     """
     sizes, ranks = _validate(x, members)
     tensors: list[Optional[torch.Tensor]] = []
@@ -218,12 +293,18 @@ def grouped_lora_linear_4bit(x: torch.Tensor, members: Sequence[GroupMember]) ->
         from . import functional as F
 
         return [
-            F.lora_linear_4bit(x, m.weight, m.quant_state, m.lora_A, m.lora_B, m.scaling, bias=m.bias)
+            F.lora_linear_4bit(x, m.weight, m.quant_state, m.lora_A, m.lora_B, m.scaling, bias=m.bias,
+                               dropout_p=m.dropout_p, training=True, dropout_seed=m.dropout_seed)
             if m.has_lora else F.linear_4bit(x, m.weight, m.quant_state, m.bias)
             for m in members
         ]  # fmt: skip
+    dropouts = tuple(
+        Dropout(m.dropout_seed if m.dropout_seed is not None else reference.draw_dropout_seed(), m.dropout_p,
+                x.shape[-1]) if m.has_lora and m.dropout_p > 0 else None
+        for m in members
+    )  # fmt: skip
     triton = dispatch.use_triton(x.device, tuple(t.dtype for t in (x, *tensors) if t is not None))
-    plan = _Plan(tuple(members), sizes, ranks, triton, x.dtype if triton else torch.float32)
+    plan = _Plan(tuple(members), sizes, ranks, dropouts, triton, x.dtype if triton else torch.float32)
     x2d = x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, *tensors)):
         y = GroupedLoRA4bitFunction.apply(x2d, plan, *tensors)

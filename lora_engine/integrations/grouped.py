@@ -13,8 +13,9 @@ implementations) runs unchanged, whatever its version.
 A module is grouped when every projection of its group is a patched bitsandbytes 4-bit layer: a PEFT LoRA layer
 over a 4-bit base, or a 4-bit layer without an adapter (it takes part in the base GEMM only). A call is grouped
 when every member would run lora_engine's path for it (the per-layer checks: one active vanilla adapter, not
-merged or disabled, weights readable, ...) and every member's LoRA dropout is the identity (p = 0, or eval
-mode); otherwise the original forward runs per layer, recorded in the report and logged once. Under
+merged or disabled, weights readable, ...); otherwise the original forward runs per layer, recorded in the
+report and logged once. LoRA dropout in training is drawn per member, as PEFT's per-layer dropout modules draw
+it; the seeds come from torch's CPU generator in the order the per-layer calls would draw them. Under
 ``torch.compile`` the per-layer path runs (it compiles without graph breaks). The parameters, state dict and
 saved adapters are PEFT's, unchanged; unpatching gives every module its class back.
 """
@@ -88,10 +89,10 @@ def _member_plan(layer: nn.Module, x: torch.Tensor) -> tuple[Optional[GroupMembe
         if layer.use_dora.get(adapter, False):
             return None, None, "a DoRA adapter (its output is scaled row by row, layer by layer)"
         lora_A, lora_B, scaling, p, training = layer._lora_args(adapter)
-        if training and p > 0:
-            return None, None, "LoRA dropout in training mode"
         base = layer.get_base_layer()
-        return GroupMember(base.weight, _peft._quant_state(base), lora_A, lora_B, scaling, base.bias), compute, ""
+        member = GroupMember(base.weight, _peft._quant_state(base), lora_A, lora_B, scaling, base.bias,
+                             dropout_p=p if training else 0.0)  # fmt: skip
+        return member, compute, ""
     if type(layer) is _peft.FusedLinear4bit:
         compute, reason = layer._plan(x)  # the checks of its own forward
         if reason is not None:

@@ -85,15 +85,22 @@ def _leaves(t: dict, dtype: torch.dtype):
     return leaf(t["x"]), [{k: leaf(m[k]) for k in ("A", "B", "bias")} for m in t["members"]]
 
 
-def _torch_per_member(t: dict, dtype: torch.dtype):
-    """Each member on its own with torch ops in ``dtype`` (the weight decoded in fp32, then cast)."""
+def _torch_per_member(t: dict, dtype: torch.dtype, dropouts: tuple = ()):
+    """Each member on its own with torch ops in ``dtype`` (the weight decoded in fp32, then cast); ``dropouts``
+    gives member i's (p, seed) or None, its mask drawn by ``reference.dropout_keep_mask``."""
     x, params = _leaves(t, dtype)
+    x2d = x.reshape(-1, x.shape[-1])
     outs = []
-    for m, p in zip(t["members"], params):
+    for i, (m, p) in enumerate(zip(t["members"], params)):
         w = reference.dequantize_4bit(m["packed"], m["state"], torch.float32).to(dtype)
         y = x @ w.t()
         if p["A"] is not None:
-            y = y + m["scaling"] * ((x @ p["A"].t()) @ p["B"].t())
+            xd = x
+            if i < len(dropouts) and dropouts[i] is not None:
+                prob, seed = dropouts[i]
+                keep = reference.dropout_keep_mask(seed, *x2d.shape, prob, x.device).reshape(x.shape)
+                xd = x * keep.to(dtype) / (1 - prob)
+            y = y + m["scaling"] * ((xd @ p["A"].t()) @ p["B"].t())
         if p["bias"] is not None:
             y = y + p["bias"]
         outs.append(y)
@@ -144,6 +151,44 @@ def test_matches_per_member_reference(case, kernel_device, monkeypatch):
     assert all(m["packed"].grad is None for m in t["members"]), "the frozen 4-bit weights must get no gradient"
 
 
+DROPOUT_CASES = [
+    # q and v with dropout, k without LoRA: every member with LoRA reads its own dropped input
+    (CASES[0], ((0.25, 11), None, (0.5, 12))),
+    # the first and last members with dropout, the middle one without: one shared rank block between them
+    (CASES[2], ((0.3, 21), None, (0.1, 23))),
+    (CASES[4], ((0.2, 31), None, None)),
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case, dropouts", DROPOUT_CASES, ids=lambda c: c.id if isinstance(c, Case) else "")
+def test_dropout_matches_per_member_reference(case, dropouts, kernel_device):
+    """Members with LoRA dropout against torch per member with the same masks: output and every gradient."""
+    t = _inputs(case, kernel_device)
+    x, params = _leaves(t, case.dtype)
+    members = [
+        GroupMember(m["packed"], m["state"], p["A"], p["B"], m["scaling"], p["bias"],
+                    *((d[0], d[1]) if d is not None else (0.0, None)))
+        for m, p, d in zip(t["members"], params, dropouts)
+    ]  # fmt: skip
+    with lora_engine.use_backend(case.backend):
+        outs = grouped_lora_linear_4bit(x, members)
+        torch.autograd.backward(outs, t["dys"])
+    expected = {}
+    for label, dtype in (("precise", torch.float64), ("same", case.dtype)):
+        xr, pr, yr = _torch_per_member(t, dtype, dropouts)
+        torch.autograd.backward(yr, [dy.to(dtype) for dy in t["dys"]])
+        expected[label] = [(f"y_{i}", y) for i, y in enumerate(yr)] + _grads(xr, pr)
+    got = [(f"y_{i}", y) for i, y in enumerate(outs)] + _grads(x, params)
+    for (name, value), (_, precise), (_, same) in zip(got, expected["precise"], expected["same"]):
+        assert value is not None, f"{name}: no gradient"
+        assert_close_3way(f"{case.id} dropout {name}", value, precise.detach(), same.detach())
+    # the masks matter: without them the LoRA terms differ
+    _, _, undropped = _torch_per_member(t, torch.float64)
+    i = next(i for i, d in enumerate(dropouts) if d is not None)
+    assert not torch.allclose(outs[i].double(), undropped[i], rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.interpreter
 def test_inference_matches_reference_functions(kernel_device):
     """Without gradients (no autograd node), against lora_engine.reference's per-layer functions."""
@@ -173,6 +218,8 @@ def test_wrong_shapes_name_the_member():
             grouped_lora_linear_4bit(t["x"][:, :64], members)
         with pytest.raises(ValueError, match="member 2: give both lora_A and lora_B"):
             grouped_lora_linear_4bit(t["x"], members[:2] + [members[2]._replace(lora_B=None)])
+        with pytest.raises(ValueError, match="member 1: dropout_p must be in"):
+            grouped_lora_linear_4bit(t["x"], members[:1] + [members[1]._replace(dropout_p=1.0)] + members[2:])
         with pytest.raises(ValueError, match="at least one member"):
             grouped_lora_linear_4bit(t["x"], [])
 
