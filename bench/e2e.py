@@ -62,7 +62,7 @@ def _liger(model: torch.nn.Module) -> None:
 
 
 def build_model(name: str, layers: int, vocab: int, seq: int, method: str, targets: str, liger: bool,
-                device: str, tiny: bool = False) -> torch.nn.Module:  # fmt: skip
+                device: str, tiny: bool = False, lora_dropout: float = 0.0) -> torch.nn.Module:  # fmt: skip
     """A random-weight causal LM, its decoder linears quantized to bitsandbytes NF4, wrapped by PEFT."""
     import bitsandbytes as bnb
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
@@ -98,7 +98,7 @@ def build_model(name: str, layers: int, vocab: int, seq: int, method: str, targe
     if method == "prefix":
         peft_config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_TOKENS)
     else:
-        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS[targets],
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules=TARGETS[targets],
                                  task_type="CAUSAL_LM")  # fmt: skip
     model = get_peft_model(model, peft_config)
     for p in model.parameters():
@@ -208,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default="all", choices=list(TARGETS), help="LoRA target projections")
     p.add_argument("--group-projections", action="store_true",
                    help="also time patch_peft_model(model, group_projections=True): q/k/v and gate/up grouped")
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="LoRA dropout (0.05 and 0.1 are common in QLoRA recipes); default 0")
     p.add_argument("--liger", action="store_true", help="also time both with Liger-Kernel (pip install liger-kernel)")
     p.add_argument("--tiny", action="store_true", help="toy sizes, two layers: checks that the script runs")
     p.add_argument("--device", default="cuda", help="cuda (default); with --tiny also cpu")
@@ -231,11 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     env = {**environment(), "commit": _commit()}
     what = (f"{'tiny' if args.tiny else args.model} ({args.layers} layers), batch {args.batch} x {args.seq}, "
             + (f"Prefix Tuning ({PREFIX_TOKENS} virtual tokens)" if args.method == "prefix"
-               else f"LoRA r=16 on {', '.join(TARGETS[args.targets])}"))  # fmt: skip
+               else f"LoRA r=16 on {', '.join(TARGETS[args.targets])}"
+               + (f", dropout {args.lora_dropout}" if args.lora_dropout else "")))  # fmt: skip
     rows: list[dict[str, Any]] = []
     for liger in (False, True) if args.liger else (False,):
         model = build_model(args.model, args.layers, args.vocab, args.seq, args.method, args.targets, liger,
-                            args.device, args.tiny)  # fmt: skip
+                            args.device, args.tiny, args.lora_dropout)  # fmt: skip
         rows += compare(model, args, " + liger" if liger else "")
         del model
         if args.device == "cuda":
@@ -245,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"e2e-{'tiny' if args.tiny else args.model}-{args.layers}l-{args.method}"
     stem += f"-{args.targets}" if args.method == "lora" else ""
+    stem += f"-dropout{args.lora_dropout:g}" if args.lora_dropout else ""
     stem += "-liger" if args.liger else ""
     stem += "-grouped" if args.group_projections else ""
     record = {**env, "setup": what, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
