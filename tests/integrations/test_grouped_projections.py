@@ -326,3 +326,20 @@ def test_gradient_checkpointing(make_peft_llama, tokens, kernel_device, group_ca
     assert group_calls["autograd"] == 2 * GROUPS, group_calls  # forward, and again in the backward
     for name, expected in stock_grads.items():
         assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
+
+
+def test_gradient_checkpointing_redraws_the_same_dropout(make_peft_llama, tokens, kernel_device, group_calls):
+    """The recomputed forward must draw the masks of the first one (checkpointing restores torch's RNG state):
+    with LoRA dropout, checkpointed and plain training give the same gradients under one torch seed."""
+    plain, checkpointed = (make_peft_llama(lora_dropout=0.25, device=kernel_device) for _ in range(2))
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = tokens(0, device=kernel_device)
+    grads = {}
+    with lora_engine.use_backend("triton"):
+        for name, model in (("plain", plain), ("checkpointed", checkpointed)):
+            lora_engine.patch_peft_model(model, group_projections=True)
+            torch.manual_seed(3)
+            grads[name] = train_steps(model, [ids])[1]
+    assert group_calls["autograd"] == 3 * GROUPS, group_calls  # plain once, checkpointed twice
+    for name, expected in grads["plain"].items():
+        assert_within(f"grad {name}", grads["checkpointed"][name], expected, GRAD_TOL * expected.abs().max().item())
