@@ -13,9 +13,10 @@ implementations) runs unchanged, whatever its version.
 A module is grouped when every projection of its group is a patched bitsandbytes 4-bit layer: a PEFT LoRA layer
 over a 4-bit base, or a 4-bit layer without an adapter (it takes part in the base GEMM only). A call is grouped
 when every member would run lora_engine's path for it (the per-layer checks: one active vanilla adapter, not
-merged or disabled, weights readable, ...); otherwise the original forward runs per layer, recorded in the
-report and logged once. LoRA dropout in training is drawn per member, as PEFT's per-layer dropout modules draw
-it; the seeds come from torch's CPU generator in the order the per-layer calls would draw them. Under
+merged or disabled, weights readable, ...) and no path is forced (``lora_engine.force_path``); otherwise the
+original forward runs per layer, recorded in the report and logged once. LoRA dropout in training is drawn per
+member, as PEFT's per-layer dropout modules draw it; the seeds come from torch's CPU generator in the order the
+per-layer calls would draw them. Under
 ``torch.compile`` the per-layer path runs (it compiles without graph breaks). The parameters, state dict and
 saved adapters are PEFT's, unchanged; unpatching gives every module its class back.
 """
@@ -105,7 +106,10 @@ def _group_outputs(module: nn.Module, x: Any) -> Optional[dict]:
     """{member layer: (x, its output)} for this call, or None (reported) where the group runs per layer."""
     report, name, attrs = getattr(module, _GROUP_ATTR)
     reason = None
-    if not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES:
+    forced = dispatch._current_settings()[1]
+    if forced is not None:  # the grouped computation is an algorithm of its own: a forced path is per layer
+        reason = f"the {forced!r} path is forced (lora_engine.force_path)"
+    elif not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES:
         reason = f"input of type {type(x).__name__} and dtype {getattr(x, 'dtype', None)}"
     layers = [getattr(module, attr) for attr in attrs]
     members, compute = [], None

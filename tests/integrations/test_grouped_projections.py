@@ -257,6 +257,22 @@ def test_not_grouped_under_compile(make_peft_llama, kernel_device, group_calls):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5 * eager.abs().max().item())
 
 
+def test_forced_path_runs_per_layer(make_peft_llama, tokens, kernel_device, group_calls):
+    """A path forced for benchmarking or testing is what every projection runs: the groups step aside, reported."""
+    model = make_peft_llama(device=kernel_device).eval()
+    report = lora_engine.patch_peft_model(model, group_projections=True)
+    ids = tokens(0, device=kernel_device)
+    with lora_engine.use_backend("triton"), torch.no_grad():
+        with lora_engine.force_path("dequant"):
+            forced = model(input_ids=ids).logits
+        assert group_calls["groups"] == 0
+        assert all(reasons == ["the 'dequant' path is forced (lora_engine.force_path)"]
+                   for reasons in report.group_fallbacks.values()) and len(report.group_fallbacks) == GROUPS
+        grouped = model(input_ids=ids).logits
+    assert group_calls["groups"] == GROUPS
+    assert_within("logits", grouped, forced, LOGITS_TOL * forced.abs().max().item())
+
+
 def test_other_classes_are_named_not_grouped(make_peft_llama):
     """A module holding gate/up projections that is not one of the families' own classes keeps per-layer calls,
     and the report names it with why."""
