@@ -17,15 +17,22 @@ from pathlib import Path
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    from .providers import ALL_PROVIDERS, DEFAULT_PROVIDERS, MODES, unavailable
+    from .providers import ALL_PROVIDERS, DEFAULT_PROVIDERS, MODES, PROVIDER_GROUPS, expand_providers, unavailable
     from .shapes import ANCHOR_PROJECTIONS, M_DECODE, M_MIDDLE, M_TRAIN, MODELS
 
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--models", nargs="+", default=["llama3-8b"], choices=list(MODELS), help="shape registry entries")
     p.add_argument("--projections", nargs="+", default=list(ANCHOR_PROJECTIONS),
-                   help="which projections of each model ('all' for every one); default: the anchors' three")  # fmt: skip
+                   help="which projections of each model ('all' for every one); default: the anchors' "
+                   "three")  # fmt: skip
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--providers", nargs="+", default=list(DEFAULT_PROVIDERS), choices=ALL_PROVIDERS)
+    groups = "; ".join(f"{name} = {' '.join(members)}" for name, members in PROVIDER_GROUPS.items())
+    p.add_argument("--providers", nargs="+", default=list(DEFAULT_PROVIDERS),
+                   choices=[*ALL_PROVIDERS, *PROVIDER_GROUPS], metavar="PROVIDER",
+                   help=f"any of {', '.join(ALL_PROVIDERS)} (bench/providers.py), or a group of them: "
+                   f"{groups}")  # fmt: skip
     p.add_argument("--m-train", nargs="+", type=int, default=[*M_MIDDLE, *M_TRAIN], help="M for fwd and fwdbwd")
     p.add_argument("--m-decode", nargs="+", type=int, default=list(M_DECODE), help="M for decode")
     p.add_argument("--rep-ms", type=int, default=100,
@@ -36,6 +43,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stem", default="layer", help="file name stem of the results (<stem>.json, .md, .png)")
     p.add_argument("--cpu", action="store_true", help="the CPU table even where a GPU is present")
     args = p.parse_args(argv)
+    args.providers = expand_providers(args.providers)
     if args.projections == ["all"]:
         args.projections = None
     if args.rounds < 2:
@@ -140,10 +148,13 @@ def run_cpu() -> int:
     worst = 0.0
     # the gemv path serves at most 16 tokens over row-aligned blocks: not this layer (its tests cover it)
     paths = [p for p in lora_engine.dispatch.PATHS if p != "gemv"]
-    rows = [("torch", None, torch.float32)] + [("triton", p, dt) for p in paths for dt in (torch.float32, torch.float16)]
+    rows = [("torch", None, torch.float32)]
+    rows += [("triton", p, dt) for p in paths for dt in (torch.float32, torch.float16)]
     for backend, path, dtype in rows:
         results, seconds = run(backend, path, dtype)
-        err = max((r.double() - e).abs().max().item() / max(e.abs().max().item(), 1e-12) for r, e in zip(results, exact))
+        err = max(
+            (r.double() - e).abs().max().item() / max(e.abs().max().item(), 1e-12) for r, e in zip(results, exact)
+        )
         worst = max(worst, err if dtype == torch.float32 else 0.0)
         label = "torch reference" if backend == "torch" else f"triton interpreter, {path}"
         print(f"| {label:<36} | {str(dtype)[6:]:<8} | {err:>10.2e} | {seconds:>8.2f} |")

@@ -20,6 +20,34 @@ timed in the same process. The LoRA providers compute the same layer; ``dense_bf
                                  group 64, no LoRA, no backward. Not the same format nor the same function: a
                                  reference point for the speed of a Triton 4-bit kernel
 
+Adapter kinds on the same 4-bit base, ours beside stock PEFT's over bnb.nn.Linear4bit, built from the case's
+weight, x and dy; their other operands are drawn from the case's seed (``multi_adapters``, ``dora_magnitude``,
+``ia3_scale``). Ours run as users run them: the module, or the functional entry a patched PEFT layer calls.
+
+    lora_engine_multi8           a mixed batch: LoRALinear4bit holding 8 named adapters, called as
+                                 ``layer(x, adapter_indices=idx)`` with idx on the host; ranks 16, 8, 16, 32, 16,
+                                 8, 16, 16 (mean 16, the single adapter's), scaling 32 / r, row m of x through
+                                 adapter m mod 8. decode and fwd only: PEFT's mixed batch is inference only
+                                 (``model(..., adapter_names=...)`` refuses training mode)
+    peft_multi8                  the same adapters in PEFT's LoRA Linear4bit, ``layer(x, adapter_names=names)``:
+                                 what ``model(..., adapter_names=names)`` runs in each layer
+    lora_engine_dora             ``lora_engine.dora_linear_4bit`` with the case's LoRA pair (r=16) and a magnitude;
+                                 fwd and fwdbwd (gradients for x, A, B and the magnitude)
+    peft_dora                    PEFT's LoRA Linear4bit with ``use_dora=True``, the same operands
+    lora_engine_ia3              ``lora_engine.ia3_linear_4bit`` scaling the output (PEFT's attention layers) by an
+                                 fp32 vector, as PEFT keeps it; fwd, fwdbwd and decode (gradients for x and it)
+    peft_ia3                     PEFT's IA3 Linear4bit, the same vector (its output is fp32 for a bf16 input)
+    lora_engine_ia3_ff,          the same two with the vector scaling the input (PEFT's ``feedforward_modules``)
+      peft_ia3_ff
+
+A kind asked for a mode it does not run (``KIND_MODES``) builds nothing, and the case goes on without it. The
+report sets each kind's time against its baseline's (``KIND_RATIOS``): ours against ``lora_engine`` (the mixed
+batch, DoRA) or ``lora_engine_base`` (IA3), PEFT's against ``bnb_peft`` or ``bnb_base``. The group ``kinds``
+(``PROVIDER_GROUPS``) names the kinds and their baselines; on a GPU this command writes the ratios side by side,
+in one table, to ``bench/results/<gpu>/kinds.md``:
+
+    python -m bench --providers kinds --modes decode fwd fwdbwd --m-decode 16 --m-train 256 8192 --stem kinds
+
 The benchmark times every provider both eagerly and replayed from a CUDA graph (``bench/measure.py``), so no
 provider needs a graphed variant of its own.
 """
@@ -57,8 +85,48 @@ def installed(provider: str) -> bool:
     return package is None or importlib.util.find_spec(package) is not None
 
 
+# Adapter kinds over the same 4-bit base, ours and PEFT's (see the module docstring); not in the default set.
+MULTI_RANKS = (16, 8, 16, 32, 16, 8, 16, 16)  # the mixed batch's adapters: mean 16 (the single adapter's rank)
+MULTI_NAMES = tuple(f"adapter{i}" for i in range(len(MULTI_RANKS)))
+KIND_PROVIDERS = ("lora_engine_multi8", "peft_multi8", "lora_engine_dora", "peft_dora", "lora_engine_ia3", "peft_ia3",
+                  "lora_engine_ia3_ff", "peft_ia3_ff")  # fmt: skip
+# The modes each kind runs (the others: all three). PEFT's mixed batch is inference only; DoRA is measured where it
+# trains (its kernels have no few-token path: the gemv path takes the dequant route).
+KIND_MODES = {
+    "lora_engine_multi8": ("fwd", "decode"),
+    "peft_multi8": ("fwd", "decode"),
+    "lora_engine_dora": ("fwd", "fwdbwd"),
+    "peft_dora": ("fwd", "fwdbwd"),
+}
+# (provider, its baseline, the most its time may be over the baseline's where the project sets a target, or None):
+# what each adapter kind costs over the same layer without it, ours and PEFT's.
+KIND_RATIOS = (
+    ("lora_engine_multi8", "lora_engine", 1.3),
+    ("peft_multi8", "bnb_peft", None),
+    ("lora_engine_dora", "lora_engine", 1.3),
+    ("peft_dora", "bnb_peft", None),
+    ("lora_engine_ia3", "lora_engine_base", 1.05),
+    ("peft_ia3", BASE_ANCHOR, None),
+    ("lora_engine_ia3_ff", "lora_engine_base", 1.05),
+    ("peft_ia3_ff", BASE_ANCHOR, None),
+)
+ADAPTER_KINDS_NOTE = (
+    f"Adapter kinds: `*_multi8` {len(MULTI_RANKS)} LoRA adapters of ranks {', '.join(map(str, MULTI_RANKS))} "
+    f"(scaling {LORA_ALPHA} / r), row m of x through adapter m mod {len(MULTI_RANKS)}; `*_dora` DoRA r={RANK}; "
+    "`*_ia3` IA3 scaling the output, `*_ia3_ff` the input (PEFT's feed-forward layers), an fp32 vector. The targets "
+    "hold for the mixed batch at M = 16 and 256, for DoRA in fwdbwd at M = 8192, for IA3 at every M."
+)
+# Names standing for several providers on the command line.
+PROVIDER_GROUPS = {"kinds": ("lora_engine", "bnb_peft", "lora_engine_base", BASE_ANCHOR, *KIND_PROVIDERS)}
+
 DEFAULT_PROVIDERS = ("lora_engine", *PATH_PROVIDERS, *ANCHORS, *(p for p in OTHER_FORMATS if installed(p)))
-ALL_PROVIDERS = ("lora_engine", *PATH_PROVIDERS, *ANCHORS, "torch_reference", *BASE_PROVIDERS, *OTHER_FORMATS)
+ALL_PROVIDERS = ("lora_engine", *PATH_PROVIDERS, *ANCHORS, "torch_reference", *BASE_PROVIDERS, *OTHER_FORMATS,
+                 *KIND_PROVIDERS)  # fmt: skip
+
+
+def expand_providers(names: list[str]) -> list[str]:
+    """Provider names with each group (``PROVIDER_GROUPS``) replaced by its members, each name once, in order."""
+    return list(dict.fromkeys(p for name in names for p in PROVIDER_GROUPS.get(name, (name,))))
 
 
 class ProviderUnavailable(RuntimeError):
@@ -235,7 +303,8 @@ class _DequantCublasLoRA(torch.autograd.Function):
 
 def _dequant_cublas(t: LayerInputs, mode: str) -> Runnable:
     x, lora_A, lora_B = _leaves(t, mode)
-    return _wrap(lambda: _DequantCublasLoRA.apply(x, lora_A, lora_B, t.weight, t.scaling), mode, t.dy, (x, lora_A, lora_B))
+    forward = lambda: _DequantCublasLoRA.apply(x, lora_A, lora_B, t.weight, t.scaling)  # noqa: E731
+    return _wrap(forward, mode, t.dy, (x, lora_A, lora_B))
 
 
 def _dense_bf16(t: LayerInputs, mode: str) -> Runnable:
@@ -283,6 +352,158 @@ def _lora_engine_base(path: Optional[str]) -> Callable[[LayerInputs, str], Optio
     return build
 
 
+def _kind_generator(t: LayerInputs, stream: int) -> torch.Generator:
+    """A generator seeded by the case, one ``stream`` per kind of operand (make_inputs' draws stay as they were)."""
+    seed = t.n * 7919 + t.k * 31 + t.m + 1_000_003 * stream
+    return torch.Generator(device=t.x.device).manual_seed(seed)
+
+
+def multi_adapters(t: LayerInputs) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
+    """The mixed batch's adapters, ``(A (r, K), B (N, r), scaling)`` with the ranks ``MULTI_RANKS`` and scaling
+    ``LORA_ALPHA / r`` (PEFT's), at the scales of the case's own pair, in its dtype."""
+    gen = _kind_generator(t, 1)
+    adapters = []
+    for r in MULTI_RANKS:
+        lora_A = torch.randn(r, t.k, generator=gen, device=t.x.device) * t.k**-0.5
+        lora_B = torch.randn(t.n, r, generator=gen, device=t.x.device) * 0.01
+        adapters.append((lora_A.to(t.dtype), lora_B.to(t.dtype), LORA_ALPHA / r))
+    return adapters
+
+
+def multi_adapter_indices(m: int) -> list[int]:
+    """The adapter of each row of the mixed batch: row i through adapter i mod 8, so the rows of one adapter are not
+    adjacent (the kernels group them) and no adapter has more than one row more than another."""
+    return [i % len(MULTI_RANKS) for i in range(m)]
+
+
+def dora_magnitude(t: LayerInputs) -> torch.Tensor:
+    """DoRA's magnitude (N,) in the case's dtype: the row norms of deq(W) + s·B·A (PEFT's initial value) moved by
+    about 10%, so that the rescaling m / ‖W + s·B·A‖ is not the identity."""
+    delta = t.scaling * (t.lora_B.float() @ t.lora_A.float())
+    norm = torch.linalg.norm(t.dense.float() + delta, dim=1)
+    noise = torch.randn(t.n, generator=_kind_generator(t, 2), device=t.x.device)
+    return (norm * (1 + 0.1 * noise)).to(t.dtype)
+
+
+def ia3_scale(t: LayerInputs, scales_input: bool) -> torch.Tensor:
+    """IA3's vector, fp32 as PEFT creates it: (K,) scaling the input, else (N,); about 1 ± 0.1 (PEFT starts at 1)."""
+    features = t.k if scales_input else t.n
+    return 1 + 0.1 * torch.randn(features, generator=_kind_generator(t, 3), device=t.x.device)
+
+
+def _lora_engine_multi(t: LayerInputs, mode: str) -> Runnable:
+    """``LoRALinear4bit`` holding the 8 adapters, called on the mixed batch as a user calls it."""
+    import lora_engine
+
+    rank0, alpha = MULTI_RANKS[0], LORA_ALPHA
+    layer = lora_engine.LoRALinear4bit.from_bnb(
+        _bnb_base(t), r=rank0, lora_alpha=alpha, lora_dtype=t.dtype, adapter_name=MULTI_NAMES[0]
+    )
+    for name, r in zip(MULTI_NAMES[1:], MULTI_RANKS[1:]):
+        layer.add_adapter(name, r, alpha)
+    for name, (lora_A, lora_B, _) in zip(MULTI_NAMES, multi_adapters(t)):
+        weights = layer.get_adapter(name)
+        weights.lora_A.data.copy_(lora_A)
+        weights.lora_B.data.copy_(lora_B)
+    layer.eval()
+    # on the host, as the patched PEFT layer builds them from adapter_names (range-checked there, not on the device)
+    indices = torch.tensor(multi_adapter_indices(t.m))
+    (x,) = _leaves(t, mode, lora=False)
+    return _wrap(lambda: layer(x, adapter_indices=indices), mode, t.dy, (x,))
+
+
+def _peft_multi(t: LayerInputs, mode: str) -> Runnable:
+    """PEFT's LoRA Linear4bit holding the 8 adapters, called with one adapter name per row (PEFT's mixed batch)."""
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    def config(r: int) -> LoraConfig:
+        return LoraConfig(r=r, lora_alpha=LORA_ALPHA, lora_dropout=0.0)
+
+    rank0 = MULTI_RANKS[0]
+    layer = PeftLinear4bit(_bnb_base(t), MULTI_NAMES[0], config(rank0), r=rank0, lora_alpha=LORA_ALPHA)
+    for name, r in zip(MULTI_NAMES[1:], MULTI_RANKS[1:]):
+        layer.update_layer(name, r, lora_alpha=LORA_ALPHA, config=config(r))
+    layer.to(device=t.x.device)
+    for name, (lora_A, lora_B, _) in zip(MULTI_NAMES, multi_adapters(t)):
+        layer.lora_A[name].weight = torch.nn.Parameter(lora_A, requires_grad=False)
+        layer.lora_B[name].weight = torch.nn.Parameter(lora_B, requires_grad=False)
+    layer.eval()
+    names = [MULTI_NAMES[i] for i in multi_adapter_indices(t.m)]
+    (x,) = _leaves(t, mode, lora=False)
+    return _wrap(lambda: layer(x, adapter_names=names), mode, t.dy, (x,))
+
+
+def _lora_engine_dora(t: LayerInputs, mode: str) -> Runnable:
+    import lora_engine
+
+    x, lora_A, lora_B = _leaves(t, mode)
+    magnitude = dora_magnitude(t).requires_grad_(mode == "fwdbwd")
+    state = t.weight.quant_state
+
+    def forward() -> torch.Tensor:
+        return lora_engine.dora_linear_4bit(x, t.weight, state, lora_A, lora_B, magnitude, t.scaling)
+
+    return _wrap(forward, mode, t.dy, (x, lora_A, lora_B, magnitude))
+
+
+def _peft_dora(t: LayerInputs, mode: str) -> Runnable:
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+
+    config = LoraConfig(r=RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, use_dora=True)
+    layer = PeftLinear4bit(_bnb_base(t), "default", config, r=RANK, lora_alpha=LORA_ALPHA)
+    layer.to(device=t.x.device)
+    grad = mode == "fwdbwd"
+    x, lora_A, lora_B = _leaves(t, mode)
+    layer.lora_A["default"].weight = torch.nn.Parameter(lora_A.detach(), requires_grad=grad)
+    layer.lora_B["default"].weight = torch.nn.Parameter(lora_B.detach(), requires_grad=grad)
+    magnitude = layer.lora_magnitude_vector["default"]
+    magnitude.weight = torch.nn.Parameter(dora_magnitude(t), requires_grad=grad)
+    layer.train(grad)
+    leaves = (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight, magnitude.weight)
+    return _wrap(lambda: layer(x), mode, t.dy, leaves)
+
+
+def _lora_engine_ia3(scales_input: bool) -> Callable[[LayerInputs, str], Runnable]:
+    """``lora_engine.ia3_linear_4bit`` (what a patched PEFT IA3 layer calls) with the vector scaling the input or the
+    output."""
+
+    def build(t: LayerInputs, mode: str) -> Runnable:
+        import lora_engine
+
+        (x,) = _leaves(t, mode, lora=False)
+        scale = ia3_scale(t, scales_input).requires_grad_(mode == "fwdbwd")
+        state = t.weight.quant_state
+
+        def forward() -> torch.Tensor:
+            return lora_engine.ia3_linear_4bit(x, t.weight, state, scale, scales_input)
+
+        return _wrap(forward, mode, t.dy, (x, scale))
+
+    return build
+
+
+def _peft_ia3(scales_input: bool) -> Callable[[LayerInputs, str], Runnable]:
+    """PEFT's IA3 Linear4bit (``is_feedforward``: the vector scales the input) with the same vector. Its output is
+    float32 for a 16-bit input outside autocast: PEFT upcasts x before the base layer."""
+
+    def build(t: LayerInputs, mode: str) -> Runnable:
+        from peft import IA3Config
+        from peft.tuners.ia3.bnb import Linear4bit as PeftIA3Linear4bit
+
+        layer = PeftIA3Linear4bit(_bnb_base(t), "default", IA3Config(), is_feedforward=scales_input)
+        layer.to(device=t.x.device)
+        grad = mode == "fwdbwd"
+        shape = (1, t.k) if scales_input else (t.n, 1)  # PEFT's layout of the vector
+        layer.ia3_l["default"] = torch.nn.Parameter(ia3_scale(t, scales_input).reshape(shape), requires_grad=grad)
+        layer.train(grad)
+        (x,) = _leaves(t, mode, lora=False)
+        return _wrap(lambda: layer(x), mode, t.dy, (x, layer.ia3_l["default"]))
+
+    return build
+
+
 def int4_groupwise(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise int4 of ``weight`` (N, K) in HQQ's convention, which GemLite packs:
     ``W ≈ (W_q - zeros) * scales`` with ``W_q`` uint8 in [0, 15] of shape (N, K) and ``scales``, ``zeros`` of shape
@@ -323,13 +544,22 @@ BUILDERS: dict[str, Callable[[LayerInputs, str], Optional[Runnable]]] = {
     "lora_engine_base": _lora_engine_base(None),
     **{f"lora_engine_base[{p}]": _lora_engine_base(p) for p in dispatch.PATHS},
     "gemlite": _gemlite,
+    "lora_engine_multi8": _lora_engine_multi,
+    "peft_multi8": _peft_multi,
+    "lora_engine_dora": _lora_engine_dora,
+    "peft_dora": _peft_dora,
+    "lora_engine_ia3": _lora_engine_ia3(scales_input=False),
+    "peft_ia3": _peft_ia3(scales_input=False),
+    "lora_engine_ia3_ff": _lora_engine_ia3(scales_input=True),
+    "peft_ia3_ff": _peft_ia3(scales_input=True),
 }
 assert set(BUILDERS) == set(ALL_PROVIDERS)
 
 
 def build(provider: str, inputs: LayerInputs, mode: str) -> Optional[Runnable]:
     """The runnable for ``provider`` in ``mode``, or None where it does not apply (the gemv path on a call it does
-    not serve, GemLite in fwdbwd). Raises :class:`ProviderUnavailable` for a provider whose package is missing."""
+    not serve, GemLite in fwdbwd, an adapter kind in a mode outside ``KIND_MODES``). Raises
+    :class:`ProviderUnavailable` for a provider whose package is missing."""
     if provider not in BUILDERS:
         raise ValueError(f"unknown provider {provider!r}; known: {', '.join(ALL_PROVIDERS)}")
     if mode not in MODES:
@@ -337,4 +567,6 @@ def build(provider: str, inputs: LayerInputs, mode: str) -> Optional[Runnable]:
     reason = unavailable(provider)
     if reason is not None:
         raise ProviderUnavailable(reason)
+    if mode not in KIND_MODES.get(provider, MODES):
+        return None
     return BUILDERS[provider](inputs, mode)

@@ -1,4 +1,5 @@
-"""Results of the layer benchmark as JSON, a markdown table with ratios against the anchors, and two plots.
+"""Results of the layer benchmark as JSON, a markdown table with ratios against the anchors (and, for the adapter
+kinds, against their baselines), and two plots.
 
 Each provider has two times per case (``bench/measure.py``): eager (the Python call, host included) and device
 (replayed from a CUDA graph). The table shows both, one row each, with the ratios of the same kind side by side;
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .measure import DRIFT_LIMIT, KINDS
-from .providers import ANCHORS, BASE_ANCHOR
+from .providers import ADAPTER_KINDS_NOTE, ANCHORS, BASE_ANCHOR, KIND_RATIOS
 
 OURS = "lora_engine"
 BASE_OURS = "lora_engine_base"  # the base-only layer (no adapter), against bitsandbytes' Linear4bit alone
@@ -36,10 +37,20 @@ STYLES = {
     "gemlite": ("tab:olive", "*"),
     "bnb_base": ("#fd8d3c", "d"),
     "lora_engine_base": ("#6baed6", "h"),
+    # adapter kinds: ours in blues and greens, PEFT's in reds and purples, one marker per kind
+    "lora_engine_multi8": ("#393b79", "p"),
+    "peft_multi8": ("#ad494a", "p"),
+    "lora_engine_dora": ("#637939", "H"),
+    "peft_dora": ("#7b4173", "H"),
+    "lora_engine_ia3": ("#3182bd", "8"),
+    "peft_ia3": ("#e6550d", "8"),
+    "lora_engine_ia3_ff": ("#31a354", "d"),
+    "peft_ia3_ff": ("#843c39", "d"),
 }
 _SPARE_COLOURS = ("#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354")
 _SPARE_MARKERS = ("h", "p", "d", "8", "H", "1", "2", "3")
 LINESTYLES = {"device": "-", "eager": "--"}
+MODE_ORDER = {"decode": 0, "fwd": 1, "fwdbwd": 2}  # the adapter kinds' table: inference, then training
 
 
 def style(provider: str) -> tuple[str, str]:
@@ -98,12 +109,32 @@ def _cell(r: dict | None, kind: str) -> str:
     return f"{'~' if drift is not None and drift > DRIFT_LIMIT else ''}{ms:.4f}"
 
 
+def _adapter_ratios(table: dict[tuple, dict[str, dict]], keys: list[tuple]) -> list[tuple[str, str, float | None]]:
+    """The ``KIND_RATIOS`` whose provider and baseline both have a row among ``keys``."""
+    return [(p, b, target) for p, b, target in KIND_RATIOS if any(p in table[k] and b in table[k] for k in keys)]
+
+
+def _adapter_head(provider: str, baseline: str, target: float | None) -> str:
+    return f"{provider} / {baseline}" + (f" (≤ {target:g})" if target is not None else "")
+
+
+def _adapter_cells(row: dict[str, dict], kind: str, ratios: list[tuple[str, str, float | None]]) -> list[str]:
+    """Each adapter kind's time over its baseline's in one row and kind of time (blank where either is missing)."""
+    cells = []
+    for provider, baseline, _ in ratios:
+        theirs, base = _ms(row.get(provider), kind), _ms(row.get(baseline), kind)
+        cells.append(f"{theirs / base:.3f}" if theirs and base else "")  # 3 digits: a target of 1.05 is close
+    return cells
+
+
 def markdown(records: list[dict], env: dict[str, Any]) -> str:
     """One table per mode, two rows per case (eager, device): each provider's median ms, our speedup over each
-    anchor in the same kind, and in fwdbwd the overhead over dense bf16."""
+    anchor in the same kind, the cost of each adapter kind over its baseline, and in fwdbwd the overhead over dense
+    bf16; then, where adapter kinds were measured, their costs of every mode in one table."""
     records = normalize(records)
     table = _index(records)
     providers = list(dict.fromkeys(r["provider"] for r in records))
+    adapter_ratios = _adapter_ratios(table, list(table))
     rounds = f"{env['rounds']} interleaved rounds" if env.get("rounds") else "interleaved rounds"
     lines = [
         f"# Layer benchmark on {env['gpu']}",
@@ -123,6 +154,12 @@ def markdown(records: list[dict], env: dict[str, Any]) -> str:
         f"rounds of that cell differ by more than {DRIFT_LIMIT:.0%} (`eager_drift`, `device_drift` in the JSON). "
         "`–`: the call could not be captured in a CUDA graph (reasons below). Peak memory is in the JSON (`peak_mib`).",
     ]
+    if adapter_ratios:
+        lines += [
+            "",
+            "`P / Q` = P's time / Q's time of the same row: what an adapter kind costs over the same layer without it "
+            "(below 1: cheaper), with the target in brackets where there is one. " + ADAPTER_KINDS_NOTE,
+        ]
     for mode in dict.fromkeys(k[0] for k in table):
         keys = sorted(k for k in table if k[0] == mode)
         anchors = [a for a in ANCHORS if any(a in table[k] for k in keys)]
@@ -131,6 +168,8 @@ def markdown(records: list[dict], env: dict[str, Any]) -> str:
         base = any(BASE_ANCHOR in table[k] and BASE_OURS in table[k] for k in keys)
         if base:
             head.append(f"base: x {BASE_ANCHOR}")
+        ratios = _adapter_ratios(table, keys)
+        head += [_adapter_head(*ratio) for ratio in ratios]
         if mode == "fwdbwd":
             head += ["overhead ours", "overhead dequant_cublas"]
         lines += ["", f"## {mode}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -146,12 +185,22 @@ def markdown(records: list[dict], env: dict[str, Any]) -> str:
                 if base:
                     theirs, ours_base = _ms(row.get(BASE_ANCHOR), kind), _ms(row.get(BASE_OURS), kind)
                     cells.append(f"{theirs / ours_base:.2f}" if theirs and ours_base else "")
+                cells += _adapter_cells(row, kind, ratios)
                 if mode == "fwdbwd":
                     floor = _ms(row.get(DENSE), kind)
                     for p in (OURS, "dequant_cublas"):
                         t = _ms(row.get(p), kind)
                         cells.append(f"{(t - floor) / floor:+.0%}" if t and floor else "")
                 lines.append("| " + " | ".join(cells) + " |")
+    if adapter_ratios:
+        head = ["mode", "N x K", "M", "time", *(_adapter_head(*ratio) for ratio in adapter_ratios)]
+        lines += ["", "## Adapter kinds against their baselines", "", "| " + " | ".join(head) + " |",
+                  "|" + "---|" * len(head)]  # fmt: skip
+        for key in sorted(table, key=lambda k: (MODE_ORDER.get(k[0], len(MODE_ORDER)), *k[1:])):
+            for kind in KINDS:
+                cells = _adapter_cells(table[key], kind, adapter_ratios)
+                if any(cells):
+                    lines.append("| " + " | ".join([key[0], f"{key[1]} x {key[2]}", str(key[3]), kind, *cells]) + " |")
     uncaptured: dict[tuple[str, str, str], int] = defaultdict(int)
     for r in records:
         if r.get("device_ms") is None and r.get("device_error") and not r.get("error"):

@@ -5,6 +5,7 @@ would hide a main job that asks for the interpreter too late; the subprocess sta
 """
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,23 @@ def test_main_job_help_needs_no_gpu():
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "--providers" in done.stdout
+
+
+def test_the_documented_adapter_kinds_command_parses():
+    from bench import providers
+    from bench.__main__ import _parse
+
+    prefix = "python -m bench --providers kinds "
+    command = next(line.strip() for line in providers.__doc__.splitlines() if line.strip().startswith(prefix))
+    assert command in (ROOT / "README.md").read_text(), "the README shows the command bench/providers.py documents"
+    args = _parse(shlex.split(command)[3:])
+    group = list(providers.PROVIDER_GROUPS["kinds"])
+    assert args.providers == group and set(providers.KIND_PROVIDERS) <= set(group)
+    assert {b for _, b, _ in providers.KIND_RATIOS} <= set(group), "every kind's baseline is measured beside it"
+    assert (args.modes, args.m_decode, args.m_train, args.stem) == (["decode", "fwd", "fwdbwd"], [16], [256, 8192],
+                                                                    "kinds")  # fmt: skip
+    spelled_out = _parse(["--providers", *group, "dense_bf16", "kinds"])
+    assert spelled_out.providers == [*group, "dense_bf16"], "a group expands in place, each provider once"
+    assert "lora_engine_multi8" not in _parse([]).providers, "the default set stays the LoRA layer's"
+    with pytest.raises(SystemExit):
+        _parse(["--providers", "kinds8"])

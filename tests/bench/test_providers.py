@@ -1,4 +1,5 @@
-"""The benchmark's providers all compute the same layer, so their timings compare like with like."""
+"""The benchmark's LoRA providers all compute the same layer (the base-only ones that layer without its LoRA term),
+so their timings compare like with like."""
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from bench.providers import (
     ALL_PROVIDERS,
     BASE_PROVIDERS,
+    KIND_PROVIDERS,
     MODES,
     OTHER_FORMATS,
     ProviderUnavailable,
@@ -19,8 +21,9 @@ pytestmark = pytest.mark.interpreter
 
 
 def _same_layer_providers():
-    """Every provider of our format (those of another format, such as GemLite, compute another function)."""
-    return [p for p in ALL_PROVIDERS if p not in OTHER_FORMATS]
+    """Every provider of our format and of the LoRA layer (those of another format, such as GemLite, compute another
+    function; the adapter kinds are checked against their own references in test_kind_providers.py)."""
+    return [p for p in ALL_PROVIDERS if p not in OTHER_FORMATS and p not in KIND_PROVIDERS]
 
 
 def test_every_provider_computes_the_same_layer():

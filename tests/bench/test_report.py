@@ -100,6 +100,46 @@ def test_the_base_only_layer_is_compared_with_bitsandbytes_alone():
     assert [row.rstrip(" |").rsplit(" | ", 1)[1] for row in rows] == ["2.00", "0.80"]
 
 
+def test_each_adapter_kind_is_set_against_its_baseline_in_its_mode_and_in_one_table():
+    records = []
+    for mode, m in (("decode", 16), ("fwd", 256), ("fwdbwd", 8192)):
+        rows = {"lora_engine": (0.1, 0.05), "bnb_peft": (0.2, 0.1), "lora_engine_base": (0.08, 0.04),
+                "bnb_base": (0.09, 0.05), "lora_engine_ia3": (0.084, 0.041), "peft_ia3": (0.1, 0.06)}  # fmt: skip
+        if mode != "fwdbwd":  # the mixed batch is inference only; PEFT's call could not be captured
+            rows.update(lora_engine_multi8=(0.12, 0.06), peft_multi8=(0.8, None))
+        if mode != "decode":
+            rows.update(lora_engine_dora=(0.13, 0.07), peft_dora=(0.5, 0.3))
+        records += [{**_record(p, m, eager, device), "mode": mode} for p, (eager, device) in rows.items()]
+    text = report.markdown(records, ENV)
+    lines = text.splitlines()
+
+    def table(title: str) -> list[list[str]]:
+        start = lines.index(title) + 2
+        end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+        return [[c.strip() for c in line.strip("|").split("|")] for line in lines[start:end]]
+
+    decode = table("## decode")
+    head, eager, device = decode[0], decode[2], decode[3]
+    multi = head.index("lora_engine_multi8 / lora_engine (≤ 1.3)")
+    assert eager[multi] == "1.200" and device[multi] == "1.200", decode
+    assert eager[head.index("peft_multi8 / bnb_peft")] == "4.000" and device[head.index("peft_multi8 / bnb_peft")] == ""
+    ia3 = head.index("lora_engine_ia3 / lora_engine_base (≤ 1.05)")
+    assert eager[ia3] == "1.050" and device[ia3] == "1.025", "eager against eager, device against device"
+    assert device[head.index("peft_ia3 / bnb_base")] == "1.200"
+    assert not any("dora" in h for h in head), "no DoRA column in a mode DoRA does not run"
+    fwdbwd = table("## fwdbwd")
+    assert fwdbwd[2][fwdbwd[0].index("lora_engine_dora / lora_engine (≤ 1.3)")] == "1.300"
+    assert not any("multi8 /" in h for h in fwdbwd[0])
+
+    summary = table("## Adapter kinds against their baselines")
+    assert summary[0][:4] == ["mode", "N x K", "M", "time"] and len(summary) == 2 + 3 * 2, summary
+    assert [(r[0], r[2], r[3]) for r in summary[2:4]] == [("decode", "16", "eager"), ("decode", "16", "device")]
+    dora = summary[0].index("lora_engine_dora / lora_engine (≤ 1.3)")
+    assert [r[dora] for r in summary[2:]] == ["", "", "1.300", "1.400", "1.300", "1.400"]
+    assert "8 LoRA adapters of ranks 16, 8, 16, 32" in text
+    assert "Adapter kinds" not in report.markdown(records[:2], ENV), "no kinds measured: no such table"
+
+
 def test_older_files_read_their_graph_providers_as_device_time():
     records = json.loads((RESULTS / "layer_small_m.json").read_text())
     assert any(r["provider"].endswith("+graph") for r in records), "the committed file is of the older format"
@@ -138,5 +178,9 @@ def test_every_provider_keeps_its_colour_and_marker_in_every_panel(tmp_path):
           for y in line.get_ydata()]  # fmt: skip
     # dense bf16's device time / bnb_peft's: 0.08 / 0.07 in the first panel, 0.08 / 0.06 in the second
     assert sorted(ys) == pytest.approx([0.08 / 0.07] * 2 + [0.08 / 0.06] * 2)
+    from bench.providers import KIND_PROVIDERS
+
+    assert set(KIND_PROVIDERS) <= set(report.STYLES), "every adapter kind has a fixed style"
+    assert len(set(report.STYLES.values())) == len(report.STYLES), "two providers share a style"
     written = report.write(records, ENV, tmp_path, "t")
     assert [p.name for p in written] == ["t.json", "t.md", "t.png", "t_vs_dense.png"]
