@@ -203,6 +203,24 @@ def device_guard(device: torch.device) -> ContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def host_to_device(values: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
+    """A small CPU tensor made on the host (indices, scalings) copied to ``device`` without a stream sync.
+
+    A copy from pageable host memory waits for all work queued on the stream: once per layer call, that stalls
+    the GPU. Staged in pinned memory the copy is asynchronous (torch's pinned allocator keeps the staging buffer
+    until the copy has run). Under CUDA graph capture no host buffer may be read (a replay would read whatever the
+    buffer holds then): ``what`` names the argument that must already live on the device.
+    """
+    if device.type != "cuda":
+        return values.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{what} is on the CPU during CUDA graph capture: a replay would read a stale host buffer. Pass it as a "
+            f"tensor on {device} (it is then read on the device at every replay)"
+        )
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 _capabilities: dict[int, tuple[int, int]] = {}
 
 

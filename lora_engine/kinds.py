@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
+from .dispatch import host_to_device
 from .kernels.operands import Dropout
 
 
@@ -121,7 +122,13 @@ class MultiLora(NamedTuple):
         for i, (lora_A, lora_B) in enumerate(zip(self.lora_As, self.lora_Bs)):
             stacked_A[i, : lora_A.shape[0]] = lora_A.detach()
             stacked_B[i, :, : lora_B.shape[1]] = lora_B.detach()
-        scalings = torch.tensor(self.scalings, dtype=torch.float32).to(device, non_blocking=True)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # one fill per adapter, the values baked into the graph (a host copy cannot be captured)
+            scalings = torch.empty(n, dtype=torch.float32, device=device)
+            for i, scaling in enumerate(self.scalings):
+                scalings[i].fill_(scaling)
+        else:
+            scalings = host_to_device(torch.tensor(self.scalings, dtype=torch.float32), device, "scalings")
         return stacked_A, stacked_B, scalings
 
     def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

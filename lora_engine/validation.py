@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .dispatch import host_to_device
+
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DROPOUT_SEED_LIMIT = 2**63  # seeds are int64 on the host and in the kernels (two 32-bit Philox key words)
 
@@ -163,7 +165,9 @@ def check_multi_lora_args(
 
     ``adapter_indices``: integers in [-1, len(lora_As)) (-1: the base alone), of shape ``x.shape[:-1]`` (one per
     row) or ``(x.shape[0],)`` (one per sample, for every row of that sample). The range is checked on the host: free
-    for indices held on the CPU, one device sync for indices already on an accelerator.
+    for indices held on the CPU (then copied to x's device without a stream sync), one device sync for indices
+    already on an accelerator, and an asynchronous device-side assertion while a CUDA graph is captured (CPU
+    indices cannot be captured: see ``dispatch.host_to_device``).
     """
     if not isinstance(lora_As, (list, tuple)) or not isinstance(lora_Bs, (list, tuple)):
         raise TypeError("lora_As and lora_Bs must be lists or tuples of tensors, one pair per adapter")
@@ -190,12 +194,20 @@ def check_multi_lora_args(
             f"adapter_indices must have shape x.shape[:-1] = {leading} (one per row) or ({leading[:1]}) (one per "
             f"sample), got {shape}"
         )
-    if adapter_indices.numel() and bool(((adapter_indices < -1) | (adapter_indices >= len(lora_As))).any()):
+    out_of_range = (adapter_indices < -1) | (adapter_indices >= len(lora_As))
+    if adapter_indices.is_cuda and torch.cuda.is_current_stream_capturing():
+        # nothing can be read back while a CUDA graph is captured: the check runs on the device at every replay
+        torch._assert_async(~out_of_range.any(), f"adapter_indices must lie in [-1, {len(lora_As)})")
+    elif adapter_indices.numel() and bool(out_of_range.any()):
         raise ValueError(
             f"adapter_indices must lie in [-1, {len(lora_As)}) (-1: the base alone), got values from "
             f"{int(adapter_indices.min())} to {int(adapter_indices.max())}"
         )
-    indices = adapter_indices.to(device=x.device, dtype=torch.int64)
+    indices = adapter_indices.to(torch.int64)
+    if indices.device.type == "cpu":
+        indices = host_to_device(indices, x.device, "adapter_indices")
+    else:
+        indices = indices.to(x.device)
     if shape != leading:  # one per sample: the same adapter for every row of the sample
         indices = indices.reshape(-1, *([1] * (len(leading) - 1))).expand(leading)
     return indices.reshape(-1)

@@ -98,3 +98,46 @@ def test_patched_projections_replay_from_a_cuda_graph(load_4bit, path):
             torch.cuda.synchronize()
             for got, want in zip(captured, expected):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # a stale buffer is off by O(1)
+
+
+@pytest.mark.gpu
+def test_mixed_batch_replays_from_a_cuda_graph():
+    """A mixed batch of adapters captured once with its adapter indices on the GPU: replays follow new indices and
+    inputs written in place; indices on the CPU cannot be captured and say so."""
+    import bitsandbytes.functional as bnbF
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    k, n, ranks = 128, 96, (4, 8, 16)
+    dense = torch.randn(n, k, device="cuda", generator=gen) * 0.5
+    weight, state = bnbF.quantize_4bit(dense, blocksize=64, quant_type="nf4", compress_statistics=True)
+    As = [torch.randn(r, k, device="cuda", generator=gen) * 0.3 for r in ranks]
+    Bs = [torch.randn(n, r, device="cuda", generator=gen) * 0.3 for r in ranks]
+    scalings = [2.0, 0.5, 1.25]
+
+    def run(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        return lora_engine.multi_lora_linear_4bit(x, weight, state, As, Bs, scalings, indices)
+
+    static_x = torch.randn(16, k, device="cuda", generator=gen)
+    static_indices = torch.arange(16, device="cuda") % 4 - 1  # -1: the base alone
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                run(static_x, static_indices)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = run(static_x, static_indices)
+        for seed in range(3):
+            x = torch.randn(16, k, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            indices = torch.randint(-1, 3, (16,), device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+            expected = run(x, indices.cpu())  # eager, host indices: copied without a sync
+            static_x.copy_(x)
+            static_indices.copy_(indices)
+            graph.replay()
+            torch.cuda.synchronize()
+            torch.testing.assert_close(captured, expected, rtol=1e-5, atol=1e-5)
+        with pytest.raises(RuntimeError, match="adapter_indices is on the CPU during CUDA graph capture"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                run(static_x, static_indices.cpu())
