@@ -12,6 +12,13 @@ IA3 (``kinds.IA3``, scale l):
     output scaled  y = (x·Wᵀ + bias) ⊙ l        epilogue flag
                    dx = (dy ⊙ l)·W (prologue flag),  dl = Σ_rows dy ⊙ (x·Wᵀ + bias),  dbias = Σ_rows dy ⊙ l
                    the base product is recomputed in the backward rather than saved (one GEMM for M x N memory)
+DoRA (``kinds.Dora``, g = m / ‖W + s·B·A‖ per output row, the norm a constant as in PEFT):
+    no dropout     y = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias      one GEMM, the LoRA term and g in its epilogue
+                   LoRA's backward on g ⊙ dy;  dm = Σ_rows dy ⊙ z / ‖·‖ with z = x·Wᵀ + s·left·Bᵀ recomputed
+    dropout        y = x·Wᵀ + bias + (g − 1) ⊙ (xd·Wᵀ) + g ⊙ s·(xd·Aᵀ)·Bᵀ,  xd = drop(x)    (PEFT's rule)
+                   one GEMM over the stacked rows [x; xd], saves left = xd·Aᵀ (M x r), the mask redrawn
+                   dx = dy·W + drop'(((g − 1) ⊙ dy)·W + s·(dy·(g ⊙ B))·A)   one GEMM over [dy; (g − 1) ⊙ dy]
+                   (see ``_dora_dropout_forward`` / ``_dora_dropout_backward``)
 W is frozen (4-bit ``Packed4bit`` or a dense tensor) and gets no gradient. ``KINDS`` maps each bundle type to its
 forward and backward; ``AdapterLinearFunction`` and the custom ops (``custom_ops.py``) both call them.
 
@@ -228,6 +235,9 @@ def _dora_kind_forward(
     gemm_weight = _gemm_weight(weight, "dequant" if path in ("gemv", "dequant_cublas") else path, x.dtype)
     norm = dora_weight_norm(adapter, gemm_weight, x.dtype)
     scale = (adapter.magnitude.detach().float() / norm).contiguous()
+    if adapter.dropout is not None:
+        y, left = _dora_dropout_forward(adapter, x, bias, gemm_weight, scale)
+        return y, (left, scale, norm)
     lora_A, lora_B = adapter.lora_A, adapter.lora_B
     left = lora_down(x, lora_A.t()) if x.shape[0] > SMALL_M else torch.mm(x, lora_A.t().to(x.dtype)).float()
     y = lora_matmul(
@@ -244,6 +254,8 @@ def _dora_kind_backward(
     left, scale, norm = saved
     need_A, need_B, need_m = needs
     bwd_path = "dequant" if path in ("gemv", "dequant_cublas") else path
+    if adapter.dropout is not None:
+        return _dora_dropout_backward(adapter, dy, x, saved, weight, bwd_path, need_x, needs, need_bias)
     # the norm is a constant (PEFT detaches it): y = g ⊙ z + bias, so dz = g ⊙ dy and LoRA's backward takes dz
     dz = (dy.float() * scale).to(dy.dtype)
     lora = Lora(adapter.lora_A, adapter.lora_B, adapter.scaling, None)
@@ -255,6 +267,90 @@ def _dora_kind_backward(
             scaling=adapter.scaling,
         )  # fmt: skip
         d_m = (dy.float() * z.float()).sum(0) / norm
+    d_bias = dy.sum(0, dtype=torch.float32) if need_bias else None
+    return dx, (d_lora_A, d_lora_B, d_m), d_bias
+
+
+# DoRA with dropout (PEFT's rule in training): y = x·Wᵀ + bias + (g − 1) ⊙ (xd·Wᵀ) + g ⊙ s·(xd·Aᵀ)·Bᵀ, xd = drop(x).
+# The two base products share one GEMM over the stacked rows [x; xd] (one launch; at few tokens both halves sit in
+# the same row tiles, so W is read or decoded once instead of twice), and so do the backward's two products with W,
+# over [dy; (g − 1) ⊙ dy]. The row scale g of the LoRA term is folded into B (g ⊙ (left·Bᵀ) = left·(g ⊙ B)ᵀ, an
+# N x r product) so that no M x N tensor is scaled for it. The dropout mask is drawn from the seed, in the
+# forward and again in the backward, like LoRA's: beyond x (which every kind saves) only left = xd·Aᵀ (fp32 M x r),
+# g and the norm are saved, no mask, no xd, nothing M x N (PEFT keeps xd, its mask, two M x N products and the
+# dequantized W). The stacked operands are transient: 2M x K and 2M x N in the forward; in the backward 2M x N,
+# 2M x K, and an M x K xd with its M x N product for dm, which is recomputed (as without dropout) rather than saved.
+
+
+def _dora_dropout_forward(
+    adapter: Dora, x: torch.Tensor, bias: Optional[torch.Tensor], gemm_weight: Weight, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, left)`` of DoRA with dropout on 2-D x, ``left = xd·Aᵀ`` (fp32) and ``scale`` = g (fp32 [N]).
+
+    One GEMM over [x; xd] gives ``x·Wᵀ + s·xd·Aᵀ·(g ⊙ B)ᵀ`` on the top rows (the LoRA term in its epilogue) and
+    ``xd·Wᵀ`` below; the output then combines them with (g − 1) and the bias in fp32, rounded once.
+    """
+    m, k = x.shape
+    stacked = torch.empty((2 * m, k), dtype=x.dtype, device=x.device)
+    stacked[:m].copy_(x)
+    x_drop = dropout_scale_(stacked[m:].copy_(x), adapter.dropout)  # the mask lora_da redraws in the backward
+    lora_A = adapter.lora_A.detach()
+    left = lora_down(x_drop, lora_A.t()) if m > SMALL_M else torch.mm(x_drop, lora_A.t().to(x.dtype)).float()
+    top_left = torch.zeros((2 * m, left.shape[1]), dtype=torch.float32, device=x.device)
+    top_left[:m] = left  # the LoRA term on the top rows only
+    scaled_B = adapter.lora_B.detach().float() * scale[:, None]
+    both = lora_matmul(
+        stacked, gemm_weight, weight_out_by_in=True, right=scaled_B, left=top_left, scaling=adapter.scaling
+    )
+    y = both[m:].float().mul_(scale - 1).add_(both[:m])
+    if bias is not None:
+        y += bias
+    return y.to(x.dtype), left
+
+
+def _dora_dropout_backward(
+    adapter: Dora, dy: torch.Tensor, x: torch.Tensor, saved: tuple, weight: Weight, path: str, need_x: bool,
+    needs: tuple[bool, ...], need_bias: bool,
+) -> tuple[Optional[torch.Tensor], tuple[Optional[torch.Tensor], ...], Optional[torch.Tensor]]:
+    """The gradients of :func:`_dora_dropout_forward` (``path``: the backward's, "fused" or "dequant").
+
+        dyB = dy·(g ⊙ B)                                    = (g ⊙ dy)·B, fp32 M x r
+        dx  = dy·W + drop'(((g − 1) ⊙ dy)·W + s·dyB·A)      one GEMM over [dy; (g − 1) ⊙ dy], the LoRA term on
+                                                            the lower rows; drop' scales them by keep / (1 − p)
+        dA  = s·dyBᵀ·xd    dB = g ⊙ (s·dyᵀ·left)            the low-rank kernels, the mask redrawn for dA
+        dm  = Σ_rows dy ⊙ (xd·Wᵀ + s·left·Bᵀ) / ‖·‖         recomputed (one GEMM over xd, redrawn), not saved
+    """
+    left, scale, norm = saved
+    need_A, need_B, need_m = needs
+    m, n = dy.shape
+    dropout, scaling = adapter.dropout, adapter.scaling
+    gemm_weight = _gemm_weight(weight, path, dy.dtype) if need_x or need_m else None  # one decode for both
+    scaled_B = adapter.lora_B.detach().float() * scale[:, None]
+    dyb = d_lora_A = d_lora_B = d_m = dx = None
+    if need_B:
+        dyb, d_lora_B = lora_dy_pass(dy, scaled_B, left, scaling)
+        d_lora_B = d_lora_B * scale[:, None]
+    elif need_x or need_A:
+        dyb = lora_down(dy, scaled_B)
+    if need_m:
+        x_drop = dropout_scale_(x.clone(memory_format=torch.contiguous_format), dropout)
+        z = lora_matmul(
+            x_drop, gemm_weight, weight_out_by_in=True, right=adapter.lora_B, left=left, scaling=scaling
+        )
+        del x_drop
+        d_m = (dy.float() * z.float()).sum(0) / norm
+    if need_x:
+        stacked = torch.empty((2 * m, n), dtype=dy.dtype, device=dy.device)
+        stacked[:m].copy_(dy)
+        stacked[m:].copy_(dy).mul_(scale - 1)  # computed in fp32, rounded once to dy's dtype
+        lower_left = torch.zeros((2 * m, dyb.shape[1]), dtype=torch.float32, device=dy.device)
+        lower_left[m:] = dyb
+        both = lora_matmul(
+            stacked, gemm_weight, weight_out_by_in=False, right=adapter.lora_A.t(), left=lower_left, scaling=scaling
+        )
+        dx = both[:m] + dropout_scale_(both[m:], dropout)
+    if need_A:
+        d_lora_A = lora_da(dyb, x, scaling, dropout)
     d_bias = dy.sum(0, dtype=torch.float32) if need_bias else None
     return dx, (d_lora_A, d_lora_B, d_m), d_bias
 

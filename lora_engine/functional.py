@@ -226,24 +226,42 @@ def dora_linear_4bit(
     magnitude: torch.Tensor,
     scaling: float,
     bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    *,
+    dropout_seed: Optional[int] = None,
 ) -> torch.Tensor:
     """DoRA over a frozen bitsandbytes 4-bit weight: ``g ⊙ (x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ) + bias`` with
     ``g = magnitude / ‖deq(W) + s·B·A‖`` per output row, the norm not differentiated (PEFT's convention).
 
-    lora_A: (r, in_features); lora_B: (out_features, r); magnitude: (out_features,). No dropout. The row norm comes
-    from ‖W‖² (once per weight), one GEMM of A over the 4-bit W and rank-r products: never a dense W + s·B·A.
+    lora_A: (r, in_features); lora_B: (out_features, r); magnitude: (out_features,). Dropout applies when
+    ``training`` and ``dropout_p > 0``, with PEFT's rule for DoRA: the base product of x as is, plus the DoRA term of
+    the dropped input xd, ``x·deq(W)ᵀ + bias + (g − 1) ⊙ (xd·deq(W)ᵀ) + g ⊙ s·(xd·Aᵀ)·Bᵀ``; the mask is drawn
+    in-kernel from a seed (``dropout_seed``, or one drawn from torch's CPU generator, as in
+    :func:`lora_linear_4bit`) and redrawn in the backward. The row norm comes from ‖W‖² (once per weight), one GEMM
+    of A over the 4-bit W and rank-r products: never a dense W + s·B·A. Under ``torch.compile`` the reference's
+    torch operations are traced (a seed left to draw is drawn as a tensor there, so the graph does not break).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not dispatch.use_triton(x.device, _dtypes(x, lora_A, lora_B, magnitude, bias)) or torch.compiler.is_compiling():
         # DoRA has no registered custom op: under torch.compile the reference's torch operations are traced
-        return reference.dora_linear_4bit(x, weight, quant_state, lora_A, lora_B, magnitude, scaling, bias)
+        return reference.dora_linear_4bit(
+            x, weight, quant_state, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training,
+            dropout_seed=dropout_seed,
+        )  # fmt: skip
     packed = _packed_weight(weight, quant_state, "dora_linear_4bit")
-    check_lora_linear_args(x, packed.n, packed.k, lora_A, lora_B, scaling, bias, 0.0, packed.data.device)
+    check_lora_linear_args(x, packed.n, packed.k, lora_A, lora_B, scaling, bias, dropout_p, packed.data.device,
+                           dropout_seed)  # fmt: skip
     check_dora_magnitude(magnitude, packed.n, x)
+    dropout = None
+    if training and dropout_p > 0:
+        seed = reference.draw_dropout_seed() if dropout_seed is None else int(dropout_seed)
+        dropout = Dropout(seed, float(dropout_p), packed.k)
     with dispatch.device_guard(x.device):
         base_norm_sq = row_norms_sq_cached(weight, quant_state, packed)
-    return _apply_adapter(x, packed, Dora(lora_A, lora_B, magnitude, float(scaling), base_norm_sq), bias)
+    adapter = Dora(lora_A, lora_B, magnitude, float(scaling), base_norm_sq, dropout)
+    return _apply_adapter(x, packed, adapter, bias)
 
 
 def _apply_adapter(

@@ -4,7 +4,8 @@
     IA3    y = (x ⊙ l)·Wᵀ + bias         (scales_input)     trainable: l [in]   (PEFT's feed-forward layers)
            y = (x·Wᵀ + bias) ⊙ l         (otherwise)        trainable: l [out]  (PEFT's other layers)
     Dora   y = g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias,  g = m / ‖W + s·B·A‖ (row norms, not differentiated: PEFT's rule)
-                                                            trainable: A, B, m [out]
+           with dropout (PEFT's rule in training): y = x·Wᵀ + bias + (g − 1) ⊙ (xd·Wᵀ) + g ⊙ s·(xd·Aᵀ)·Bᵀ,
+           xd = drop(x)                                     trainable: A, B, m [out]
     MultiLora  y[m] = x[m]·Wᵀ + s_i·(x[m]·A_iᵀ)·B_iᵀ + bias,  i = idx[m]  (idx[m] = -1: the base alone)
                                                             trainable: every A_i, B_i (no dropout)
 
@@ -74,13 +75,18 @@ class IA3(NamedTuple):
 
 
 class Dora(NamedTuple):
-    """A DoRA adapter (no dropout): the LoRA product and the base product rescaled per output row by m / ‖W + sBA‖."""
+    """A DoRA adapter: the LoRA product and the base product rescaled per output row by g = m / ‖W + sBA‖.
+
+    With ``dropout``, PEFT's DoRA in training: the base product of x as is, plus the DoRA term of the dropped input
+    xd, ``(g − 1) ⊙ (xd·Wᵀ) + g ⊙ s·(xd·Aᵀ)·Bᵀ`` (a second base product, without the bias).
+    """
 
     lora_A: torch.Tensor  # [r, in_features]
     lora_B: torch.Tensor  # [out_features, r]
     magnitude: torch.Tensor  # [out_features]
     scaling: float
     base_norm_sq: torch.Tensor  # fp32 [out_features]: ‖W‖² of each row, once per (frozen) weight
+    dropout: Optional[Dropout] = None  # on the DoRA term's input; None when off
 
     def trainables(self) -> tuple[torch.Tensor, ...]:
         return self.lora_A, self.lora_B, self.magnitude
@@ -90,10 +96,13 @@ class Dora(NamedTuple):
 
     def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """The layer in torch operations (all operands fp32, dense weight [out, in])."""
-        lora_A, lora_B = self.lora_A.float(), self.lora_B.float()
-        norm = torch.linalg.norm(weight + self.scaling * (lora_B @ lora_A).detach(), dim=1).detach()
-        y = (x @ weight.t() + self.scaling * ((x @ lora_A.t()) @ lora_B.t())) * (self.magnitude.float() / norm)
-        return y if bias is None else y + bias
+        from .reference import dora_term, dropout_keep_mask
+
+        keep_scale = None
+        if self.dropout is not None:
+            keep = dropout_keep_mask(self.dropout.seed, x.shape[0], x.shape[1], self.dropout.p, x.device)
+            keep_scale = keep.float() * self.dropout.inv_keep_prob
+        return dora_term(x, weight, self.lora_A, self.lora_B, self.magnitude, self.scaling, bias, keep_scale)
 
 
 class MultiLora(NamedTuple):

@@ -7,7 +7,7 @@ the Triton kernels, so both drop exactly the same elements for a given seed.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
@@ -58,11 +58,24 @@ def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
 
 def draw_dropout_seed() -> int:
     """A dropout seed from torch's default CPU generator (so ``torch.manual_seed`` makes runs repeatable)."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+    return int(draw_dropout_seed_tensor().item())
 
 
-def dropout_keep_mask(seed: int, rows: int, cols: int, p: float, device: Optional[torch.device] = None) -> torch.Tensor:
-    """Bool [rows, cols]: element (m, k) survives dropout with probability 1 - p, from (seed, m * cols + k)."""
+def draw_dropout_seed_tensor() -> torch.Tensor:
+    """The draw of :func:`draw_dropout_seed` as a one-element int64 tensor, not read back to the host (under
+    ``torch.compile`` a read would break the graph)."""
+    return torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64)
+
+
+def dropout_keep_mask(
+    seed: Union[int, torch.Tensor], rows: int, cols: int, p: float, device: Optional[torch.device] = None
+) -> torch.Tensor:
+    """Bool [rows, cols]: element (m, k) survives dropout with probability 1 - p, from (seed, m * cols + k).
+
+    ``seed``: an int, or a one-element int64 tensor (what :func:`dora_linear_4bit` draws under ``torch.compile``).
+    """
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(())  # zero-dim: combines with tensors on any device
     offsets = torch.arange(rows * cols, dtype=torch.int64, device=device)
     bits = philox_randint(seed, offsets) >> (32 - KEEP_BITS)
     return (bits >= int(round(p * 2**KEEP_BITS))).reshape(rows, cols)
@@ -223,6 +236,35 @@ def ia3_linear(
     return _ia3_linear(x, weight, ia3_l, scales_input, bias)
 
 
+def dora_term(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+    keep_scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The DoRA layer in fp32 torch operations on 2-D x and a dense [out, in] weight, differentiable in x, A, B, m
+    and bias: ``g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias`` with ``g = m / ‖W + s·B·A‖`` (row norms; B·A and the norm
+    detached, as PEFT's DoRA).
+
+    ``keep_scale`` (fp32 [M, K]: the dropout keep mask times 1 / (1 - p)) gives PEFT's rule with dropout in
+    training: ``x·Wᵀ + bias + (g − 1) ⊙ (xd·Wᵀ) + g ⊙ s·(xd·Aᵀ)·Bᵀ`` with ``xd = x ⊙ keep_scale``, the DoRA term
+    taken on the dropped input with a second base product, without the bias (peft/tuners/lora/dora.py).
+    """
+    lora_A, lora_B = lora_A.to(torch.float32), lora_B.to(torch.float32)
+    norm = torch.linalg.norm(weight + scaling * (lora_B @ lora_A).detach(), dim=1).detach()
+    g = magnitude.to(torch.float32) / norm
+    if keep_scale is None:
+        y = (x @ weight.t() + scaling * ((x @ lora_A.t()) @ lora_B.t())) * g
+    else:
+        x_drop = x * keep_scale
+        y = x @ weight.t() + (g - 1) * (x_drop @ weight.t()) + g * (scaling * ((x_drop @ lora_A.t()) @ lora_B.t()))
+    return y if bias is None else y + bias.to(torch.float32)
+
+
 def dora_linear_4bit(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -232,20 +274,34 @@ def dora_linear_4bit(
     magnitude: torch.Tensor,
     scaling: float,
     bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    *,
+    dropout_seed: Optional[int] = None,
 ) -> torch.Tensor:
     """``g ⊙ (x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ) + bias`` with ``g = m / ‖deq(W) + s·B·A‖`` (row norms, detached, as PEFT's
-    DoRA), in fp32, returned in x's dtype; W frozen."""
+    DoRA), in fp32, returned in x's dtype; W frozen. With dropout (``training`` and ``dropout_p > 0``), PEFT's rule:
+    ``x·deq(W)ᵀ + bias + (g − 1) ⊙ (xd·deq(W)ᵀ) + g ⊙ s·(xd·Aᵀ)·Bᵀ``, xd = drop(x) (see :func:`dora_term`). The
+    seed as :func:`lora_linear_4bit`'s; under ``torch.compile`` one left to draw is drawn as a tensor (reading it
+    back would break the graph)."""
     n, k = weight_shape(weight, quant_state)
     check_frozen_weight(weight, "dora_linear_4bit")
-    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, 0.0, packed_bytes(weight).device)
+    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, packed_bytes(weight).device, dropout_seed)
     check_dora_magnitude(magnitude, n, x)
     dense = dequantize_4bit(weight, quant_state, torch.float32)
-    lora_A32, lora_B32 = lora_A.to(torch.float32), lora_B.to(torch.float32)
-    norm = torch.linalg.norm(dense + scaling * (lora_B32 @ lora_A32).detach(), dim=1).detach()
     x32 = x.reshape(-1, k).to(torch.float32)
-    y = (x32 @ dense.t() + scaling * ((x32 @ lora_A32.t()) @ lora_B32.t())) * (magnitude.to(torch.float32) / norm)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
+    keep_scale = None
+    if training and dropout_p > 0:
+        seed: Union[int, torch.Tensor]
+        if dropout_seed is not None:
+            seed = dropout_seed
+        elif torch.compiler.is_compiling():
+            seed = draw_dropout_seed_tensor()
+        else:
+            seed = draw_dropout_seed()
+        keep = dropout_keep_mask(seed, x32.shape[0], k, dropout_p, x.device)
+        keep_scale = keep.to(torch.float32) * (1.0 / (1.0 - dropout_p))
+    y = dora_term(x32, dense, lora_A, lora_B, magnitude, scaling, bias, keep_scale)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 

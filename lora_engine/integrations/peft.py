@@ -11,18 +11,19 @@ PEFT's ``target_modules="all-linear"`` matches adapter layers by class name, and
 (``lora.Linear``, ``lora.Linear4bit``) to the module repr and to ``get_layer_status`` (which reads the repr).
 
 The fused forward covers one active vanilla LoRA adapter (any scaling, rsLoRA included; dropout on the LoRA
-branch drawn in-kernel; base bias frozen or not), one active DoRA adapter over a 4-bit base (without dropout in
-training: magnitude, A and B trained through the kernels, the weight norm detached as PEFT does), or one active
+branch drawn in-kernel; base bias frozen or not), one active DoRA adapter over a 4-bit base (magnitude, A and B
+trained through the kernels, the weight norm detached as PEFT does; with dropout in training PEFT's rule, the DoRA
+term of the dropped input beside the base product of x, the mask drawn in-kernel), or one active
 IA3 adapter (the input scale of feed-forward layers fused into the GEMM's prologue, the output scale of the
 others into its epilogue, with PEFT's dtypes: its 4-bit IA3 layer returns float32 for a 16-bit input outside
 autocast). PEFT's mixed batches (``adapter_names``, one name per sample, "__base__" for none) over a 4-bit base
 run ``multi_lora_linear_4bit`` (the base product once, each row's low-rank term from its own adapter) when every
 named adapter of the layer is a plain LoRA adapter (gradients included). Merging stays PEFT's. Anything
-else runs PEFT's forward for that call: DoRA over an nn.Linear base or with dropout in training, other LoRA
-variants, ``lora_bias``, the mixed batches the kernels do not serve, several active adapters, merged or
-disabled adapters, layouts or devices the kernels do not read, and a LoRA layer stacked on another tuner layer (a
-``PeftMixedModel`` with LoHa, LoKr, AdaLoRA... under LoRA), whose delta only PEFT's forward adds. The
-``PatchReport`` lists those layers and why; each reason is logged once.
+else runs PEFT's forward for that call: DoRA over an nn.Linear base, other LoRA variants, ``lora_bias``, the mixed
+batches the kernels do not serve, several active adapters, merged or disabled adapters, layouts or devices the
+kernels do not read, and a LoRA layer stacked on another tuner layer (a ``PeftMixedModel`` with LoHa, LoKr,
+AdaLoRA... under LoRA), whose delta only PEFT's forward adds. The ``PatchReport`` lists those layers and why; each
+reason is logged once.
 
 Under FSDP2 the fused 4-bit layers read the gathered packed bytes with the quant state bitsandbytes also keeps on
 the module (the gathered weight is a plain tensor without it). Packed bytes that arrive in another dtype than
@@ -268,10 +269,6 @@ def _active_adapter(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
             return None, f"LoRA variant {type(layer.lora_variant[name]).__name__}"
         if not isinstance(layer, _BNB_4BIT_LAYERS):
             return None, "DoRA over an nn.Linear base"
-        dropout = layer.lora_dropout[name]
-        if layer.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
-            # PEFT then computes the DoRA term on the dropped input with a second base product
-            return None, "DoRA with lora_dropout in training"
     reason = _factors_reason(layer, name)
     return (None, reason) if reason is not None else (name, None)
 
@@ -559,9 +556,12 @@ if PeftLinear4bit is not None:
             lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
             if adapter in self.lora_variant:  # DoRA (the only variant _active_adapter lets through)
                 magnitude = self.lora_magnitude_vector[adapter].weight
+                # PEFT's DoRA takes its dropout route when the layer trains and applies the dropout module as it
+                # is; with that module in eval mode the route gives what the dropout-free one gives
                 y = F.dora_linear_4bit(
-                    x.to(compute), base.weight, _quant_state(base), lora_A, lora_B, magnitude, scaling, bias=base.bias
-                )
+                    x.to(compute), base.weight, _quant_state(base), lora_A, lora_B, magnitude, scaling,
+                    bias=base.bias, dropout_p=p, training=self.training and training,
+                )  # fmt: skip
                 return y.to(x.dtype)
             y = F.lora_linear_4bit(
                 x.to(compute), base.weight, _quant_state(base), lora_A, lora_B, scaling, bias=base.bias, dropout_p=p,

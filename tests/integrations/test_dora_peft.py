@@ -1,19 +1,28 @@
 """PEFT DoRA layers (``use_dora=True``) over a 4-bit base, patched onto the kernels: the tiny 4-bit Llama trains
-as stock PEFT does (A, B and the magnitude), the report shows the layers fused, the saved adapter is a stock PEFT
-DoRA adapter; what the kernels do not serve (an nn.Linear base, dropout in training) falls back, reported."""
+as stock PEFT does (A, B and the magnitude), with lora_dropout too, the report shows the layers fused, the saved
+adapter is a stock PEFT DoRA adapter; what the kernels do not serve (an nn.Linear base) falls back, reported.
+
+With dropout, stock PEFT and the kernels draw their masks from different generators. The stock model's dropout
+modules are therefore replaced by ``SeededDropout``, which draws the kernels' mask from a seed taken from torch's
+CPU generator as the fused forward takes it: with the same ``torch.manual_seed``, both runs drop the same elements
+and stock PEFT's own DoRA code (its second base product of the dropped input, without the bias) is the reference.
+"""
 
 import math
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import LoraLayer
 from safetensors.torch import load_file
 from torch import nn
 
 import lora_engine
+from lora_engine import reference
 from lora_engine.integrations.peft import FusedLoraLinear4bit
 
-from .conftest import LR, assert_within, train_steps, trainable_params
+from .conftest import LR, assert_within, randomize_lora_B, train_steps, trainable_params
 
 pytestmark = pytest.mark.interpreter
 
@@ -69,16 +78,93 @@ def test_dora_training_matches_stock_peft(make_peft_llama, load_4bit, tokens, tm
     assert_within("logits", logits, stock_logits, LOGITS_TOL * stock_logits.abs().max().item())
 
 
-def test_dora_with_dropout_in_training_falls_back(make_peft_llama, tokens, kernel_device):
-    model = make_peft_llama(device=kernel_device, use_dora=True, lora_dropout=0.1).eval()
-    report = lora_engine.patch_peft_model(model)
-    ids = tokens(1, batch=1, seq=4, device=kernel_device)
-    with torch.no_grad(), lora_engine.use_backend("triton"):
-        model.eval()(input_ids=ids)  # eval: no dropout, fused
-        assert not report.fallbacks, str(report)
-        model.train()(input_ids=ids)
-    assert len(report.fallbacks) == LORA_LAYERS, str(report)
-    assert "DoRA with lora_dropout in training" in str(report)
+class SeededDropout(nn.Dropout):
+    """nn.Dropout dropping what lora_engine's kernels drop: the reference's keep mask for a seed drawn from torch's
+    CPU generator (one draw per call, as the fused forward draws it), kept elements scaled by 1 / (1 - p)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        k = x.shape[-1]
+        keep = reference.dropout_keep_mask(reference.draw_dropout_seed(), x.numel() // k, k, self.p, x.device)
+        return x * (keep.reshape(x.shape).to(x.dtype) * (1.0 / (1.0 - self.p)))
+
+
+def _seeded_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, dropout in module.lora_dropout.items():
+                module.lora_dropout[name] = SeededDropout(dropout.p)
+
+
+DROPOUT_STEPS = 2
+
+
+def test_dora_with_dropout_trains_as_stock_peft_with_the_same_mask(make_peft_llama, tokens, kernel_device):
+    """lora_dropout in training runs the kernels (no fallback) and gives stock PEFT's losses, gradients and weights
+    when both drop the same elements; a wrong (g − 1), a bias or a mask mix-up moves them far beyond the bounds."""
+    stock = make_peft_llama(device=kernel_device, use_dora=True, lora_dropout=0.1)
+    patched = make_peft_llama(device=kernel_device, use_dora=True, lora_dropout=0.1)
+    _seeded_dropout(stock)
+    report = lora_engine.patch_peft_model(patched)
+    before = {name: param.detach().clone() for name, param in trainable_params(patched).items()}
+
+    batches = [tokens(0, device=kernel_device)] * DROPOUT_STEPS
+    torch.manual_seed(7)
+    with lora_engine.use_backend("triton"):
+        losses, grads = train_steps(patched, batches)
+    torch.manual_seed(7)
+    stock_losses, stock_grads = train_steps(stock, batches)
+    assert report.num_patched == report.num_fused == LORA_LAYERS and not report.fallbacks, str(report)
+
+    assert grads.keys() == stock_grads.keys() and len(grads) == 3 * LORA_LAYERS
+    for name, expected in stock_grads.items():
+        assert expected.abs().max() > 0, f"{name}: degenerate gradient"
+        assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
+    for step, (loss, expected) in enumerate(zip(losses, stock_losses)):
+        assert math.isfinite(loss) and abs(loss - expected) <= LOSS_RTOL * abs(expected), (step, losses, stock_losses)
+    stock_weights = trainable_params(stock)
+    for name, param in trainable_params(patched).items():
+        assert_within(f"weight {name}", param.detach(), stock_weights[name].detach(), WEIGHT_ATOL)
+        assert not torch.equal(param, before[name]), f"{name} did not change in training"
+
+
+def _biased_dora_layer(device: str) -> PeftModel:
+    """A PeftModel with DoRA (lora_dropout 0.2) over one NF4 layer with a bias; equal calls give equal weights."""
+    torch.manual_seed(0)
+    net = nn.Sequential(bnb.nn.Linear4bit(100, 37, bias=True, compute_dtype=torch.float32, quant_type="nf4"))
+    net.is_loaded_in_4bit = True  # what transformers sets: PEFT then wraps the layer as lora.Linear4bit
+    with torch.no_grad():
+        net[0].bias.normal_()
+    net = net.to(device)  # bitsandbytes quantizes on the move to a device
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True, lora_dropout=0.2)
+    model = get_peft_model(net, config)
+    randomize_lora_B(model, std=0.3)
+    return model.train()
+
+
+def test_dora_with_dropout_and_bias_matches_stock_peft(kernel_device):
+    """One NF4 layer with a bias (the Llama's have none): output and gradients of x, A, B and the magnitude."""
+    stock, patched = (_biased_dora_layer(kernel_device) for _ in range(2))
+    _seeded_dropout(stock)
+    report = lora_engine.patch_peft_model(patched)
+    x = torch.randn(3, 5, 100, device=kernel_device)
+    dy = torch.randn(3, 5, 37, device=kernel_device)
+    results = []
+    for model, backend in ((patched, "triton"), (stock, "auto")):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        with lora_engine.use_backend(backend):
+            y = model(xi)
+        y.backward(dy)
+        params = trainable_params(model)
+        results.append({"y": y.detach(), "dx": xi.grad, **{name: p.grad for name, p in params.items()}})
+    assert report.num_fused == 1 and not report.fallbacks, str(report)
+    got, expected = results
+    assert got.keys() == expected.keys() and len(got) == 5
+    for name, value in expected.items():
+        assert value.abs().max() > 0, f"{name}: degenerate"
+        assert_within(name, got[name], value, GRAD_TOL * value.abs().max().item())
 
 
 def test_dora_over_dense_base_falls_back(kernel_device):

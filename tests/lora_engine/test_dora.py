@@ -2,13 +2,17 @@
 three-way rule.
 
     y = g ⊙ (x·deq(W)ᵀ + s·(x·Aᵀ)·Bᵀ) + bias,   g = m / ‖deq(W) + s·B·A‖ (row norms, not differentiated)
+    with dropout in training (PEFT's rule), xd = drop(x):
+    y = x·deq(W)ᵀ + bias + (g − 1) ⊙ (xd·deq(W)ᵀ) + g ⊙ s·(xd·Aᵀ)·Bᵀ
 
 The kernels get the norm from ‖W‖², one 4-bit GEMM of A and rank-r products; the torch copies below compute it
-from the dense W + s·B·A, so a wrong norm term shows. A handful of cases per path: the interpreter is slow.
+from the dense W + s·B·A, so a wrong norm term shows. They drop the elements of the reference's keep mask for the
+same seed, which the kernels draw in-kernel. A handful of cases per path: the interpreter is slow.
 """
 
 import zlib
 from dataclasses import dataclass
+from typing import Optional
 
 import bitsandbytes.functional as bnbF
 import pytest
@@ -34,13 +38,15 @@ class Case:
     bias: bool
     path: str
     shape: str
+    dropout: float = 0.0
 
     @property
     def id(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
         nest = "nested" if self.nested else "plain"
         bias = "bias" if self.bias else "nobias"
-        return f"M{self.m}-{self.quant_type}-{nest}-{dt}-r{self.rank}-{bias}-{self.path}-{self.shape}"
+        drop = f"-p{self.dropout}" if self.dropout else ""
+        return f"M{self.m}-{self.quant_type}-{nest}-{dt}-r{self.rank}-{bias}-{self.path}-{self.shape}{drop}"
 
 
 CASES = [
@@ -50,6 +56,15 @@ CASES = [
     Case(7, "fp4", True, F16, 8, True, "dequant", "aligned"),
     Case(33, "fp4", True, F16, 4, True, "dequant_cublas", "odd_k"),
     Case(1, "nf4", False, F32, 8, True, "gemv", "aligned"),
+]
+# Dropout: M = 33 (above the 16 rows where x·Aᵀ leaves cuBLAS for the rank-r kernel), "gemv" and
+# "dequant_cublas" (both take the dequant route), fused and dequant; p up to 0.3 so that M = 1 drops elements.
+DROPOUT_CASES = [
+    Case(1, "nf4", True, F32, 8, True, "fused", "straddle", 0.3),
+    Case(7, "fp4", False, F16, 5, False, "fused", "odd_k", 0.1),
+    Case(33, "nf4", False, F32, 16, True, "dequant", "straddle", 0.1),
+    Case(33, "fp4", True, F16, 4, True, "dequant_cublas", "odd_k", 0.2),
+    Case(1, "nf4", False, F16, 8, False, "gemv", "aligned", 0.3),
 ]
 
 
@@ -76,16 +91,28 @@ def _inputs(case: Case, device: str) -> dict:
     )
 
 
-def _torch_dora(x, weight, lora_A, lora_B, magnitude, bias, scaling):
+def _torch_dora(x, weight, lora_A, lora_B, magnitude, bias, scaling, keep=None, p=0.0):
+    """PEFT's DoRA in plain torch; with ``keep`` (bool, x's shape) its dropout route, written as PEFT computes it."""
     norm = torch.linalg.norm(weight + scaling * (lora_B @ lora_A).detach(), dim=1).detach()
-    y = (x @ weight.t() + scaling * ((x @ lora_A.t()) @ lora_B.t())) * (magnitude / norm)
+    g = magnitude / norm
+    if keep is None:
+        y = (x @ weight.t() + scaling * ((x @ lora_A.t()) @ lora_B.t())) * g
+    else:
+        x_drop = x * keep.to(x.dtype) / (1 - p)
+        y = x @ weight.t() + (g - 1) * (x_drop @ weight.t()) + g * ((x_drop @ lora_A.t()) @ lora_B.t()) * scaling
     return y + bias if bias is not None else y
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_dora_matches_reference(case, kernel_device):
+def _check_case(case: Case, device: str, dropout_p: Optional[float] = None):
+    """The kernels (called with ``dropout_p``, default the case's) against the torch copies with the case's mask."""
     scaling = 1.7
-    t = _inputs(case, kernel_device)
+    t = _inputs(case, device)
+    k = t["x"].shape[-1]
+    seed = 1000 + case.m
+    keep = None
+    if case.dropout:
+        keep = reference.dropout_keep_mask(seed, t["x"].numel() // k, k, case.dropout, device).reshape(t["x"].shape)
+        assert keep.any() and not keep.all(), "degenerate mask: the test could not tell dropout from none"
     w32 = reference.dequantize_4bit(t["packed"], t["state"], torch.float32)
     names = ("x", "lora_A", "lora_B", "magnitude") + (("bias",) if case.bias else ())
 
@@ -96,13 +123,15 @@ def test_dora_matches_reference(case, kernel_device):
     with lora_engine.use_backend("triton"), lora_engine.force_path(case.path):
         y = lora_engine.dora_linear_4bit(
             got["x"], t["packed"], t["state"], got["lora_A"], got["lora_B"], got["magnitude"], scaling,
-            bias=got.get("bias"),
+            bias=got.get("bias"), dropout_p=case.dropout if dropout_p is None else dropout_p, training=True,
+            dropout_seed=seed,
         )  # fmt: skip
     y.backward(t["dy"])
     expected = {}
     for label, dtype in (("precise", torch.float64), ("same", case.dtype)):
         r = leaves(dtype)
-        yr = _torch_dora(r["x"], w32.to(dtype), r["lora_A"], r["lora_B"], r["magnitude"], r.get("bias"), scaling)
+        yr = _torch_dora(r["x"], w32.to(dtype), r["lora_A"], r["lora_B"], r["magnitude"], r.get("bias"), scaling,
+                         keep, case.dropout)  # fmt: skip
         yr.backward(t["dy"].to(dtype))
         expected[label] = {"y": yr, **{f"d{name}": r[name].grad for name in names}}
     actual = {"y": y, **{f"d{name}": got[name].grad for name in names}}
@@ -112,6 +141,27 @@ def test_dora_matches_reference(case, kernel_device):
         precise, same = expected["precise"][name], expected["same"][name]
         assert precise.abs().max() > 0, f"{name}: degenerate case"
         assert_close_3way(f"{case.id} {name}", value, precise, same)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_dora_matches_reference(case, kernel_device):
+    _check_case(case, kernel_device)
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=lambda c: c.id)
+def test_dora_with_dropout_matches_reference(case, kernel_device):
+    _check_case(case, kernel_device)
+
+
+@pytest.mark.parametrize("case", [CASES[2], CASES[3]], ids=lambda c: c.id)
+def test_dropout_route_with_nothing_dropped_is_dora(case, kernel_device, monkeypatch):
+    """p = 1e-9 drops nothing (its threshold rounds to 0, 1 / (1 - p) to 1 in fp32) but runs the dropout route:
+    x·Wᵀ + bias + (g − 1) ⊙ x·Wᵀ + g ⊙ s·(x·Aᵀ)·Bᵀ must be the dropout-free DoRA, forward and every gradient."""
+    calls = []
+    forward = lora_engine.autograd._dora_dropout_forward
+    monkeypatch.setattr(lora_engine.autograd, "_dora_dropout_forward", lambda *a: calls.append(1) or forward(*a))
+    _check_case(case, kernel_device, dropout_p=1e-9)
+    assert calls, "the dropout route did not run"
 
 
 def test_reference_is_peft_dora():
@@ -136,6 +186,17 @@ def test_reference_is_peft_dora():
     got = reference.dora_linear_4bit(x, packed, state, lora_A.weight, lora_B.weight, dora.weight, s, base.bias)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
+    # dropout in training: PEFT's DoraLinearVariant passes drop(x) and no base result, so the layer adds a second
+    # base product of the dropped input, without the bias, to base(x); here drop(x) uses the reference's mask
+    p, seed = 0.3, 17
+    keep = reference.dropout_keep_mask(seed, 5, k, p)
+    x_drop = x * keep / (1 - p)
+    expected = base(x) + dora(x_drop, lora_A=lora_A, lora_B=lora_B, scaling=s, base_layer=base, base_result=None)
+    got = reference.dora_linear_4bit(
+        x, packed, state, lora_A.weight, lora_B.weight, dora.weight, s, base.bias, p, True, dropout_seed=seed
+    )
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_bad_magnitude_raises(backend, kernel_device):
@@ -150,7 +211,8 @@ def test_bad_magnitude_raises(backend, kernel_device):
             lora_engine.dora_linear_4bit(*args[:4], t["lora_B"][:-1], t["magnitude"], 1.0)
 
 
-def test_double_backward_matches_reference(kernel_device):
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_double_backward_matches_reference(dropout, kernel_device):
     """create_graph=True runs the gradients as torch operations: second-order terms through A, B and m are exact."""
     t = _inputs(CASES[2], kernel_device)
     results = []
@@ -158,8 +220,29 @@ def test_double_backward_matches_reference(kernel_device):
         x, lora_A, lora_B, magnitude = (t[n].detach().clone().requires_grad_() for n in ("x", "lora_A", "lora_B",
                                                                                           "magnitude"))  # fmt: skip
         with lora_engine.use_backend(backend):
-            y = lora_engine.dora_linear_4bit(x, t["packed"], t["state"], lora_A, lora_B, magnitude, 1.7, t["bias"])
+            y = lora_engine.dora_linear_4bit(
+                x, t["packed"], t["state"], lora_A, lora_B, magnitude, 1.7, t["bias"], dropout, True, dropout_seed=3
+            )
         (dx,) = torch.autograd.grad(y, x, t["dy"], create_graph=True)
         results.append(torch.autograd.grad(dx.square().sum(), (lora_A, lora_B, magnitude)))
     for got, expected in zip(*results):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_compiled_dora_with_dropout_traces_the_reference_without_graph_breaks(kernel_device):
+    """Under torch.compile DoRA traces the reference's torch operations, the dropout seed included: given, the
+    compiled call drops what the eager one drops; left to draw, it is drawn as a tensor, so the graph holds."""
+    t = _inputs(CASES[3], kernel_device)
+    args = (t["x"], t["packed"], t["state"], t["lora_A"], t["lora_B"], t["magnitude"], 1.7, t["bias"], 0.2, True)
+
+    def layer(*args, dropout_seed=None):
+        return lora_engine.dora_linear_4bit(*args, dropout_seed=dropout_seed)
+
+    explanation = torch._dynamo.explain(layer)(*args)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    with lora_engine.use_backend("triton"):
+        got, other_seed = compiled(*args, dropout_seed=9), compiled(*args, dropout_seed=10)
+    expected = reference.dora_linear_4bit(*args, dropout_seed=9)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert not torch.equal(got, other_seed), "the seed made no difference: no dropout ran"
