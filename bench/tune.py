@@ -2,9 +2,13 @@
 
 For each shape and M, times ``lora_matmul`` (forward orientation, LoRA epilogue) over candidate
 ``MatmulConfig``s on the packed 4-bit weight (the fused path) and on the decoded weight (the GEMM of the
-dequant path), and, for M <= 16, ``lora_gemv_4bit`` (the gemv path) over candidate ``GemvConfig``s, next to
-cuBLAS on the decoded weight. Prints the fastest config of each case and writes every candidate's time, with
-the GPU, library versions and date, to ``bench/results/<gpu>/tune_matmul.json``.
+dequant path), and, for M <= 16, ``lora_gemv_4bit`` (the gemv path) over candidate ``GemvConfig``s (each code
+lookup, each K split the weight allows, a few tiles: ``gemv_candidates``), next to cuBLAS on the decoded weight.
+Prints the fastest config of each case (for the GEMV also the fastest of each lookup and the dispatcher's
+default) and writes every candidate's time, with the GPU, library versions and date, to
+``bench/results/<gpu>/tune_matmul.json``.
+
+    python -m bench.tune --weights gemv --m 1 4 16        # the GEMV variants alone, Llama-3-8B projections
 
 The output is a report, not an input: nothing reads it at run time. The tiles the kernels use are the
 hand-written ones in ``lora_engine.kernels.configs`` (``kernels/configs.py``); to adopt a winner, edit the
@@ -14,6 +18,7 @@ tiles of its regime there and cite the measurement beside them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 
@@ -35,21 +40,46 @@ def candidates(m: int):
                            split_k=split_k)  # fmt: skip
 
 
-def gemv_candidates(m: int, rank: int):
-    from lora_engine.kernels.configs import GemvConfig, gemv_config
+# The GEMV sweep: per-step products of m_pad x BLOCK_N x BLOCK_K fp32 values (register pressure; 8 warps for the
+# largest), three K steps, every lookup, and K split into up to 32 parts (a part is a whole number of K steps and
+# quantization blocks, so long steps allow fewer parts). At most 9 tiles x 2 lookups x 6 splits = 108 configs per
+# shape and M: 82 to 90 at K = 4096 and 96 to 108 at K = 14336 (blocksize 64, M = 1 to 16), so the three Llama-3-8B
+# projections at M = 1, 4 and 16 time about 850 configs.
+GEMV_STEP_VALUES = (4096, 8192, 16384)
+GEMV_BLOCK_K = (128, 256, 512)
+GEMV_SPLIT_K = (1, 2, 4, 8, 16, 32)
+
+
+def gemv_candidates(m: int, rank: int, k: int, blocksize: int):
+    """``GemvConfig``s to time at M = ``m`` over a weight of ``k`` columns: the dispatcher's default first, then
+    the sweep above, leaving out a config that runs as one already listed (K holds fewer parts than its split_k
+    asks for: ``gemv_k_split``)."""
+    from lora_engine.kernels.configs import GEMV_LOOKUPS, GemvConfig, gemv_config
+    from lora_engine.kernels.lora_gemv import gemv_k_split
 
     default = gemv_config(m, rank)
-    m_pad, block_r = default.m_pad, default.block_r
-    for bn, bk, warps, stages in itertools.product([2, 4, 8, 16, 32, 64], [128, 256, 512], [1, 2, 4, 8], [1, 2, 3]):
-        if m_pad * bn * bk <= 32768:  # the per-step product must fit in registers
-            yield GemvConfig(m_pad=m_pad, block_n=bn, block_k=bk, block_r=block_r, num_warps=warps, num_stages=stages)
+    yield default
+    seen = {dataclasses.replace(default, split_k=gemv_k_split(k, blocksize, default)[1])}  # configs as they run
+    for values, block_k, lookup, split_k in itertools.product(GEMV_STEP_VALUES, GEMV_BLOCK_K, GEMV_LOOKUPS,
+                                                              GEMV_SPLIT_K):  # fmt: skip
+        block_n = values // (default.m_pad * block_k)
+        if block_n < 1:
+            continue
+        cfg = GemvConfig(m_pad=default.m_pad, block_n=block_n, block_k=block_k, block_r=default.block_r,
+                         num_warps=8 if values >= 16384 else 4, num_stages=default.num_stages, lookup=lookup,
+                         split_k=split_k)  # fmt: skip
+        runs_as = dataclasses.replace(cfg, split_k=gemv_k_split(k, blocksize, cfg)[1])
+        if runs_as not in seen:
+            seen.add(runs_as)
+            yield cfg
 
 
 def _sweep(candidates, call, rep_ms: int, row: dict, rows: list):
-    """Time ``call(cfg)`` for each candidate; append a row each; return (best ms, best config) or None."""
+    """Time ``call(cfg)`` for each candidate; append a row each; return [(ms, config)] of those that ran, fastest
+    first."""
     import triton.testing
 
-    best = None
+    timed = []
     for cfg in candidates:
         try:
             call(cfg)
@@ -57,9 +87,18 @@ def _sweep(candidates, call, rep_ms: int, row: dict, rows: list):
         except Exception as exc:  # configs that overflow shared memory or registers
             ms, err = None, type(exc).__name__
         rows.append(dict(row, config=cfg.__dict__, ms=ms, **({"error": err} if err else {})))
-        if ms is not None and (best is None or ms < best[0]):
-            best = (ms, cfg)
-    return best
+        if ms is not None:
+            timed.append((ms, cfg))
+    return sorted(timed, key=lambda t: t[0])
+
+
+def _gemv_summary(timed: list, default) -> str:
+    """The dispatcher's default and the fastest config of each lookup, with its K split."""
+    parts = [f"default {ms * 1e3:.1f} us" for ms, cfg in timed if cfg == default][:1]
+    for lookup in dict.fromkeys(cfg.lookup for _, cfg in timed):
+        ms, cfg = next((ms, cfg) for ms, cfg in timed if cfg.lookup == lookup)
+        parts.append(f"{lookup} {ms * 1e3:.1f} us (split_k {cfg.split_k}, {cfg.block_n}x{cfg.block_k})")
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +133,11 @@ def main(argv: list[str] | None = None) -> int:
                     def call(cfg):
                         return lora_gemv_4bit(t.x, packed, right=t.lora_B, left=left, scaling=2.0, config=cfg)
 
-                    best = _sweep(gemv_candidates(m, t.lora_B.shape[1]), call, args.rep_ms, row, rows)
+                    configs = list(gemv_candidates(m, t.lora_B.shape[1], k, packed.blocksize))
+                    print(f"{n}x{k} M={m:5d} gemv : timing {len(configs)} configs", flush=True)
+                    timed = _sweep(configs, call, args.rep_ms, row, rows)
+                    if timed:
+                        print(f"{n}x{k} M={m:5d} gemv : {_gemv_summary(timed, configs[0])}", flush=True)
                 else:
                     weight = packed if kind == "4bit" else t.dense
 
@@ -102,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                         return lora_matmul(t.x, weight, weight_out_by_in=True, right=t.lora_B, left=left,
                                            scaling=2.0, config=cfg)  # fmt: skip
 
-                    best = _sweep(candidates(m), call, args.rep_ms, row, rows)
-                if best:
-                    print(f"{n}x{k} M={m:5d} {kind:5s}: best {best[0] * 1e3:8.1f} us (cuBLAS dense {cublas * 1e3:8.1f} us)"
-                          f"  {best[1]}", flush=True)  # fmt: skip
+                    timed = _sweep(candidates(m), call, args.rep_ms, row, rows)
+                if timed:
+                    ms, cfg = timed[0]
+                    print(f"{n}x{k} M={m:5d} {kind:5s}: best {ms * 1e3:8.1f} us (cuBLAS dense {cublas * 1e3:8.1f} us)"
+                          f"  {cfg}", flush=True)  # fmt: skip
     env = environment()
     out = results_dir(env["gpu"])
     out.mkdir(parents=True, exist_ok=True)

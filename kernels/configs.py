@@ -118,11 +118,19 @@ DEQUANT_BLOCK_INTERPRETER = 256
 
 
 GEMV_MAX_TOKENS = 16  # rows of x the 4-bit GEMV serves (the decode regime)
+GEMV_LOOKUPS = ("table16", "pairs256")  # how the GEMV turns a packed byte into two codes (see lora_gemv.py)
 
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Tiles of the 4-bit GEMV: BLOCK_N rows of W per program, K swept in BLOCK_K steps, M padded to M_PAD."""
+    """Tiles and decode of the 4-bit GEMV: BLOCK_N rows of W per program, K swept in BLOCK_K steps, M padded to M_PAD.
+
+    ``lookup``: "table16" looks each nibble up in the 16 codes held in registers (two gathers per packed byte);
+    "pairs256" looks each byte up once in a 256-entry table of (high, low) code pairs built by every program from
+    the 16 codes. Both give the same bits. ``split_k``: programs that share a row block's K sweep, each over whole
+    quantization blocks; above 1 they write fp32 partial sums to a workspace of the call and a second launch adds
+    them in a fixed order and applies the LoRA term, bias and output scale. 1 is one launch, no workspace.
+    """
 
     m_pad: int
     block_n: int
@@ -130,6 +138,20 @@ class GemvConfig:
     block_r: int
     num_warps: int = 4
     num_stages: int = 3
+    lookup: str = "table16"
+    split_k: int = 1
+
+    def __post_init__(self) -> None:
+        if self.lookup not in GEMV_LOOKUPS:
+            raise ValueError(f"GemvConfig.lookup must be one of {GEMV_LOOKUPS}, got {self.lookup!r}")
+        if not isinstance(self.split_k, int) or self.split_k < 1:
+            raise ValueError(f"GemvConfig.split_k must be a positive integer, got {self.split_k!r}")
+
+    @property
+    def reduce_block_n(self) -> int:
+        """Columns per program of the split-K reduction: its LoRA product (m_pad x columns x block_r fp32) stays
+        near 8K values, as the GEMV's per-step product does, and at most 128 columns."""
+        return max(1, min(128, 8192 // (self.m_pad * self.block_r)))
 
 
 @functools.lru_cache(maxsize=4096)  # called per launch; a pure function of its arguments and the mode
@@ -137,7 +159,9 @@ def gemv_config(m: int, rank: int) -> GemvConfig:
     """Tiles for the GEMV over ``m`` <= GEMV_MAX_TOKENS rows with a rank-``rank`` LoRA term.
 
     Not yet tuned on a GPU: the per-step product holds m_pad x BLOCK_N x BLOCK_K fp32 values, kept near 8K
-    so it stays in registers, and narrow row blocks give thousands of programs on Llama-sized weights.
+    so it stays in registers, and narrow row blocks give thousands of programs on Llama-sized weights. The
+    register-table lookup and one program per row block (split_k 1) until ``python -m bench.tune --weights gemv``
+    has timed the other variants.
     """
     m_pad = next_power_of_2(max(m, 1))
     block_r = min(next_power_of_2(max(rank, 1)), 32)

@@ -11,6 +11,8 @@ that overflow shared memory. Prints one JSON record per compiled kernel on stdou
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -96,7 +98,7 @@ def drive_launchers(quick: bool) -> None:
     from lora_engine.kernels.dropout import dropout_scale_
     from lora_engine.kernels.lora_gemv import gemv_supported, lora_gemv_4bit
     from lora_engine.kernels.lora_lowrank import lora_da, lora_down, lora_dy_pass
-    from lora_engine.kernels.configs import multi_lora_config
+    from lora_engine.kernels.configs import GEMV_LOOKUPS, gemv_config, multi_lora_config
     from lora_engine.kernels.lora_matmul import lora_matmul
     from lora_engine.kernels.lora_multi import multi_lora_expand, multi_lora_shrink, segment_metadata
     from lora_engine.kernels.operands import Dropout
@@ -121,6 +123,21 @@ def drive_launchers(quick: bool) -> None:
                     lora_gemv_4bit(x, weight)
                     lora_gemv_4bit(x, weight, in_scale=torch.randn(k), bias=torch.randn(n, dtype=dtype))  # IA3
                     lora_gemv_4bit(x, weight, out_scale=torch.randn(n), bias=torch.randn(n, dtype=dtype))
+                    if dtype != torch.bfloat16 or m not in (1, 16):
+                        continue
+                    # the decode variants and split K (two parts of K = 512; the reduction with each epilogue), at
+                    # the fewest and most tokens in the GPU's dtype: the variants differ in the decode, not in x
+                    tiles = gemv_config(m, 16)
+                    for lookup, split_k in itertools.product(GEMV_LOOKUPS, [1, 2]):
+                        if (lookup, split_k) == ("table16", 1):
+                            continue  # the default, compiled above
+                        cfg = dataclasses.replace(tiles, lookup=lookup, split_k=split_k)
+                        lora_gemv_4bit(x, weight, right=lora_B, left=torch.empty(m, 16), scaling=2.0,
+                                       bias=torch.randn(n, dtype=dtype), config=cfg)  # fmt: skip
+                        if split_k > 1:
+                            lora_gemv_4bit(x, weight, in_scale=torch.randn(k), config=cfg)
+                            lora_gemv_4bit(x, weight, out_scale=torch.randn(n), bias=torch.randn(n, dtype=dtype),
+                                           config=cfg)  # fmt: skip
             for m in token_counts:
                 x, dy = torch.randn(m, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
                 lora_A, lora_B = torch.randn(16, k, dtype=dtype), torch.randn(n, 16, dtype=dtype)
