@@ -27,15 +27,12 @@ from typing import Any, Optional, Union
 
 import torch
 
-from . import dispatch
+from . import dispatch, reference
 from .kernels.operands import Dropout, Packed4bit
 from .kinds import IA3, Adapter, Lora
 
 Weight = Union[Packed4bit, torch.Tensor]
 _EMPTY = (0,)  # shape of the placeholder returned for a gradient or buffer nobody asked for
-
-# int64 seeds drawn like reference.draw_dropout_seed (same generator, same range), kept on the host
-_SEED_HIGH = 2**31 - 1
 
 
 def weight_parts(weight: Weight) -> tuple[list[torch.Tensor], list[int]]:
@@ -72,7 +69,7 @@ def seed_tensor(dropout_seed: Optional[int]) -> torch.Tensor:
     """
     if dropout_seed is not None:
         return torch.tensor([int(dropout_seed)], dtype=torch.int64)
-    return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64)
+    return reference.draw_dropout_seed_tensor()
 
 
 @torch.library.custom_op("lora_engine::lora_linear_fwd", mutates_args=())

@@ -128,8 +128,7 @@ def _lora_factors(plan: _Plan, tensors: Sequence[Optional[torch.Tensor]], dtype:
 
 def _keep_scale(plan: _Plan, dropout: Dropout, rows: int, device: torch.device) -> torch.Tensor:
     """The torch backend's [rows, K] keep-scale (0 or 1 / (1 - p)) of ``dropout``, in the compute dtype."""
-    keep = reference.dropout_keep_mask(dropout.seed, rows, dropout.row_length, dropout.p, device)
-    return keep.to(plan.compute) * dropout.inv_keep_prob
+    return reference.dropout_keep_scale(dropout.seed, rows, dropout.row_length, dropout.p, device, plan.compute)
 
 
 def _dropped_left(plan: _Plan, x: torch.Tensor, entry: _Entry) -> torch.Tensor:

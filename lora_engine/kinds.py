@@ -42,12 +42,11 @@ class Lora(NamedTuple):
 
     def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """The layer in torch operations (all operands fp32, dense weight [out, in])."""
-        from .reference import dropout_keep_mask
+        from .reference import dropout_keep_scale
 
         x_lora = x
         if self.dropout is not None:
-            keep = dropout_keep_mask(self.dropout.seed, x.shape[0], x.shape[1], self.dropout.p, x.device)
-            x_lora = x * (keep.float() * self.dropout.inv_keep_prob)
+            x_lora = x * dropout_keep_scale(self.dropout.seed, x.shape[0], x.shape[1], self.dropout.p, x.device)
         y = x @ weight.t() + self.scaling * ((x_lora @ self.lora_A.float().t()) @ self.lora_B.float().t())
         return y if bias is None else y + bias
 
@@ -96,12 +95,11 @@ class Dora(NamedTuple):
 
     def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """The layer in torch operations (all operands fp32, dense weight [out, in])."""
-        from .reference import dora_term, dropout_keep_mask
+        from .reference import dora_term, dropout_keep_scale
 
         keep_scale = None
         if self.dropout is not None:
-            keep = dropout_keep_mask(self.dropout.seed, x.shape[0], x.shape[1], self.dropout.p, x.device)
-            keep_scale = keep.float() * self.dropout.inv_keep_prob
+            keep_scale = dropout_keep_scale(self.dropout.seed, x.shape[0], x.shape[1], self.dropout.p, x.device)
         return dora_term(x, weight, self.lora_A, self.lora_B, self.magnitude, self.scaling, bias, keep_scale)
 
 

@@ -81,6 +81,15 @@ def dropout_keep_mask(
     return (bits >= int(round(p * 2**KEEP_BITS))).reshape(rows, cols)
 
 
+def dropout_keep_scale(
+    seed: Union[int, torch.Tensor], rows: int, cols: int, p: float, device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """[rows, cols] in ``dtype``: 1 / (1 - p) where :func:`dropout_keep_mask` keeps the element, else 0 (what the
+    dropped input is multiplied by, and its gradient too)."""
+    return dropout_keep_mask(seed, rows, cols, p, device).to(dtype) * (1.0 / (1.0 - p))
+
+
 def _decoded_absmax(quant_state: Any) -> torch.Tensor:
     absmax = quant_state.absmax
     if not getattr(quant_state, "nested", False):
@@ -124,8 +133,7 @@ def _lora_linear(
     x_lora = x32
     if training and dropout_p > 0:
         seed = draw_dropout_seed() if dropout_seed is None else dropout_seed
-        keep = dropout_keep_mask(seed, x32.shape[0], in_features, dropout_p, x.device)
-        x_lora = x32 * (keep.to(torch.float32) * (1.0 / (1.0 - dropout_p)))
+        x_lora = x32 * dropout_keep_scale(seed, x32.shape[0], in_features, dropout_p, x.device)
     y = x32 @ dense_weight.to(torch.float32).t()
     y = y + scaling * ((x_lora @ lora_A.to(torch.float32).t()) @ lora_B.to(torch.float32).t())
     if bias is not None:
@@ -299,8 +307,7 @@ def dora_linear_4bit(
             seed = draw_dropout_seed_tensor()
         else:
             seed = draw_dropout_seed()
-        keep = dropout_keep_mask(seed, x32.shape[0], k, dropout_p, x.device)
-        keep_scale = keep.to(torch.float32) * (1.0 / (1.0 - dropout_p))
+        keep_scale = dropout_keep_scale(seed, x32.shape[0], k, dropout_p, x.device)
     y = dora_term(x32, dense, lora_A, lora_B, magnitude, scaling, bias, keep_scale)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
