@@ -1,4 +1,5 @@
-"""``python -m bench.host`` prints host µs per call per path (in its own process: it replaces the launches)."""
+"""``python -m bench.host`` prints host µs per call per path, a table per layer (in its own process: it replaces the
+launches)."""
 
 import os
 import subprocess
@@ -20,9 +21,13 @@ def test_host_table_with_stubbed_launches():
                "--repeats", "3"]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line for line in done.stdout.splitlines() if line.startswith("| dequant") or line.startswith("| gemv")]
-    assert len(rows) == 3, done.stdout  # gemv serves at most 16 tokens: no M = 32 row
-    for row in rows:
-        fwd, both = (float(cell) for cell in row.strip("| ").split("|")[2:4])
-        assert 0 < fwd < both, row  # best of 3 x 50 calls: a backward more always shows, even on a busy host
-    assert "launches stub" in done.stdout
+    tables = done.stdout.split("host µs per call, ")[1:]
+    assert len(tables) == 2, done.stdout
+    assert tables[0].startswith("lora_engine.lora_linear_4bit,") and tables[1].startswith("PEFT lora.Linear4bit")
+    for table in tables:
+        rows = [line for line in table.splitlines() if line.startswith("| dequant") or line.startswith("| gemv")]
+        assert len(rows) == 3, done.stdout  # gemv serves at most 16 tokens: no M = 32 row
+        for row in rows:
+            fwd, both = (float(cell) for cell in row.strip("| ").split("|")[2:4])
+            assert 0 < fwd < both, row  # best of 3 x 50 calls: a backward more always shows, even on a busy host
+        assert "launches stub" in table.splitlines()[0]
