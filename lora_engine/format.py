@@ -14,11 +14,11 @@ and say so.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .kernels.operands import Packed4bit
 
@@ -169,21 +169,47 @@ def packed_4bit(weight: torch.Tensor, quant_state: Any) -> Packed4bit:
     return Packed4bit(data, code, quant_state.absmax.reshape(-1), None, None, None, n, k, quant_state.blocksize, 0)
 
 
-# quant state (by identity: bitsandbytes' QuantState is unhashable) -> (what the operands were built from, operands)
-_packed_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+class _ByIdentity:
+    """Values keyed by an object's identity, each dropped when its object is collected (bitsandbytes' QuantState is
+    unhashable). ``torch.utils.weak.WeakIdKeyDictionary`` does the same with a weak reference object built per
+    lookup; this one looks up by ``id()`` and checks the stored reference, a dict lookup per call."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, Any]] = {}
+
+    def get(self, obj: Any) -> Any:
+        """The value stored for ``obj`` itself (not for an earlier object that had its id), or None."""
+        entry = self._entries.get(id(obj))
+        return entry[1] if entry is not None and entry[0]() is obj else None
+
+    def __setitem__(self, obj: Any, value: Any) -> None:
+        key, entries = id(obj), self._entries
+
+        def drop(ref: weakref.ref) -> None:  # obj was collected: forget its entry, unless a newer object took the id
+            if entries.get(key, (None,))[0] is ref:
+                del entries[key]
+
+        entries[key] = (weakref.ref(obj, drop), value)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# quant state (by identity) -> (what the operands were built from, operands)
+_packed_cache = _ByIdentity()
 
 
 def _built_from(weight: torch.Tensor, quant_state: Any) -> tuple:
     """Where the packed bytes and statistics live, and the sizes of the format: the operands stay valid while this
     does. (The cached operands keep the old tensors alive, so a replaced tensor cannot reappear at the same address.)
+    ``weight`` is contiguous: its own address and size are those of :func:`packed_bytes`' flat view.
     """
-    data = packed_bytes(weight)
     state2 = quant_state.state2 if getattr(quant_state, "nested", False) else None
     offset = getattr(quant_state, "offset", None)
     return (
-        data.device,
-        data.data_ptr(),
-        data.numel(),
+        weight.device,
+        weight.data_ptr(),
+        weight.nbytes,
         quant_state.absmax.data_ptr(),
         quant_state.code.data_ptr(),
         None if state2 is None else (state2.absmax.data_ptr(), state2.code.data_ptr(), state2.blocksize),
@@ -194,9 +220,12 @@ def _built_from(weight: torch.Tensor, quant_state: Any) -> tuple:
     )  # bitsandbytes' CPU repacking rewrites the bytes: a new address, so a rebuild that refuses the layout
 
 
-def _per_weight(cache: WeakIdKeyDictionary, weight: torch.Tensor, quant_state: Any, build: Callable[[], Any]) -> Any:
+def _per_weight(cache: _ByIdentity, weight: torch.Tensor, quant_state: Any, build: Callable[[], Any]) -> Any:
     """``build()`` once per weight in ``cache`` (keyed by the quant state's identity), built again when the weight's
-    bytes or statistics are replaced (see :func:`_built_from`)."""
+    bytes or statistics are replaced (see :func:`_built_from`). A non-contiguous weight is read through a copy
+    (:func:`packed_bytes`), made anew by every build: built per call, never cached."""
+    if not weight.is_contiguous():
+        return build()
     built_from = _built_from(weight, quant_state)
     cached = cache.get(quant_state)
     if cached is not None and cached[0] == built_from:
@@ -215,7 +244,7 @@ def packed_4bit_cached(weight: torch.Tensor, quant_state: Any) -> Packed4bit:
     return _per_weight(_packed_cache, weight, quant_state, lambda: packed_4bit(weight, quant_state))
 
 
-_row_norm_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_row_norm_cache = _ByIdentity()
 
 
 def row_norms_sq_cached(weight: torch.Tensor, quant_state: Any, packed: Packed4bit) -> torch.Tensor:
