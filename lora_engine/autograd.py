@@ -63,6 +63,11 @@ def _gemm_weight(weight: Weight, path: str, dtype: torch.dtype) -> Weight:
 SMALL_M = 16  # token counts of the decode regime
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, which returns t itself when it has that dtype already, without the call's µs then."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _splits_k(x: torch.Tensor, weight: Weight, path: str) -> bool:
     """Whether the forward GEMM's config splits K (the left factor then cannot be accumulated in its loop)."""
     n_out = weight.n if isinstance(weight, Packed4bit) else weight.shape[0]
@@ -86,14 +91,14 @@ def lora_forward(
     """
     rank = lora_A.shape[0]
     if path == "gemv":  # functional.resolve_path sends only calls the GEMV serves here
-        left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, lora_A.t().to(x.dtype))
+        left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, _cast(lora_A, x.dtype).t())
         y = lora_gemv_4bit(x, weight, right=lora_B, left=left, scaling=scaling, bias=bias)
         return y, (left.float() if keep_left else None)
     gemm_weight = _gemm_weight(weight, path, x.dtype)
     if path == "dequant_cublas":
         # cuBLAS computes x·Aᵀ faster than the rank-r kernel; the dropout mask needs the kernel
-        left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, lora_A.t().to(x.dtype))
-        scaled_left, right = (left * scaling).to(x.dtype), lora_B.t().to(x.dtype)
+        left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, _cast(lora_A, x.dtype).t())
+        scaled_left, right = _cast(left * scaling, x.dtype), _cast(lora_B, x.dtype).t()
         y = torch.mm(scaled_left, right) if bias is None else torch.addmm(bias.to(x.dtype), scaled_left, right)
         y.addmm_(x, gemm_weight.t())  # in place: the LoRA term is the GEMM's C operand, no extra copy
         left = left.float() if keep_left else None
@@ -106,7 +111,7 @@ def lora_forward(
     else:
         # Few rows: cuBLAS's x·Aᵀ beats the rank-r kernel, which has only M / BLOCK_M programs
         small = dropout is None and x.shape[0] <= SMALL_M
-        left = torch.mm(x, lora_A.t().to(x.dtype)).float() if small else lora_down(x, lora_A.t(), dropout)
+        left = torch.mm(x, _cast(lora_A, x.dtype).t()).float() if small else lora_down(x, lora_A.t(), dropout)
         y = lora_matmul(x, gemm_weight, weight_out_by_in=True, right=lora_B, left=left, scaling=scaling, bias=bias)
     return y, left
 
@@ -124,13 +129,13 @@ def lora_backward(
     dx = d_lora_A = d_lora_B = None
     if need_B:
         dyb, d_lora_B = lora_dy_pass(dy, lora_B, left, scaling)
-        d_lora_B = d_lora_B.to(lora_B.dtype)
+        d_lora_B = _cast(d_lora_B, lora_B.dtype)
     elif need_x or need_A:
         dyb = lora_down(dy, lora_B)
     if need_x:
         gemm_weight = _gemm_weight(weight, path, dy.dtype)
         if path == "dequant_cublas":
-            dx = torch.mm((dyb * scaling).to(dy.dtype), lora_A.to(dy.dtype))
+            dx = torch.mm(_cast(dyb * scaling, dy.dtype), _cast(lora_A, dy.dtype))
             if dropout is not None:
                 dropout_scale_(dx, dropout)
             dx.addmm_(dy, gemm_weight)
@@ -140,7 +145,7 @@ def lora_backward(
                 dropout=dropout,
             )  # fmt: skip
     if need_A:
-        d_lora_A = lora_da(dyb, x, scaling, dropout).to(lora_A.dtype)
+        d_lora_A = _cast(lora_da(dyb, x, scaling, dropout), lora_A.dtype)
     return dx, d_lora_A, d_lora_B
 
 
@@ -382,8 +387,8 @@ def adapter_backward(
     """The kind's backward with the gradients in their inputs' dtypes."""
     backward = KINDS[type(adapter)].backward
     dx, grads, d_bias = backward(adapter, dy, x, bias, saved, weight, path, need_x, needs, need_bias)
-    grads = tuple(g.to(t.dtype) if g is not None else None for g, t in zip(grads, adapter.trainables()))
-    return dx, grads, (d_bias.to(bias.dtype) if d_bias is not None else None)
+    grads = tuple(_cast(g, t.dtype) if g is not None else None for g, t in zip(grads, adapter.trainables()))
+    return dx, grads, (_cast(d_bias, bias.dtype) if d_bias is not None else None)
 
 
 class AdapterLinearFunction(torch.autograd.Function):

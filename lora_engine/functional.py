@@ -77,7 +77,7 @@ def _linear_4bit(
     x: torch.Tensor, weight: torch.Tensor, quant_state: Any, packed: Packed4bit, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
     """:func:`linear_4bit` on checked operands (``packed``: the weight's kernel operands)."""
-    x2d = x.reshape(-1, packed.k)
+    x2d = _rows(x, packed.k)
     path = _resolve_path(x2d.shape[0], packed, x.device, base_only=True)
     if path == "bitsandbytes":
         import bitsandbytes as bnb
@@ -87,7 +87,7 @@ def _linear_4bit(
     if torch.compiler.is_compiling():
         from .custom_ops import linear_4bit as linear_4bit_op
 
-        return linear_4bit_op(x2d, packed, bias, path).reshape(*x.shape[:-1], packed.n)
+        return _unrows(linear_4bit_op(x2d, packed, bias, path), x, packed.n)
     from .autograd import Linear4bitFunction, linear_forward
 
     with dispatch.device_guard(x.device):
@@ -95,7 +95,7 @@ def _linear_4bit(
             y = Linear4bitFunction.apply(x2d, bias, packed, path)
         else:  # inference: the same kernels without autograd's bookkeeping
             y = linear_forward(x2d, bias, packed, path)
-    return y.reshape(*x.shape[:-1], packed.n)
+    return _unrows(y, x, packed.n)
 
 
 def multi_lora_linear_4bit(
@@ -271,7 +271,7 @@ def _apply_adapter(
     from .autograd import KINDS, AdapterLinearFunction  # imports Triton, which only this path needs
 
     in_features = x.shape[-1]
-    x2d = x.reshape(-1, in_features)
+    x2d = _rows(x, in_features)
     is_4bit = isinstance(weight, Packed4bit)
     out_features = weight.n if is_4bit else weight.shape[0]
     path = _resolve_path(x2d.shape[0], weight, x.device) if is_4bit else "dense"
@@ -280,13 +280,13 @@ def _apply_adapter(
         # the registered adapter op runs the same forward and backward, opaque to the compiler (no graph break)
         from .custom_ops import adapter_linear
 
-        return adapter_linear(x2d, weight, adapter, bias, path).reshape(*x.shape[:-1], out_features)
+        return _unrows(adapter_linear(x2d, weight, adapter, bias, path), x, out_features)
     with dispatch.device_guard(x.device):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, bias, *trainables)):
             y = AdapterLinearFunction.apply(x2d, bias, weight, path, adapter, *trainables)
         else:  # inference: the same kernels without autograd's bookkeeping
             y, _ = KINDS[type(adapter)].forward(adapter, x2d, bias, weight, path, (False,) * len(trainables))
-    return y.reshape(*x.shape[:-1], out_features)
+    return _unrows(y, x, out_features)
 
 
 def _packed_weight(weight: torch.Tensor, quant_state: Any, caller: str) -> Packed4bit:
@@ -301,8 +301,18 @@ def _packed_weight(weight: torch.Tensor, quant_state: Any, caller: str) -> Packe
         return packed_4bit_cached(weight, quant_state)
 
 
-def _dtypes(*tensors: Optional[torch.Tensor]) -> tuple[torch.dtype, ...]:
-    return tuple(t.dtype for t in tensors if isinstance(t, torch.Tensor))
+def _dtypes(*tensors: Optional[torch.Tensor]) -> list[torch.dtype]:
+    return [t.dtype for t in tensors if isinstance(t, torch.Tensor)]
+
+
+def _rows(x: torch.Tensor, features: int) -> torch.Tensor:
+    """x as [rows, features]: x itself when it is 2-D already (a reshape would make a view per call)."""
+    return x if x.dim() == 2 else x.reshape(-1, features)
+
+
+def _unrows(y: torch.Tensor, x: torch.Tensor, features: int) -> torch.Tensor:
+    """The 2-D result ``y`` of ``_rows(x)`` in x's leading shape with ``features`` columns."""
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], features)
 
 
 def _resolve_path(num_tokens: int, weight: Packed4bit, device: torch.device, base_only: bool = False) -> str:
@@ -346,9 +356,10 @@ def _apply(
 
     in_features = x.shape[-1]
     out_features = lora_B.shape[0]
-    x2d = x.reshape(-1, in_features)
+    x2d = _rows(x, in_features)
+    device = x.device
     is_4bit = isinstance(weight, Packed4bit)
-    path = _resolve_path(x2d.shape[0], weight, x.device) if is_4bit else "dense"
+    path = _resolve_path(x2d.shape[0], weight, device) if is_4bit else "dense"
     if torch.compiler.is_compiling():
         # The registered custom op runs the same forward and backward, opaque to the compiler (no graph break).
         # Eager calls skip it: its dispatch costs ~10x an autograd.Function call on the host (~170 vs ~12 µs
@@ -357,18 +368,19 @@ def _apply(
 
         p = float(dropout_p) if training else 0.0
         y = lora_linear_op(x2d, weight, lora_A, lora_B, bias, scaling, p, dropout_seed, path)
-        return y.reshape(*x.shape[:-1], out_features)
+        return _unrows(y, x, out_features)
     dropout = None
     if training and dropout_p > 0:
         seed = reference.draw_dropout_seed() if dropout_seed is None else int(dropout_seed)
         dropout = Dropout(seed, float(dropout_p), in_features)
-    with dispatch.device_guard(x.device):
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, lora_A, lora_B, bias)):
+    trains = x.requires_grad or lora_A.requires_grad or lora_B.requires_grad or bias is not None and bias.requires_grad
+    with dispatch.device_guard(device):
+        if trains and torch.is_grad_enabled():
             adapter = Lora(lora_A, lora_B, float(scaling), dropout)
             y = AdapterLinearFunction.apply(x2d, bias, weight, path, adapter, lora_A, lora_B)
         else:  # inference: the same kernels without autograd's bookkeeping
             y, _ = lora_forward(x2d, lora_A, lora_B, bias, weight, float(scaling), dropout, path, keep_left=False)
-    return y.reshape(*x.shape[:-1], out_features)
+    return _unrows(y, x, out_features)
 
 
 def dequantize_4bit(weight: torch.Tensor, quant_state: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:

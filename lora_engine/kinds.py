@@ -38,6 +38,8 @@ class Lora(NamedTuple):
         return self.lora_A, self.lora_B
 
     def with_trainables(self, tensors: Sequence[torch.Tensor]) -> "Lora":
+        if tensors[0] is self.lora_A and tensors[1] is self.lora_B:  # autograd passes these very tensors back
+            return self
         return self._replace(lora_A=tensors[0], lora_B=tensors[1])
 
     def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
