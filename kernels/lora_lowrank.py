@@ -12,7 +12,8 @@ accumulate in fp32, like the GEMM kernel.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -20,7 +21,9 @@ import triton.language as tl
 
 from .configs import LowRankConfig, cdiv, dot_precision, interpreter_active, lowrank_config, rank_block
 from .dropout import keep_scale
-from .operands import Dropout
+from .operands import NO_DROPOUT_ARGS, Dropout
+
+_NO_DROPOUT = NO_DROPOUT_ARGS[:3]  # (seed, threshold, inv_keep_prob): the kernels here take no row length
 
 
 def _num_sms(device: torch.device) -> int:
@@ -38,17 +41,41 @@ def _cached_sm_count(index: int) -> int:
     return _SM_COUNT[index]
 
 
-def _split_rows(m: int, block_m: int, programs: int, device: torch.device, split_m: Optional[int]) -> tuple[int, int]:
-    """Split M into ranges (whole BLOCK_M tiles) so the grid has about two programs per SM.
+def _split_rows(m: int, block_m: int, programs: int, sms: int, split_m: Optional[int]) -> tuple[int, int]:
+    """Split M into ranges (whole BLOCK_M tiles) so the grid has about two programs per SM (``sms`` of them).
 
     Returns ``(rows_per_split, splits)``; ``splits`` is 0 when M is 0. The interpreter uses one range unless
     ``split_m`` asks for more.
     """
     if split_m is None:
-        split_m = 1 if interpreter_active() else cdiv(2 * _num_sms(device), programs)
+        split_m = 1 if interpreter_active() else cdiv(2 * sms, programs)
     split_m = max(1, min(split_m, cdiv(m, block_m)))
     rows_per_split = cdiv(cdiv(max(m, 1), split_m), block_m) * block_m
     return rows_per_split, cdiv(m, rows_per_split)
+
+
+class _ReductionTiles(NamedTuple):
+    """The launch geometry of a rank-r product reduced over M (``lora_dy_pass``, ``lora_da``)."""
+
+    cfg: LowRankConfig
+    block_r: int
+    rows_per_split: int
+    splits: int
+    grid: tuple[int, int, int]
+
+
+@functools.lru_cache(maxsize=4096)  # called per launch; a pure function of its arguments and the mode
+def _reduction_tiles(
+    m: int, length: int, rank: int, sms: int, split_m: Optional[int], config: Optional[LowRankConfig]
+) -> _ReductionTiles:
+    """Tiles, M split and grid for a product over ``m`` rows with a ``length`` x ``rank`` output, on a device with
+    ``sms`` multiprocessors."""
+    cfg = config or lowrank_config(m)
+    block_r = rank_block(rank)
+    programs = cdiv(length, cfg.block_k) * cdiv(rank, block_r)
+    rows_per_split, splits = _split_rows(m, cfg.block_m, programs, sms, split_m)
+    grid = (cdiv(length, cfg.block_k), cdiv(rank, block_r), splits)
+    return _ReductionTiles(cfg, block_r, rows_per_split, splits, grid)
 
 
 @triton.jit
@@ -207,12 +234,12 @@ def lora_down(
         return out
     cfg = config or lowrank_config(m)
     block_r = rank_block(rank)
-    drop = dropout if dropout is not None else Dropout(0, 0.0, k)
+    drop_args = (dropout.seed, dropout.threshold, dropout.inv_keep_prob) if dropout is not None else _NO_DROPOUT
     grid = (cdiv(m, cfg.block_m), cdiv(rank, block_r))
     _lora_down_kernel[grid](
         a, down, out,
         m, k, rank,
-        drop.seed, drop.threshold, drop.inv_keep_prob,
+        *drop_args,
         a.stride(0), a.stride(1), down.stride(0), down.stride(1), out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
         DROPOUT=dropout is not None, DOT_PRECISION=dot_precision(a.dtype),
@@ -232,15 +259,12 @@ def lora_dy_pass(
     """One pass over dy [M, N]: returns ``(dy·B, scaling·dyᵀ·left)`` as fp32 [M, R] and [N, R]."""
     m, n = dy.shape
     rank = lora_B.shape[1]
-    dyb = torch.zeros((m, rank), dtype=torch.float32, device=dy.device)
-    cfg = config or lowrank_config(m)
-    block_r = rank_block(rank)
-    programs = cdiv(n, cfg.block_k) * cdiv(rank, block_r)
-    rows_per_split, splits = _split_rows(m, cfg.block_m, programs, dy.device, split_m)
-    db = (torch.zeros if splits != 1 else torch.empty)((n, rank), dtype=torch.float32, device=dy.device)
+    device = dy.device
+    dyb = torch.zeros((m, rank), dtype=torch.float32, device=device)
+    cfg, block_r, rows_per_split, splits, grid = _reduction_tiles(m, n, rank, _num_sms(device), split_m, config)
+    db = (torch.zeros if splits != 1 else torch.empty)((n, rank), dtype=torch.float32, device=device)
     if m == 0:
         return dyb, db
-    grid = (cdiv(n, cfg.block_k), cdiv(rank, block_r), splits)
     _lora_dy_kernel[grid](
         dy, lora_B, left, dyb, db,
         m, n, rank, rows_per_split,
@@ -265,19 +289,16 @@ def lora_da(
     """``scaling · dyBᵀ · drop(x)`` as fp32 [R, K]; dyb: [M, R], x: [M, K]."""
     m, k = x.shape
     rank = dyb.shape[1]
-    cfg = config or lowrank_config(m)
-    block_r = rank_block(rank)
-    programs = cdiv(k, cfg.block_k) * cdiv(rank, block_r)
-    rows_per_split, splits = _split_rows(m, cfg.block_m, programs, x.device, split_m)
-    da = (torch.zeros if splits != 1 else torch.empty)((rank, k), dtype=torch.float32, device=x.device)
+    device = x.device
+    cfg, block_r, rows_per_split, splits, grid = _reduction_tiles(m, k, rank, _num_sms(device), split_m, config)
+    da = (torch.zeros if splits != 1 else torch.empty)((rank, k), dtype=torch.float32, device=device)
     if m == 0:
         return da
-    drop = dropout if dropout is not None else Dropout(0, 0.0, k)
-    grid = (cdiv(k, cfg.block_k), cdiv(rank, block_r), splits)
+    drop_args = (dropout.seed, dropout.threshold, dropout.inv_keep_prob) if dropout is not None else _NO_DROPOUT
     _lora_da_kernel[grid](
         dyb, x, da,
         m, k, rank, rows_per_split,
-        float(scaling), drop.seed, drop.threshold, drop.inv_keep_prob,
+        float(scaling), *drop_args,
         dyb.stride(0), dyb.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
         DROPOUT=dropout is not None, ATOMIC_DA=splits > 1, DOT_PRECISION=dot_precision(x.dtype),

@@ -17,7 +17,8 @@ written out for the backward pass. Accumulation is fp32; products take a's dtype
 
 from __future__ import annotations
 
-from typing import Optional, Union
+import functools
+from typing import NamedTuple, Optional, Union
 
 import torch
 import triton
@@ -26,9 +27,58 @@ import triton.language as tl
 from .configs import MatmulConfig, cdiv, dot_precision, matmul_config, rank_block
 from .decode import decode_4bit_tile
 from .dropout import keep_scale
-from .operands import Dropout, Packed4bit
+from .operands import NO_DROPOUT_ARGS, Dropout, Packed4bit
 
 IN_LOOP_RANK_LIMIT = 64  # largest rank whose left factor is accumulated in registers inside the K loop
+
+
+class _Tiles(NamedTuple):
+    """The launch geometry of one :func:`lora_matmul` call."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    block_r: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+    scale_per_row: bool
+    split_k: int
+    k_per_split: int
+    grid: tuple[int, int]
+
+
+@functools.lru_cache(maxsize=4096)  # called per launch; a pure function of its arguments and the mode
+def _tiles(
+    m: int, n_out: int, k_red: int, dtype: torch.dtype, w_k: int, blocksize: int, weight_out_by_in: bool, rank: int,
+    left_in_loop: bool, config: Optional[MatmulConfig],
+) -> _Tiles:
+    """Tiles, pipeline depth, K split and grid for an [m, k_red] x [k_red, n_out] product; ``w_k`` and ``blocksize``
+    are the 4-bit weight's K and quantization blocksize (0 for a dense weight)."""
+    cfg = config or matmul_config(m, n_out, k_red, dtype)
+    block_m, block_n, block_k = cfg.block_m, cfg.block_n, cfg.block_k
+    is_4bit = blocksize > 0
+    scale_per_row = False
+    if is_4bit and w_k % blocksize == 0:
+        # Tiles along W's columns must sit inside one quantization block to take one scale per row.
+        if weight_out_by_in:
+            block_k = min(block_k, blocksize)
+        else:
+            block_n = min(block_n, blocksize)
+        scale_per_row = True
+    num_stages = cfg.num_stages
+    if is_4bit and not scale_per_row:
+        # Per-element scale gathers (blocks straddle rows) are staged in shared memory by the pipeliner for
+        # every stage; two stages keep the tile within the shared memory of every target.
+        num_stages = min(num_stages, 2)
+    block_r = rank_block(rank, cap=IN_LOOP_RANK_LIMIT if left_in_loop else 64)
+    # Split K only where the left factor is not accumulated in the loop (each split sees part of K).
+    split_k = 1 if left_in_loop else max(1, min(cfg.split_k, cdiv(k_red, block_k)))
+    k_per_split = cdiv(cdiv(k_red, split_k), block_k) * block_k
+    split_k = cdiv(k_red, k_per_split)
+    grid = (cdiv(m, block_m) * cdiv(n_out, block_n), split_k)
+    return _Tiles(block_m, block_n, block_k, block_r, cfg.group_m, cfg.num_warps, num_stages, scale_per_row, split_k,
+                  k_per_split, grid)  # fmt: skip
 
 
 @triton.jit
@@ -246,26 +296,14 @@ def lora_matmul(
     if m == 0 or n_out == 0:
         return out
 
-    cfg = config or matmul_config(m, n_out, k_red, a.dtype)
-    block_m, block_n, block_k = cfg.block_m, cfg.block_n, cfg.block_k
-    blocksize = weight.blocksize if is_4bit else 64
-    scale_per_row = False
-    if is_4bit and weight.k % blocksize == 0:
-        # Tiles along W's columns must sit inside one quantization block to take one scale per row.
-        if weight_out_by_in:
-            block_k = min(block_k, blocksize)
-        else:
-            block_n = min(block_n, blocksize)
-        scale_per_row = True
-    num_stages = cfg.num_stages
-    if is_4bit and not scale_per_row:
-        # Per-element scale gathers (blocks straddle rows) are staged in shared memory by the pipeliner for
-        # every stage; two stages keep the tile within the shared memory of every target.
-        num_stages = min(num_stages, 2)
     left_in_loop = down is not None
-    block_r = rank_block(rank, cap=IN_LOOP_RANK_LIMIT if left_in_loop else 64)
     if left_in_loop and rank > IN_LOOP_RANK_LIMIT:
         raise ValueError(f"lora_matmul: an in-loop left factor supports rank <= {IN_LOOP_RANK_LIMIT}, got {rank}")
+    cfg = _tiles(m, n_out, k_red, a.dtype, weight.k if is_4bit else 0, weight.blocksize if is_4bit else 0,
+                 weight_out_by_in, rank, left_in_loop, config)  # fmt: skip
+    block_m, block_n, block_k, block_r = cfg.block_m, cfg.block_n, cfg.block_k, cfg.block_r
+    num_stages, scale_per_row, split_k, k_per_split = cfg.num_stages, cfg.scale_per_row, cfg.split_k, cfg.k_per_split
+    blocksize = weight.blocksize if is_4bit else 64
 
     dummy = out
     if is_4bit:
@@ -280,25 +318,20 @@ def lora_matmul(
     lt_strides = lt.stride() if lt is not dummy else (0, 0)
     dn = down if down is not None else dummy
     dn_strides = down.stride() if down is not None else (0, 0)
-    drop = dropout if dropout is not None else Dropout(0, 0.0, 0)
+    drop_args = dropout.kernel_args() if dropout is not None else NO_DROPOUT_ARGS
 
-    # Split K only where the left factor is not accumulated in the loop (each split sees part of K).
-    split_k = 1 if left_in_loop else max(1, min(cfg.split_k, cdiv(k_red, block_k)))
-    k_per_split = cdiv(cdiv(k_red, split_k), block_k) * block_k
-    split_k = cdiv(k_red, k_per_split)
     target = out
     if split_k > 1:
         target = out if out.dtype == torch.float32 and out.is_contiguous() else torch.empty(
             (m, n_out), dtype=torch.float32, device=a.device
         )
         target.zero_()
-    grid = (cdiv(m, block_m) * cdiv(n_out, block_n), split_k)
-    _lora_matmul_kernel[grid](
+    _lora_matmul_kernel[cfg.grid](
         a, *w_args, dn, lt, lb, bias if bias is not None else dummy,
         in_scale if in_scale is not None else (out_scale if out_scale is not None else dummy), target,
         m, n_out, k_red, rank, w_rows, w_cols, weight.blocksize2 if is_4bit else 0, k_per_split,
-        float(scaling), drop.seed, drop.threshold, drop.inv_keep_prob, drop.row_length,
-        a.stride(0), a.stride(1),
+        float(scaling), *drop_args,
+        *a.stride(),
         stride_wr, stride_wc,
         dn_strides[0], dn_strides[1],
         lt_strides[0], lt_strides[1],

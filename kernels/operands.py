@@ -48,3 +48,11 @@ class Dropout(NamedTuple):
     @property
     def inv_keep_prob(self) -> float:
         return 1.0 / (1.0 - self.p)
+
+    def kernel_args(self) -> tuple[int, int, float, int]:
+        """``(seed, threshold, inv_keep_prob, row_length)``, the scalars the kernels take."""
+        return self.seed, self.threshold, self.inv_keep_prob, self.row_length
+
+
+# The dropout scalars of a launch without dropout (the kernels' DROPOUT flag is off and never reads them), made once
+NO_DROPOUT_ARGS = Dropout(0, 0.0, 0).kernel_args()
