@@ -83,14 +83,14 @@ def _member_plan(layer: nn.Module, x: torch.Tensor) -> tuple[Optional[GroupMembe
         # e.g. PEFT's adapter_names hook, which passes arguments the precomputed output would ignore
         return None, None, "the layer has forward pre-hooks"
     if type(layer) is _peft.FusedLoraLinear4bit:
-        layer._check_base()
-        adapter, compute, reason = layer._fused_plan(x, (), {})
+        base = layer.get_base_layer()
+        layer._check_base(base)
+        adapter, compute, reason = layer._fused_plan(x, (), {}, base)
         if reason is not None:
             return None, None, reason
         if layer.use_dora.get(adapter, False):
             return None, None, "a DoRA adapter (its output is scaled row by row, layer by layer)"
         lora_A, lora_B, scaling, p, training = layer._lora_args(adapter)
-        base = layer.get_base_layer()
         member = GroupMember(base.weight, _peft._quant_state(base), lora_A, lora_B, scaling, base.bias,
                              dropout_p=p if training else 0.0)  # fmt: skip
         return member, compute, ""

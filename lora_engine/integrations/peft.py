@@ -333,17 +333,21 @@ def _active_ia3_adapter(layer: IA3Layer) -> tuple[Optional[str], Optional[str]]:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    """Hooks (accelerate's offloading ones included) would run in ``module(x)``, which the fused forward skips."""
-    return hasattr(module, "_hf_hook") or bool(module._forward_hooks) or bool(module._forward_pre_hooks)
+    """Hooks (accelerate's offloading ones included) would run in ``module(x)``, which the fused forward skips.
+
+    accelerate sets ``_hf_hook`` as a plain attribute, which lives in the instance's ``__dict__``: looked up there,
+    since ``hasattr`` on a module without it goes through ``nn.Module.__getattr__``, which raises (µs per call)."""
+    return bool(module._forward_hooks) or bool(module._forward_pre_hooks) or "_hf_hook" in vars(module)
 
 
-def _stack_reason(layer: BaseTunerLayer) -> Optional[str]:
-    """Why the base layer's output is not just the innermost base weight's product (None when it is).
+def _stack_reason(layer: BaseTunerLayer, base: nn.Module) -> Optional[str]:
+    """Why the base layer's output is not just the innermost base weight's product (None when it is); ``base`` is
+    ``layer.get_base_layer()``.
 
     ``get_base_layer()`` skips every layer in between, but PEFT's forward calls ``self.base_layer(x)``: another
     tuner layer there (a ``PeftMixedModel`` stacking LoRA on LoHa, LoKr, AdaLoRA...) adds its own delta.
     """
-    direct, base = layer.base_layer, layer.get_base_layer()
+    direct = layer.base_layer
     if direct is base:
         return None
     kind = f"{type(direct).__module__}.{type(direct).__qualname__}"
@@ -354,7 +358,12 @@ def _stack_reason(layer: BaseTunerLayer) -> Optional[str]:
 
 def _is_sharded(weight: torch.Tensor) -> bool:
     """A DTensor: FSDP2 holds each rank's shard so between forwards, and gathers the whole tensor for them."""
-    return type(weight).__name__ == "DTensor" or type(getattr(weight, "data", None)).__name__ == "DTensor"
+    if type(weight).__name__ == "DTensor":
+        return True
+    # a DTensor has no __torch_function__ of its own; bitsandbytes' Params4bit has one, which makes .data cost µs
+    with torch._C.DisableTorchFunctionSubclass():
+        data = getattr(weight, "data", None)
+    return type(data).__name__ == "DTensor"
 
 
 def _quant_state(base: nn.Module) -> Any:
@@ -370,22 +379,27 @@ def _check_packed_dtype(base: nn.Module) -> None:
     weight = base.weight
     stored = getattr(weight, "quant_storage", None) if hasattr(weight, "quant_state") else None
     stored = stored if stored is not None else getattr(base, "quant_storage", None)
-    if stored is not None and weight.dtype != stored:
+    if stored is None:
+        return
+    with torch._C.DisableTorchFunctionSubclass():  # Params4bit's __torch_function__ makes .dtype cost µs
+        dtype = weight.dtype
+    if dtype != stored:
         raise ValueError(
-            f"the 4-bit base weight is stored as {stored} but arrives as {weight.dtype}: its packed codes were cast "
+            f"the 4-bit base weight is stored as {stored} but arrives as {dtype}: its packed codes were cast "
             "value by value (FSDP's MixedPrecisionPolicy(param_dtype=...) does this). Store it in the dtype the "
-            f"parameters are cast to (BitsAndBytesConfig(bnb_4bit_quant_storage={weight.dtype})), or leave "
+            f"parameters are cast to (BitsAndBytesConfig(bnb_4bit_quant_storage={dtype})), or leave "
             "param_dtype unset for the modules holding 4-bit layers"
         )
 
 
-def _base_reason(layer: BaseTunerLayer, sharded_ok: bool = False) -> Optional[str]:
+def _base_reason(layer: BaseTunerLayer, sharded_ok: bool = False, base: Optional[nn.Module] = None) -> Optional[str]:
     """Why the kernels cannot read this layer's base weight right now (None when they can). ``sharded_ok``: a
-    sharded weight is no reason (when patching: FSDP gathers it before each forward)."""
-    stacked = _stack_reason(layer)
+    sharded weight is no reason (when patching: FSDP gathers it before each forward). ``base``: the layer's
+    ``get_base_layer()`` where the caller has it."""
+    base = layer.get_base_layer() if base is None else base
+    stacked = _stack_reason(layer, base)
     if stacked is not None:
         return stacked
-    base = layer.get_base_layer()
     if _has_hooks(base):
         return "the base layer has forward hooks (e.g. accelerate offloading)"
     weight = base.weight
@@ -431,31 +445,35 @@ class _FusedForward:
         grouped = _precomputed(self, x, args, kwargs)
         if grouped is not None:  # computed with the other projections of this attention or MLP block
             return grouped
-        self._check_base()
+        base = self.get_base_layer()  # once per call: PEFT's walk down the base_layer chain costs µs
+        self._check_base(base)
         names = kwargs.get("adapter_names")
         if names is not None:
-            compute, reason = self._mixed_plan(x, args, kwargs)
+            compute, reason = self._mixed_plan(x, args, kwargs, base)
             if reason is None:
-                return self._mixed_forward(x, names, compute)
+                return self._mixed_forward(x, names, compute, base)
         else:
-            adapter, compute, reason = self._fused_plan(x, args, kwargs)
+            adapter, compute, reason = self._fused_plan(x, args, kwargs, base)
             if reason is None:
-                return self._fused_forward(x, adapter, compute)
+                return self._fused_forward(x, adapter, compute, base)
         _note_fallback(self, reason)
         return super().forward(x, *args, **kwargs)
 
-    def _mixed_plan(self, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[Optional[torch.dtype], Optional[str]]:
-        """(compute dtype, None) for the mixed-batch kernels on a call with ``adapter_names``, or (None, why not)."""
+    def _mixed_plan(
+        self, x: torch.Tensor, args: tuple, kwargs: dict, base: nn.Module
+    ) -> tuple[Optional[torch.dtype], Optional[str]]:
+        """(compute dtype, None) for the mixed-batch kernels on a call with ``adapter_names``, or (None, why not).
+        ``base``: ``self.get_base_layer()``."""
         extra = sorted(key for key, value in kwargs.items() if value is not None and key != "adapter_names")
         if args or extra:
             return None, f"extra forward arguments {extra or len(args)}"
         if not self._serves_mixed_batches:
             return None, "mixed-batch adapter_names (the kernels serve them over a 4-bit base)"
         names = kwargs["adapter_names"]
-        reason = _mixed_batch_reason(self, x, names) or _base_reason(self) or _device_reason(x.device)
+        reason = _mixed_batch_reason(self, x, names) or _base_reason(self, base=base) or _device_reason(x.device)
         if reason is not None:
             return None, reason
-        compute, reason = self._compute_dtype(x)
+        compute, reason = self._compute_dtype(x, base)
         if reason is None and x.device.type == "cpu" and dispatch.get_backend() != "torch":
             used = [name for name in dict.fromkeys(names) if name in self.lora_A]
             if torch.bfloat16 in (compute, *(dtype for name in used for dtype in self._adapter_dtypes(name))):
@@ -464,32 +482,34 @@ class _FusedForward:
 
     _serves_mixed_batches = False  # the classes with a _mixed_forward set it
 
-    def _mixed_forward(self, x: torch.Tensor, names: list[str], compute: torch.dtype) -> torch.Tensor:
+    def _mixed_forward(self, x: torch.Tensor, names: list[str], compute: torch.dtype, base: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
     def _fused_plan(
-        self, x: torch.Tensor, args: tuple, kwargs: dict
+        self, x: torch.Tensor, args: tuple, kwargs: dict, base: nn.Module
     ) -> tuple[Optional[str], Optional[torch.dtype], Optional[str]]:
-        """(adapter, compute dtype, None) for the fused forward, or (None, None, why PEFT's forward runs)."""
-        extra = sorted(key for key, value in kwargs.items() if value is not None)
-        if args or extra:
-            return None, None, f"extra forward arguments {extra or len(args)}"
+        """(adapter, compute dtype, None) for the fused forward, or (None, None, why PEFT's forward runs).
+        ``base``: ``self.get_base_layer()``."""
+        if args or kwargs:
+            extra = sorted(key for key, value in kwargs.items() if value is not None)
+            if args or extra:
+                return None, None, f"extra forward arguments {extra or len(args)}"
         adapter, reason = _active_adapter(self)
         if reason is None and (not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES):
             reason = f"input of type {type(x).__name__} and dtype {getattr(x, 'dtype', None)}"
-        reason = reason or _base_reason(self) or _device_reason(x.device)
+        reason = reason or _base_reason(self, base=base) or _device_reason(x.device)
         if reason is not None:
             return None, None, reason
-        compute, reason = self._compute_dtype(x)
+        compute, reason = self._compute_dtype(x, base)
         if reason is None and x.device.type == "cpu" and dispatch.get_backend() != "torch":
             if torch.bfloat16 in (compute, *self._adapter_dtypes(adapter)):
                 reason = "bf16 in the Triton interpreter (it computes bf16 on raw bits)"
         return (adapter, compute, None) if reason is None else (None, None, reason)
 
-    def _check_base(self) -> None:
-        """Raise where neither forward can be right (PEFT's fallback included)."""
+    def _check_base(self, base: nn.Module) -> None:
+        """Raise where neither forward can be right (PEFT's fallback included); ``base``: ``self.get_base_layer()``."""
 
-    def _compute_dtype(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
+    def _compute_dtype(self, x: torch.Tensor, base: nn.Module) -> tuple[Optional[torch.dtype], Optional[str]]:
         """(the dtype the base product runs in, None), or (None, why the fused forward cannot run)."""
         raise NotImplementedError
 
@@ -502,8 +522,13 @@ class _FusedForward:
         p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
         return self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], p, dropout.training
 
-    def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype) -> torch.Tensor:
+    def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype, base: nn.Module) -> torch.Tensor:
         raise NotImplementedError
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x.to(dtype)``, which returns x itself when it has that dtype already, without the call's µs then."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
@@ -519,18 +544,17 @@ def _bnb_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
     return _autocast_dtype(x.device) or base.compute_dtype or x.dtype
 
 
-def _dense_compute_dtype(layer: nn.Module, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
+def _dense_compute_dtype(base: nn.Module, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
     """nn.Linear's rule: the autocast dtype, else x's, which must be the weight's (nn.Linear raises otherwise)."""
     autocast = _autocast_dtype(x.device)
-    weight_dtype = layer.get_base_layer().weight.dtype
+    weight_dtype = base.weight.dtype
     if autocast is None and x.dtype != weight_dtype:
         return None, f"input dtype {x.dtype} differs from the base weight's {weight_dtype}"
     return autocast or x.dtype, None
 
 
-def _dense_operands(layer: nn.Module, compute: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _dense_operands(base: nn.Module, compute: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The frozen dense weight and bias in the compute dtype (cast under autocast, as F.linear does)."""
-    base = layer.get_base_layer()
     weight, bias = base.weight, base.bias
     if weight.dtype != compute:
         weight = weight.to(compute)
@@ -543,38 +567,37 @@ if PeftLinear4bit is not None:
     class FusedLoraLinear4bit(_FusedForward, PeftLinear4bit):
         """PEFT's ``lora.Linear4bit`` with its forward run by ``lora_engine.lora_linear_4bit``."""
 
-        def _check_base(self) -> None:
-            base = self.get_base_layer()
+        def _check_base(self, base: nn.Module) -> None:
             if not _is_sharded(base.weight):
                 _check_packed_dtype(base)
 
-        def _compute_dtype(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
-            return _bnb_compute_dtype(self.get_base_layer(), x), None
+        def _compute_dtype(self, x: torch.Tensor, base: nn.Module) -> tuple[Optional[torch.dtype], Optional[str]]:
+            return _bnb_compute_dtype(base, x), None
 
-        def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype) -> torch.Tensor:
-            base = self.get_base_layer()
+        def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype, base: nn.Module) -> torch.Tensor:
             lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
             if adapter in self.lora_variant:  # DoRA (the only variant _active_adapter lets through)
                 magnitude = self.lora_magnitude_vector[adapter].weight
                 # PEFT's DoRA takes its dropout route when the layer trains and applies the dropout module as it
                 # is; with that module in eval mode the route gives what the dropout-free one gives
                 y = F.dora_linear_4bit(
-                    x.to(compute), base.weight, _quant_state(base), lora_A, lora_B, magnitude, scaling,
+                    _cast(x, compute), base.weight, _quant_state(base), lora_A, lora_B, magnitude, scaling,
                     bias=base.bias, dropout_p=p, training=self.training and training,
                 )  # fmt: skip
-                return y.to(x.dtype)
+                return _cast(y, x.dtype)
             y = F.lora_linear_4bit(
-                x.to(compute), base.weight, _quant_state(base), lora_A, lora_B, scaling, bias=base.bias, dropout_p=p,
-                training=training,
+                _cast(x, compute), base.weight, _quant_state(base), lora_A, lora_B, scaling, bias=base.bias,
+                dropout_p=p, training=training,
             )  # fmt: skip
-            return y.to(x.dtype)  # bitsandbytes returns the input's dtype
+            return _cast(y, x.dtype)  # bitsandbytes returns the input's dtype
 
         _serves_mixed_batches = True
 
-        def _mixed_forward(self, x: torch.Tensor, names: list[str], compute: torch.dtype) -> torch.Tensor:
+        def _mixed_forward(
+            self, x: torch.Tensor, names: list[str], compute: torch.dtype, base: nn.Module
+        ) -> torch.Tensor:
             """PEFT's mixed batch (sample b through adapter ``names[b]``; "__base__" or a name this layer lacks: the
             base alone) through ``lora_engine.multi_lora_linear_4bit``, the dtypes as in ``_fused_forward``."""
-            base = self.get_base_layer()
             used = [name for name in dict.fromkeys(names) if name in self.lora_A]
             position = {name: i for i, name in enumerate(used)}
             # built on the host from the names: range-checked there, copied to x's device without a sync
@@ -593,13 +616,15 @@ else:  # pragma: no cover
 class FusedLoraLinear(_FusedForward, PeftLinear):
     """PEFT's ``lora.Linear`` over an ``nn.Linear`` with its forward run by ``lora_engine.lora_linear``."""
 
-    def _compute_dtype(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
-        return _dense_compute_dtype(self, x)
+    def _compute_dtype(self, x: torch.Tensor, base: nn.Module) -> tuple[Optional[torch.dtype], Optional[str]]:
+        return _dense_compute_dtype(base, x)
 
-    def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype) -> torch.Tensor:
-        weight, bias = _dense_operands(self, compute)
+    def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype, base: nn.Module) -> torch.Tensor:
+        weight, bias = _dense_operands(base, compute)
         lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
-        return F.lora_linear(x.to(compute), weight, lora_A, lora_B, scaling, bias=bias, dropout_p=p, training=training)
+        return F.lora_linear(
+            _cast(x, compute), weight, lora_A, lora_B, scaling, bias=bias, dropout_p=p, training=training
+        )
 
 
 class _FusedIA3Forward(_FusedForward):
@@ -614,8 +639,7 @@ if PeftIA3Linear4bit is not None:
     class FusedIA3Linear4bit(_FusedIA3Forward, PeftIA3Linear4bit):
         """PEFT's ``ia3.Linear4bit`` with its forward run by ``lora_engine.ia3_linear_4bit``."""
 
-        def _check_base(self) -> None:
-            base = self.get_base_layer()
+        def _check_base(self, base: nn.Module) -> None:
             if not _is_sharded(base.weight):
                 _check_packed_dtype(base)
 
@@ -625,13 +649,12 @@ if PeftIA3Linear4bit is not None:
             upcast = not torch.is_autocast_enabled() and x.dtype != torch.float32
             return torch.promote_types(torch.float32 if upcast else x.dtype, self.ia3_l[adapter].dtype)
 
-        def _compute_dtype(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
+        def _compute_dtype(self, x: torch.Tensor, base: nn.Module) -> tuple[Optional[torch.dtype], Optional[str]]:
             # bitsandbytes computes PEFT's (upcast, scaled) input in its compute dtype
             adapter = next(name for name in self.active_adapters if name in self.ia3_l)  # the one (checked before)
-            return _bnb_compute_dtype(self.get_base_layer(), x.to(self._peft_dtype(x, adapter))), None
+            return _bnb_compute_dtype(base, x.to(self._peft_dtype(x, adapter))), None
 
-        def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype) -> torch.Tensor:
-            base = self.get_base_layer()
+        def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype, base: nn.Module) -> torch.Tensor:
             y = F.ia3_linear_4bit(
                 x.to(compute), base.weight, _quant_state(base), self.ia3_l[adapter].flatten(), self.is_feedforward,
                 bias=base.bias,
@@ -645,11 +668,11 @@ else:  # pragma: no cover
 class FusedIA3Linear(_FusedIA3Forward, PeftIA3Linear):
     """PEFT's ``ia3.Linear`` over an ``nn.Linear`` with its forward run by ``lora_engine.ia3_linear``."""
 
-    def _compute_dtype(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
-        return _dense_compute_dtype(self, x)
+    def _compute_dtype(self, x: torch.Tensor, base: nn.Module) -> tuple[Optional[torch.dtype], Optional[str]]:
+        return _dense_compute_dtype(base, x)
 
-    def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype) -> torch.Tensor:
-        weight, bias = _dense_operands(self, compute)
+    def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype, base: nn.Module) -> torch.Tensor:
+        weight, bias = _dense_operands(base, compute)
         # PEFT's result keeps the base layer's dtype (it casts the scaled input or output back)
         return F.ia3_linear(x.to(compute), weight, self.ia3_l[adapter].flatten(), self.is_feedforward, bias=bias)
 
