@@ -125,9 +125,12 @@ def check_quant_stats(stats: Mapping[str, Any], quant_type: str = "nf4") -> tupl
 
 
 def packed_bytes(weight: torch.Tensor) -> torch.Tensor:
-    """The packed codes as a flat uint8 view (any quant_storage dtype is reinterpreted, not converted)."""
+    """The packed codes as a flat contiguous uint8 tensor (any quant_storage dtype is reinterpreted, not converted):
+    a view of the weight, or a copy of a weight whose bytes are not contiguous (the kernels read them in order)."""
     data = weight.data if isinstance(weight, torch.nn.Parameter) else weight
     data = data.reshape(-1)
+    if not data.is_contiguous():  # a strided 1-D weight: reshape keeps its strides
+        data = data.contiguous()
     return data if data.dtype == torch.uint8 else data.view(torch.uint8)
 
 
