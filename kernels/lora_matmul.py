@@ -336,7 +336,7 @@ def lora_matmul(
         dn_strides[0], dn_strides[1],
         lt_strides[0], lt_strides[1],
         lb_strides[0], lb_strides[1],
-        target.stride(0), target.stride(1),
+        *target.stride(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_R=block_r, GROUP_M=cfg.group_m,
         W_4BIT=is_4bit, W_OUT_BY_IN=weight_out_by_in, BLOCKSIZE=blocksize,
         NESTED=is_4bit and weight.nested, PAIRED=is_4bit and weight.k % 2 == 0, SCALE_PER_ROW=scale_per_row,

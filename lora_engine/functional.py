@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any, Optional, Sequence
 
 import torch
@@ -88,13 +89,12 @@ def _linear_4bit(
         from .custom_ops import linear_4bit as linear_4bit_op
 
         return _unrows(linear_4bit_op(x2d, packed, bias, path), x, packed.n)
-    from .autograd import Linear4bitFunction, linear_forward
-
+    autograd = _autograd()
     with dispatch.device_guard(x.device):
         if torch.is_grad_enabled() and (x2d.requires_grad or (bias is not None and bias.requires_grad)):
-            y = Linear4bitFunction.apply(x2d, bias, packed, path)
+            y = autograd.Linear4bitFunction.apply(x2d, bias, packed, path)
         else:  # inference: the same kernels without autograd's bookkeeping
-            y = linear_forward(x2d, bias, packed, path)
+            y = autograd.linear_forward(x2d, bias, packed, path)
     return _unrows(y, x, packed.n)
 
 
@@ -268,8 +268,6 @@ def _apply_adapter(
     x: torch.Tensor, weight: Packed4bit | torch.Tensor, adapter: Adapter, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
     """Eager run of any adapter kind on x of any leading shape: the kind's kernels, with autograd when needed."""
-    from .autograd import KINDS, AdapterLinearFunction  # imports Triton, which only this path needs
-
     in_features = x.shape[-1]
     x2d = _rows(x, in_features)
     is_4bit = isinstance(weight, Packed4bit)
@@ -281,11 +279,12 @@ def _apply_adapter(
         from .custom_ops import adapter_linear
 
         return _unrows(adapter_linear(x2d, weight, adapter, bias, path), x, out_features)
+    autograd = _autograd()  # imports Triton, which only this path needs
     with dispatch.device_guard(x.device):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, bias, *trainables)):
-            y = AdapterLinearFunction.apply(x2d, bias, weight, path, adapter, *trainables)
+            y = autograd.AdapterLinearFunction.apply(x2d, bias, weight, path, adapter, *trainables)
         else:  # inference: the same kernels without autograd's bookkeeping
-            y, _ = KINDS[type(adapter)].forward(adapter, x2d, bias, weight, path, (False,) * len(trainables))
+            y, _ = autograd.KINDS[type(adapter)].forward(adapter, x2d, bias, weight, path, (False,) * len(trainables))
     return _unrows(y, x, out_features)
 
 
@@ -299,6 +298,20 @@ def _packed_weight(weight: torch.Tensor, quant_state: Any, caller: str) -> Packe
     with torch._C.DisableTorchFunctionSubclass():
         check_frozen_weight(weight, caller)
         return packed_4bit_cached(weight, quant_state)
+
+
+_AUTOGRAD: Optional[ModuleType] = None
+
+
+def _autograd() -> ModuleType:
+    """``lora_engine.autograd``, imported by the first kernel call (it imports Triton, which only that path needs);
+    kept here, since an import statement costs µs on every call."""
+    global _AUTOGRAD
+    if _AUTOGRAD is None:
+        from . import autograd
+
+        _AUTOGRAD = autograd
+    return _AUTOGRAD
 
 
 def _dtypes(*tensors: Optional[torch.Tensor]) -> list[torch.dtype]:
@@ -352,8 +365,6 @@ def _apply(
     training: bool,
     dropout_seed: Optional[int],
 ) -> torch.Tensor:
-    from .autograd import AdapterLinearFunction, lora_forward  # imports Triton, which only this path needs
-
     in_features = x.shape[-1]
     out_features = lora_B.shape[0]
     x2d = _rows(x, in_features)
@@ -369,6 +380,7 @@ def _apply(
         p = float(dropout_p) if training else 0.0
         y = lora_linear_op(x2d, weight, lora_A, lora_B, bias, scaling, p, dropout_seed, path)
         return _unrows(y, x, out_features)
+    autograd = _autograd()  # imports Triton, which only this path needs
     dropout = None
     if training and dropout_p > 0:
         seed = reference.draw_dropout_seed() if dropout_seed is None else int(dropout_seed)
@@ -377,9 +389,11 @@ def _apply(
     with dispatch.device_guard(device):
         if trains and torch.is_grad_enabled():
             adapter = Lora(lora_A, lora_B, float(scaling), dropout)
-            y = AdapterLinearFunction.apply(x2d, bias, weight, path, adapter, lora_A, lora_B)
+            y = autograd.AdapterLinearFunction.apply(x2d, bias, weight, path, adapter, lora_A, lora_B)
         else:  # inference: the same kernels without autograd's bookkeeping
-            y, _ = lora_forward(x2d, lora_A, lora_B, bias, weight, float(scaling), dropout, path, keep_left=False)
+            y, _ = autograd.lora_forward(
+                x2d, lora_A, lora_B, bias, weight, float(scaling), dropout, path, keep_left=False
+            )
     return _unrows(y, x, out_features)
 
 

@@ -165,3 +165,26 @@ def test_split_k_equals_one_pass(k, dtype, kernel_device):
         assert y_split.dtype == dtype
         tol = 1e-5 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(y_split, y_one, rtol=tol, atol=tol, msg=orientation)
+
+
+def test_launch_geometry_is_worked_out_once_per_shape(kernel_device):
+    """The launchers look their tiles, splits and grid up by shape: a repeated call recomputes nothing, a new shape
+    gets its own entry."""
+    from lora_engine.kernels import lora_lowrank as lowrank_module
+    from lora_engine.kernels import lora_matmul as matmul_module
+
+    a, weight, right, down = (_randn(*shape, device=kernel_device) for shape in ((5, 40), (24, 40), (24, 4), (40, 4)))
+    dy, left = _randn(5, 24, device=kernel_device), _randn(5, 4, device=kernel_device)
+    for name, cache, call in (
+        ("lora_matmul", matmul_module._tiles,
+         lambda m: lora_matmul(a[:m], weight, weight_out_by_in=True, right=right, down=down)),
+        ("lora_dy_pass", lowrank_module._reduction_tiles, lambda m: lora_dy_pass(dy[:m], right, left[:m], 0.5)),
+        ("lora_da", lowrank_module._reduction_tiles, lambda m: lora_da(left[:m], a[:m], 0.5)),
+    ):  # fmt: skip
+        first = call(5)
+        before = cache.cache_info()
+        torch.testing.assert_close(call(5), first, rtol=0, atol=0)
+        after = cache.cache_info()
+        assert (after.hits, after.misses) == (before.hits + 1, before.misses), name
+        call(3)
+        assert cache.cache_info().misses == after.misses + 1, f"{name}: another M must get its own geometry"
