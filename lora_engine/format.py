@@ -27,9 +27,15 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # every blocksize bitsan
 CPU_PACKED_ROWS = 32  # rows interleaved per group by bitsandbytes' CPU packing
 
 
+_CPU_PACKED_FLAG = "packing_format_for_cpu"  # what bitsandbytes sets on a quant state it repacked
+
+
 def is_cpu_packed(quant_state: Any) -> bool:
     """True when bitsandbytes repacked the weight for its AVX512 CPU kernel."""
-    return bool(getattr(quant_state, "packing_format_for_cpu", False))
+    # What getattr finds (the instance's attribute, else the class's) without the miss going through QuantState's
+    # __getattr__, which raises an AttributeError (µs per call): bitsandbytes sets the flag on repacking only.
+    flag = getattr(quant_state, "__dict__", {}).get(_CPU_PACKED_FLAG)
+    return bool(flag if flag is not None else getattr(type(quant_state), _CPU_PACKED_FLAG, False))
 
 
 def weight_shape(weight: torch.Tensor, quant_state: Any) -> tuple[int, int]:

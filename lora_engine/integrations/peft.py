@@ -257,7 +257,8 @@ def _active_adapter(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
         return None, "adapters disabled"
     if layer.merged:
         return None, "adapter merged into the base weight"
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    lora_A = layer.lora_A
+    active = [name for name in layer.active_adapters if name in lora_A]
     if not active:
         return None, "no active adapter in this layer"
     if len(active) > 1:

@@ -590,3 +590,49 @@ def test_packed_bytes_cast_to_another_dtype_are_refused(kernel_device):
         context = nullcontext() if adapters_on else patched.disable_adapter()
         with context, torch.no_grad(), pytest.raises(ValueError, match="stored as torch.uint8 but arrives as"):
             patched(_x(kernel_device))
+
+
+def test_fused_forward_walks_to_the_base_layer_once(monkeypatch, kernel_device):
+    """PEFT's get_base_layer walks the base_layer chain through nn.Module's attribute misses (µs): once per call."""
+    model = _peft_net(kernel_device, patch=True)
+    layer = _layers(model)["q"]
+    walks = []
+    original = type(layer).get_base_layer
+    monkeypatch.setattr(type(layer), "get_base_layer", lambda self: walks.append(self) or original(self))
+    calls = []
+    original_fused = lora_engine.functional.lora_linear_4bit
+    monkeypatch.setattr(lora_engine.functional, "lora_linear_4bit", lambda *a, **k: calls.append(a) or
+                        original_fused(*a, **k))  # fmt: skip
+    with torch.no_grad():
+        layer(_x(kernel_device))
+    assert len(calls) == 1, "the layer did not run the fused forward"
+    assert walks == [layer]
+
+
+def test_accelerate_hooks_on_the_factors_or_the_base_run_peft_forward(monkeypatch, kernel_device):
+    """A module with an accelerate hook (offloading) must run its hooked forward: the layer falls back, by reason,
+    and runs the fused kernels again once the hook is gone."""
+    from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
+
+    stock, patched = _peft_net(kernel_device), _peft_net(kernel_device)
+    report = lora_engine.patch_peft_model(patched)
+    layer, stock_layer = _layers(patched)["q"], _layers(stock)["q"]
+    calls = []
+    original_fused = lora_engine.functional.lora_linear_4bit
+    monkeypatch.setattr(lora_engine.functional, "lora_linear_4bit", lambda *a, **k: calls.append(a) or
+                        original_fused(*a, **k))  # fmt: skip
+    x = _x(kernel_device)
+    for module, reason in ((layer.lora_A["default"], "the LoRA modules have forward hooks"),
+                           (layer.get_base_layer(), "the base layer has forward hooks")):  # fmt: skip
+        add_hook_to_module(module, ModelHook())
+        with torch.no_grad():
+            y = layer(x)
+        assert not calls, f"a hooked module must not be skipped ({reason})"
+        assert any(reason in r for r in report.fallbacks["base_model.model.q"]), str(report)
+        with torch.no_grad():
+            _assert_close_fp32(reason, y, stock_layer(x))
+        remove_hook_from_module(module)
+        with torch.no_grad():
+            _assert_close_fp32(reason, layer(x), stock_layer(x))
+        assert len(calls) == 1, "without the hook the layer runs the fused kernels again"
+        calls.clear()
