@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import LowRankConfig, cdiv, dot_precision, interpreter_active, lowrank_config, rank_block
+from .configs import (
+    FUSE_MULTIPLY_ADD, LowRankConfig, cdiv, dot_precision, interpreter_active, lowrank_config, rank_block,
+)
 from .dropout import keep_scale
 from .operands import Dropout
 
@@ -216,7 +218,7 @@ def lora_down(
         a.stride(0), a.stride(1), down.stride(0), down.stride(1), out.stride(0), out.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
         DROPOUT=dropout is not None, DOT_PRECISION=dot_precision(a.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FUSE_MULTIPLY_ADD,
     )  # fmt: skip
     return out
 
@@ -249,7 +251,7 @@ def lora_dy_pass(
         dyb.stride(0), dyb.stride(1), db.stride(0), db.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_k, BLOCK_R=block_r,
         ATOMIC_DB=splits > 1, DOT_PRECISION=dot_precision(dy.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FUSE_MULTIPLY_ADD,
     )  # fmt: skip
     return dyb, db
 
@@ -281,6 +283,6 @@ def lora_da(
         dyb.stride(0), dyb.stride(1), x.stride(0), x.stride(1), da.stride(0), da.stride(1),
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
         DROPOUT=dropout is not None, ATOMIC_DA=splits > 1, DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FUSE_MULTIPLY_ADD,
     )  # fmt: skip
     return da
