@@ -19,6 +19,7 @@ from torch import nn
 import lora_engine
 from lora_engine import LoRALinear, LoRALinear4bit, autograd, custom_ops
 from lora_engine.format import packed_4bit
+from lora_engine.kernels import dequantize
 from lora_engine.kinds import Dora
 
 pytestmark = pytest.mark.interpreter
@@ -236,9 +237,18 @@ def test_compiled_ia3_matches_eager_without_graph_breaks(scales_input, kernel_de
 
 @pytest.fixture
 def dora_calls(monkeypatch):
-    """Records each run of DoRA's kernel forward (its dropout) and backward (the saved tensors it got)."""
+    """Records each run of DoRA's kernel forward (its dropout) and backward (the saved tensors it got), and counts
+    dense decodes of a 4-bit W (the decode paths' and the one that fills the ‖W‖² cache)."""
     kind = autograd.KINDS[Dora]
-    calls = {"forward": [], "backward": []}
+    calls = {"forward": [], "backward": [], "decodes": 0}
+    decode = dequantize.dequantize_4bit
+
+    def counted_decode(*args, **kwargs):
+        calls["decodes"] += 1
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(dequantize, "dequantize_4bit", counted_decode)
+    monkeypatch.setattr(autograd, "dequantize_4bit", counted_decode)
 
     def forward(adapter, *args):
         calls["forward"].append(adapter.dropout)
@@ -305,8 +315,7 @@ def test_compiled_dora_matches_eager_through_the_adapter_op(dropout, path, froze
     x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(2)).to(kernel_device).requires_grad_()
 
     def run(fn):
-        dora_calls["forward"].clear()
-        dora_calls["backward"].clear()
+        dora_calls.update(forward=[], backward=[], decodes=0)
         y = fn(x)
         y.square().sum().backward()
         grads = [t.grad.clone() for t in (x, *leaves)]
@@ -326,6 +335,8 @@ def test_compiled_dora_matches_eager_through_the_adapter_op(dropout, path, froze
     assert (dropout_got.seed, dropout_got.p) == (11, 0.2) if dropout else dropout_got is None
     left, scale, norm = dora_calls["backward"][0]
     assert scale is not None and (left is None) == frozen and (norm is None) == frozen
+    if path == "fused":  # nothing decodes W densely: ‖W‖² comes from the cache the eager call filled
+        assert dora_calls["decodes"] == 0, dora_calls
     _assert_same(compiled, eager)
 
 
@@ -344,8 +355,7 @@ def test_compiled_patched_peft_dora_matches_eager(kernel_device, dora_calls):
     model.train()
     x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(2)).to(kernel_device).requires_grad_()
     eager = _run(model, x, seed=5)
-    dora_calls["forward"].clear()
-    dora_calls["backward"].clear()
+    dora_calls.update(forward=[], backward=[])
     compiled = _run(torch.compile(model, backend=BACKEND, fullgraph=True), x, seed=5)
     assert len(dora_calls["forward"]) == 1 and len(dora_calls["backward"]) == 1, dora_calls
     assert dora_calls["forward"][0] is not None, "the compiled layer ran without dropout"
