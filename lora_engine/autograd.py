@@ -302,7 +302,8 @@ def _dora_dropout_forward(
     both = lora_matmul(
         stacked, gemm_weight, weight_out_by_in=True, right=scaled_B, left=top_left, scaling=adapter.scaling
     )
-    y = both[m:].float().mul_(scale - 1).add_(both[:m])
+    # fp32 by promotion, and a tensor of its own: a view of both (x fp32) would keep the 2M x N buffer alive
+    y = (both[m:] * (scale - 1)).add_(both[:m])
     if bias is not None:
         y += bias
     return y.to(x.dtype), left

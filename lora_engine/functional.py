@@ -239,13 +239,12 @@ def dora_linear_4bit(
     the dropped input xd, ``x·deq(W)ᵀ + bias + (g − 1) ⊙ (xd·deq(W)ᵀ) + g ⊙ s·(xd·Aᵀ)·Bᵀ``; the mask is drawn
     in-kernel from a seed (``dropout_seed``, or one drawn from torch's CPU generator, as in
     :func:`lora_linear_4bit`) and redrawn in the backward. The row norm comes from ‖W‖² (once per weight), one GEMM
-    of A over the 4-bit W and rank-r products: never a dense W + s·B·A. Under ``torch.compile`` the reference's
-    torch operations are traced (a seed left to draw is drawn as a tensor there, so the graph does not break).
+    of A over the 4-bit W and rank-r products: never a dense W + s·B·A. Under ``torch.compile`` the same kernels
+    run as the registered adapter op (a seed left to draw is drawn as a tensor there, so the graph does not break).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if not dispatch.use_triton(x.device, _dtypes(x, lora_A, lora_B, magnitude, bias)) or torch.compiler.is_compiling():
-        # DoRA has no registered custom op: under torch.compile the reference's torch operations are traced
+    if not dispatch.use_triton(x.device, _dtypes(x, lora_A, lora_B, magnitude, bias)):
         return reference.dora_linear_4bit(
             x, weight, quant_state, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training,
             dropout_seed=dropout_seed,
@@ -254,20 +253,29 @@ def dora_linear_4bit(
     check_lora_linear_args(x, packed.n, packed.k, lora_A, lora_B, scaling, bias, dropout_p, packed.data.device,
                            dropout_seed)  # fmt: skip
     check_dora_magnitude(magnitude, packed.n, x)
-    dropout = None
-    if training and dropout_p > 0:
-        seed = reference.draw_dropout_seed() if dropout_seed is None else int(dropout_seed)
-        dropout = Dropout(seed, float(dropout_p), packed.k)
-    with dispatch.device_guard(x.device):
-        base_norm_sq = row_norms_sq_cached(weight, quant_state, packed)
-    adapter = Dora(lora_A, lora_B, magnitude, float(scaling), base_norm_sq, dropout)
-    return _apply_adapter(x, packed, adapter, bias)
+    if torch.compiler.is_compiling():
+        from .custom_ops import row_norms_sq  # traced tensors have no address to look the cache up by
+
+        base_norm_sq = row_norms_sq(packed)
+    else:
+        with dispatch.device_guard(x.device):
+            base_norm_sq = row_norms_sq_cached(packed)
+    adapter = Dora(lora_A, lora_B, magnitude, float(scaling), base_norm_sq)
+    p = float(dropout_p) if training and dropout_p > 0 else 0.0
+    return _apply_adapter(x, packed, adapter, bias, p, dropout_seed)
 
 
 def _apply_adapter(
-    x: torch.Tensor, weight: Packed4bit | torch.Tensor, adapter: Adapter, bias: Optional[torch.Tensor]
+    x: torch.Tensor,
+    weight: Packed4bit | torch.Tensor,
+    adapter: Adapter,
+    bias: Optional[torch.Tensor],
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[int] = None,
 ) -> torch.Tensor:
-    """Eager run of any adapter kind on x of any leading shape: the kind's kernels, with autograd when needed."""
+    """Any adapter kind on x of any leading shape: the kind's kernels, with autograd when needed (under
+    ``torch.compile``, the registered adapter op). ``dropout_p`` > 0 (the caller passes 0 outside training) turns
+    on the adapter's dropout (DoRA's), its seed ``dropout_seed`` or a draw from torch's CPU generator."""
     from .autograd import KINDS, AdapterLinearFunction  # imports Triton, which only this path needs
 
     in_features = x.shape[-1]
@@ -280,7 +288,11 @@ def _apply_adapter(
         # the registered adapter op runs the same forward and backward, opaque to the compiler (no graph break)
         from .custom_ops import adapter_linear
 
-        return adapter_linear(x2d, weight, adapter, bias, path).reshape(*x.shape[:-1], out_features)
+        y = adapter_linear(x2d, weight, adapter, bias, path, dropout_p, dropout_seed)
+        return y.reshape(*x.shape[:-1], out_features)
+    if dropout_p > 0:
+        seed = reference.draw_dropout_seed() if dropout_seed is None else int(dropout_seed)
+        adapter = adapter._replace(dropout=Dropout(seed, float(dropout_p), in_features))
     with dispatch.device_guard(x.device):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, bias, *trainables)):
             y = AdapterLinearFunction.apply(x2d, bias, weight, path, adapter, *trainables)
