@@ -232,7 +232,9 @@ def row_norms_sq_cached(packed: Packed4bit) -> torch.Tensor:
     data = packed.data
     stats = tuple(t for t in (packed.code, packed.absmax, packed.absmax2, packed.code2, packed.offset) if t is not None)
     where = (data.data_ptr(), data.numel())
-    built_from = (tuple(t.data_ptr() for t in stats), packed.n, packed.k, packed.blocksize, packed.blocksize2)
+    # the version counters catch bytes or statistics rewritten in place (``copy_``) at the same addresses
+    built_from = (data._version, tuple((t.data_ptr(), t._version) for t in stats), packed.n, packed.k,
+                  packed.blocksize, packed.blocksize2)  # fmt: skip
     storage = data.untyped_storage()
     entries = _row_norm_cache.get(storage)
     if entries is None:

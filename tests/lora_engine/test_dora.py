@@ -10,6 +10,7 @@ from the dense W + s·B·A, so a wrong norm term shows. They drop the elements o
 same seed, which the kernels draw in-kernel. A handful of cases per path: the interpreter is slow.
 """
 
+import dataclasses
 import zlib
 from dataclasses import dataclass
 from typing import Optional
@@ -248,3 +249,23 @@ def test_compiled_reference_with_dropout_has_no_graph_breaks(kernel_device):
     expected = reference.dora_linear_4bit(*args, dropout_seed=9)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert not torch.equal(got, other_seed), "the seed made no difference: no dropout ran"
+
+
+def test_cached_row_norms_follow_bytes_rewritten_in_place(kernel_device):
+    """‖W‖² is cached per weight; bytes and statistics copied in place (same addresses, as a state-dict load into the
+    existing tensors does) must give the new weight's norms, not the cached ones."""
+    t = _inputs(CASES[2], kernel_device)
+    other = _inputs(dataclasses.replace(CASES[2], bias=False), kernel_device)  # the same format, other values
+    packed, state = t["packed"], t["state"]
+    args = (t["lora_A"].float(), t["lora_B"].float(), t["magnitude"].float(), 1.3)
+
+    def run():
+        with lora_engine.use_backend("triton"), lora_engine.force_path("dequant"):
+            return lora_engine.dora_linear_4bit(t["x"].float(), packed, state, *args)
+
+    run()  # fills the cache
+    packed.copy_(other["packed"])
+    state.absmax.copy_(other["state"].absmax)
+    with lora_engine.use_backend("torch"):
+        expected = lora_engine.dora_linear_4bit(t["x"].float(), packed, state, *args)
+    torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-4)
