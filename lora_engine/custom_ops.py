@@ -7,6 +7,8 @@
     lora_engine::row_norms_sq        (W) -> ‖W‖² per row                      DoRA's constant, once per weight
     lora_engine::linear_4bit_fwd     (x, bias, W, path) -> y                   a 4-bit layer without an adapter
     lora_engine::linear_4bit_dx      (dy, W, path) -> dx                       (its dbias = Σ dy is traced as is)
+    lora_engine::multi_lora_linear_fwd  (x, base, bias, W, As, Bs, scalings, idx, path) -> (y, left)  mixed batch
+    lora_engine::multi_lora_linear_bwd  (dy, x, left, bias, W, As, Bs, ...) -> [dx, dbias, *dAs, *dBs]   its backward
 
 The adapter ops serve IA3 and DoRA (``_OP_KINDS``, one entry per kind): the kind travels as its name, its
 trainable tensors as a list, its tensors that get no gradient (DoRA's ‖W‖²) as another, its other settings as a list
@@ -33,7 +35,7 @@ import torch
 
 from . import dispatch, reference
 from .kernels.operands import Dropout, Packed4bit
-from .kinds import IA3, Adapter, Dora, Lora
+from .kinds import IA3, Adapter, Dora, Lora, MultiLora
 
 Weight = Union[Packed4bit, torch.Tensor]
 _EMPTY = (0,)  # shape of the placeholder returned for a gradient or buffer nobody asked for
@@ -483,3 +485,145 @@ def linear_4bit(x: torch.Tensor, weight: Packed4bit, bias: Optional[torch.Tensor
     ``torch.compile``)."""
     tensors, sizes = weight_parts(weight)
     return linear_4bit_fwd(x, bias, tensors, sizes, path)
+
+
+# The mixed batch (``kinds.MultiLora``): row m of x through LoRA adapter indices[m], -1 the base alone. The ops run
+# the code of ``autograd.MultiLoraFunction`` (``multi_lora_forward`` / ``multi_lora_add_`` and
+# ``multi_lora_backward``). The factors travel as two tensor lists, the scalings as a list of floats and the indices
+# as an int64 tensor on x's device; the rows are grouped by adapter inside the ops (``segment_metadata``), so the
+# compiled graph holds no data-dependent shape. The backward builds the stacked factors and the grouping again
+# (small: n·r_max·(in + out) elements and a few M-sized operations) rather than take them as hidden outputs.
+
+
+def _multi_lora(
+    lora_As: list[torch.Tensor], lora_Bs: list[torch.Tensor], scalings: list[float], indices: torch.Tensor
+) -> MultiLora:
+    return MultiLora(tuple(lora_As), tuple(lora_Bs), tuple(float(s) for s in scalings), indices)
+
+
+@torch.library.custom_op("lora_engine::multi_lora_linear_fwd", mutates_args=())
+def multi_lora_linear_fwd(
+    x: torch.Tensor,
+    base: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    weight: list[torch.Tensor],
+    weight_sizes: list[int],
+    lora_As: list[torch.Tensor],
+    lora_Bs: list[torch.Tensor],
+    scalings: list[float],
+    indices: torch.Tensor,
+    path: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, left)`` of a mixed batch on 2-D x (``autograd.multi_lora_forward``), ``left`` fp32 [M, r_max] for the
+    backward. ``indices``: int64 [M] on x's device, already range-checked. With ``base`` (the caller's base output
+    ``x·Wᵀ + bias``, then ``bias`` is None) the low-rank terms are added to a copy of it (no gradient then)."""
+    from .autograd import multi_lora_add_, multi_lora_forward
+    from .kernels import runtime
+
+    runtime.load_kernels()
+    adapter = _multi_lora(lora_As, lora_Bs, scalings, indices)
+    with dispatch.device_guard(x.device):
+        if base is None:
+            y, left, _ = multi_lora_forward(adapter, x, bias, _weight(weight, weight_sizes), path)
+        else:
+            if bias is not None:
+                raise ValueError("multi_lora_linear_fwd: a base output already holds the bias; pass bias=None")
+            # a copy: an op's output may not alias its input (contiguous, as the fake implementation says)
+            y, left, _ = multi_lora_add_(adapter, x, base.clone(memory_format=torch.contiguous_format))
+    return y, left
+
+
+@multi_lora_linear_fwd.register_fake
+def _(x, base, bias, weight, weight_sizes, lora_As, lora_Bs, scalings, indices, path):
+    m, r_max = x.shape[0], max(lora_A.shape[0] for lora_A in lora_As)
+    y = x.new_empty((m, weight_sizes[0])) if base is None else base.new_empty(base.shape)
+    return y, x.new_empty((m, r_max), dtype=torch.float32)
+
+
+@torch.library.custom_op("lora_engine::multi_lora_linear_bwd", mutates_args=())
+def multi_lora_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    left: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    weight: list[torch.Tensor],
+    weight_sizes: list[int],
+    lora_As: list[torch.Tensor],
+    lora_Bs: list[torch.Tensor],
+    scalings: list[float],
+    indices: torch.Tensor,
+    path: str,
+    needs_grad: list[bool],
+) -> list[torch.Tensor]:
+    """``[dx, dbias, *dAs, *dBs]`` (``autograd.multi_lora_backward``); what ``needs_grad`` leaves out is empty.
+
+    The stacked factors and the row grouping are built again from the inputs, as the forward built them."""
+    from .autograd import multi_lora_backward, multi_lora_operands
+
+    adapter = _multi_lora(lora_As, lora_Bs, scalings, indices)
+    need_x, need_bias, *needs = needs_grad
+    with dispatch.device_guard(dy.device):
+        operands = multi_lora_operands(adapter, x)
+        dx, d_bias, grads = multi_lora_backward(
+            adapter, dy, x, left, operands, bias, _weight(weight, weight_sizes), path, need_x, need_bias, needs
+        )
+    return [g if g is not None else dy.new_empty(_EMPTY) for g in (dx, d_bias, *grads)]
+
+
+@multi_lora_linear_bwd.register_fake
+def _(dy, x, left, bias, weight, weight_sizes, lora_As, lora_Bs, scalings, indices, path, needs_grad):
+    like = (x, bias, *lora_As, *lora_Bs)
+    return [
+        t.new_empty(t.shape) if need and t is not None else dy.new_empty(_EMPTY) for t, need in zip(like, needs_grad)
+    ]
+
+
+def _multi_lora_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, base, bias, weight, weight_sizes, lora_As, lora_Bs, scalings, indices, path = inputs
+    ctx.save_for_backward(x, output[1], bias, indices, *lora_As, *lora_Bs, *weight)
+    ctx.num_adapters, ctx.weight_sizes, ctx.scalings, ctx.path = len(lora_As), weight_sizes, scalings, path
+    ctx.has_base = base is not None
+    # needs_input_grad has one flag per list: each factor's own, so a frozen adapter gets no gradient computed
+    ctx.factor_needs = [t.requires_grad for t in (*lora_As, *lora_Bs)]
+
+
+def _multi_lora_backward(ctx: Any, dy: torch.Tensor, _dleft: Optional[torch.Tensor]) -> tuple:
+    x, left, bias, indices, *rest = ctx.saved_tensors
+    n = ctx.num_adapters
+    lora_As, lora_Bs, weight = rest[:n], rest[n : 2 * n], rest[2 * n :]
+    need_x = bool(ctx.needs_input_grad[0])
+    need_bias = bool(ctx.needs_input_grad[2]) and bias is not None
+    needs = [bool(ctx.needs_input_grad[5]) and f for f in ctx.factor_needs[:n]]
+    needs += [bool(ctx.needs_input_grad[6]) and f for f in ctx.factor_needs[n:]]
+    if ctx.has_base and (need_x or any(needs) or ctx.needs_input_grad[1]):
+        raise RuntimeError("multi_lora_linear_fwd with a base output has no backward (call it without base)")
+    wanted = [need_x, need_bias, *needs]
+    grads = multi_lora_linear_bwd(
+        dy, x, left, bias, weight, ctx.weight_sizes, lora_As, lora_Bs, ctx.scalings, indices, ctx.path, wanted
+    )
+    dx, d_bias, *d_factors = (g if need else None for g, need in zip(grads, wanted))
+    return dx, None, d_bias, [None] * len(weight), None, d_factors[:n], d_factors[n:], None, None, None
+
+
+torch.library.register_autograd(
+    "lora_engine::multi_lora_linear_fwd", _multi_lora_backward, setup_context=_multi_lora_setup_context
+)
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    weight: Weight,
+    adapter: MultiLora,
+    bias: Optional[torch.Tensor],
+    path: str,
+    base: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The mixed batch on 2-D x through the mixed-batch ops (what ``functional.multi_lora_linear_4bit`` runs under
+    ``torch.compile``); ``adapter.indices``: int64 [M] on x's device, already range-checked. ``base``: the base
+    output computed by the caller (inference only; ``bias`` then None)."""
+    tensors, sizes = weight_parts(weight)
+    y, _ = multi_lora_linear_fwd(
+        x, base, bias, tensors, sizes, list(adapter.lora_As), list(adapter.lora_Bs), list(adapter.scalings),
+        adapter.indices, path,
+    )  # fmt: skip
+    return y

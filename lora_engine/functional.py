@@ -119,12 +119,13 @@ def multi_lora_linear_4bit(
     are stacked, zero-padded to the largest rank, on every call. No dropout. Gradients for x, bias and every
     factor: dx through the base path and the same two kernels, the factors' by torch products per adapter
     (``autograd.MultiLoraFunction``; the base product then takes the LoRA layers' path table, not the base-only
-    one). Under ``torch.compile`` the reference's torch operations are traced instead.
+    one). Under ``torch.compile`` the same code runs as a registered custom op (``custom_ops.multi_lora_linear``),
+    forward and backward, without a graph break: the grouping of rows by adapter happens inside it, and the range
+    of the indices is asserted on their device instead of read on the host.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if not dispatch.use_triton(x.device, _dtypes(x, bias, *lora_As, *lora_Bs)) or torch.compiler.is_compiling():
-        # no registered custom op for the mixed batch: under torch.compile the reference's torch operations are traced
+    if not dispatch.use_triton(x.device, _dtypes(x, bias, *lora_As, *lora_Bs)):
         return reference.multi_lora_linear_4bit(
             x, weight, quant_state, lora_As, lora_Bs, scalings, adapter_indices, bias
         )
@@ -134,11 +135,15 @@ def multi_lora_linear_4bit(
     )
     if not lora_As:
         return linear_4bit(x, weight, quant_state, bias)  # checks x and bias, which no adapter's check did
-    from .autograd import MultiLoraFunction, multi_lora_forward
-
     adapter = MultiLora(tuple(lora_As), tuple(lora_Bs), tuple(float(s) for s in scalings), indices)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *lora_As, *lora_Bs)):
-        x2d = x.reshape(-1, packed.k)
+    trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *lora_As, *lora_Bs))
+    if torch.compiler.is_compiling():
+        y2d = _multi_lora_compiled(x, weight, quant_state, packed, adapter, bias, trains)
+        return y2d.reshape(*x.shape[:-1], packed.n)
+    from .autograd import MultiLoraFunction, multi_lora_add_
+
+    x2d = x.reshape(-1, packed.k)
+    if trains:
         path = _resolve_path(x2d.shape[0], packed, x.device)
         with dispatch.device_guard(x.device):
             y = MultiLoraFunction.apply(x2d, bias, packed, path, adapter, *lora_As, *lora_Bs)
@@ -146,8 +151,29 @@ def multi_lora_linear_4bit(
     y = _linear_4bit(x, weight, quant_state, packed, bias)  # the base product, once for every row (x, bias checked)
     with dispatch.device_guard(x.device):
         y2d = y.reshape(-1, packed.n)
-        multi_lora_forward(adapter, x.reshape(-1, packed.k), y2d)
+        multi_lora_add_(adapter, x2d, y2d)
     return y2d.reshape(*x.shape[:-1], packed.n)
+
+
+def _multi_lora_compiled(
+    x: torch.Tensor, weight: torch.Tensor, quant_state: Any, packed: Packed4bit, adapter: MultiLora,
+    bias: Optional[torch.Tensor], trains: bool,
+) -> torch.Tensor:
+    """:func:`multi_lora_linear_4bit` under ``torch.compile``, through the mixed-batch custom op: the eager code, with
+    the rows grouped by adapter inside it, so the graph has no data-dependent shape. The paths are eager's: the LoRA
+    layers' table with gradients, the base-only one without. Where that one picks bitsandbytes (CUDA), the base
+    product is traced as :func:`linear_4bit` traces it and the op adds the low-rank terms to it."""
+    from .custom_ops import multi_lora_linear
+
+    x2d = x.reshape(-1, packed.k)
+    if trains:
+        path = _resolve_path(x2d.shape[0], packed, x.device)
+        return multi_lora_linear(x2d, packed, adapter, bias, path)
+    path = _resolve_path(x2d.shape[0], packed, x.device, base_only=True)
+    if path == "bitsandbytes":
+        base = _linear_4bit(x, weight, quant_state, packed, bias).reshape(-1, packed.n)
+        return multi_lora_linear(x2d, packed, adapter, None, path, base=base)
+    return multi_lora_linear(x2d, packed, adapter, bias, path)
 
 
 def lora_linear(

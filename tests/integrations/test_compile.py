@@ -10,11 +10,13 @@ runs drop the same elements and must agree.
 
 import shutil
 
+import bitsandbytes.functional as bnbF
 import pytest
 import torch
 import torch._inductor.config as inductor_config
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import lora_engine
 from lora_engine import LoRALinear, LoRALinear4bit, autograd, custom_ops
@@ -388,3 +390,94 @@ def test_compiled_patched_4bit_model_matches_eager(kernel_device):
 
     compiled_model = torch.compile(model, backend=BACKEND, fullgraph=True)
     _assert_same(_run(compiled_model, x, seed=5), eager)  # gradients of x, q's bias and out's weights
+
+
+MIXED_RANKS, MIXED_SCALINGS = (4, 8), [2.0, 0.5]
+
+
+def _mixed_batch(device: str):
+    """A nested NF4 weight [37, 75] (K odd: blocks straddle rows), adapters of ranks 4 and 8, fp32 leaves, and the
+    adapter of each of 7 rows: both adapters and the base alone, interleaved."""
+    gen = torch.Generator().manual_seed(11)
+    n, k = 37, 75
+    weight, state = bnbF.quantize_4bit(
+        (torch.randn(n, k, generator=gen) * 0.5).to(device), blocksize=32, quant_type="nf4", compress_statistics=True
+    )
+
+    def leaf(*shape, std=0.3):
+        return (torch.randn(*shape, generator=gen) * std).to(device).requires_grad_()
+
+    lora_As, lora_Bs = [leaf(r, k) for r in MIXED_RANKS], [leaf(n, r) for r in MIXED_RANKS]
+    x, bias = leaf(7, k, std=1.0), leaf(n, std=1.0)
+    return x, weight, state, lora_As, lora_Bs, bias, torch.tensor([1, -1, 0, 1, 0, -1, 1])
+
+
+def test_compiled_mixed_batch_matches_eager(kernel_device):
+    """A mixed batch compiled whole (fullgraph) runs as the registered op: the eager kernels' output and gradients
+    (x, bias, every A_i and B_i), and out-of-range indices still raise, checked in the graph on the device."""
+    x, weight, state, lora_As, lora_Bs, bias, indices = _mixed_batch(kernel_device)
+
+    def layer(x, indices):
+        return lora_engine.multi_lora_linear_4bit(x, weight, state, lora_As, lora_Bs, MIXED_SCALINGS, indices, bias)
+
+    leaves = (x, bias, *lora_As, *lora_Bs)
+
+    def run(fn):
+        y = fn(x, indices)
+        y.square().sum().backward()
+        grads = [t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        return y.detach(), grads
+
+    eager = run(layer)
+    counter = CompileCounterWithBackend(BACKEND)
+    compiled_layer = torch.compile(layer, backend=counter, fullgraph=True)
+    compiled = run(compiled_layer)
+    assert counter.frame_count == 1
+    # the reference traced instead would agree within these tolerances too: the op must be in the graph
+    assert counter.graphs[0].code.count("lora_engine.multi_lora_linear_fwd") == 1, counter.graphs[0].code
+    _assert_same(compiled, eager)
+    with pytest.raises(RuntimeError, match=r"adapter_indices must lie in \[-1, 2\)"):
+        compiled_layer(x, torch.tensor([1, -1, 0, 2, 0, -1, 1]))
+    assert counter.frame_count == 1, "new index values must not retrace"
+
+
+def test_mixed_batch_op_passes_torch_opcheck(kernel_device):
+    """The mixed-batch op: schema, fake implementation, autograd with one factor of each list frozen (it gets no
+    gradient), AOT tracing with dynamic shapes; and its inference form over a base output computed by the caller."""
+    x, weight, state, lora_As, lora_Bs, bias, indices = _mixed_batch(kernel_device)
+    lora_As[1].requires_grad_(False)
+    lora_Bs[0].requires_grad_(False)
+    tensors, sizes = custom_ops.weight_parts(packed_4bit(weight, state))
+    indices = indices.to(kernel_device)
+    args = (x, None, bias, tensors, sizes, lora_As, lora_Bs, MIXED_SCALINGS, indices, "dequant")
+    torch.library.opcheck(custom_ops.multi_lora_linear_fwd, args)
+    with torch.no_grad():
+        base = lora_engine.linear_4bit(x, weight, state, bias)
+        detached = [[t.detach() for t in factors] for factors in (lora_As, lora_Bs)]
+        args = (x.detach(), base, None, tensors, sizes, *detached, MIXED_SCALINGS, indices, "dequant")
+        torch.library.opcheck(custom_ops.multi_lora_linear_fwd, args)
+
+
+def test_compiled_mixed_batch_adds_to_a_bitsandbytes_base(kernel_device, monkeypatch):
+    """Inference where the base-only path table picks bitsandbytes (CUDA at small token counts; forced here): the base
+    product is bitsandbytes' op in the graph, as eager runs it, and the mixed op adds the low-rank terms to it."""
+    x, weight, state, lora_As, lora_Bs, bias, indices = _mixed_batch(kernel_device)
+    resolve = lora_engine.functional._resolve_path
+
+    def bitsandbytes_base(num_tokens, packed, device, base_only=False):
+        return "bitsandbytes" if base_only else resolve(num_tokens, packed, device)
+
+    monkeypatch.setattr(lora_engine.functional, "_resolve_path", bitsandbytes_base)
+
+    def layer(x):
+        return lora_engine.multi_lora_linear_4bit(x, weight, state, lora_As, lora_Bs, MIXED_SCALINGS, indices, bias)
+
+    counter = CompileCounterWithBackend("eager")  # the routing is Dynamo's; the op's base form passes opcheck above
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, backend=counter, fullgraph=True)(x)
+    code = counter.graphs[0].code
+    assert "bitsandbytes.gemm_4bit" in code and code.count("lora_engine.multi_lora_linear_fwd") == 1, code
+    assert torch.equal(compiled, eager)
