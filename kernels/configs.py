@@ -15,6 +15,9 @@ import torch
 from .runtime import interpreter_active
 
 MIN_DOT = 16  # smallest tile edge tl.dot accepts
+# Multiply-adds contract to FMAs in the compiled kernels. Every launch states it: it is Triton 3.9's default, which
+# later releases turn off, and the kernels' speed and rounding should not change with the Triton release.
+FUSE_MULTIPLY_ADD = True
 
 
 # Host-side integer helpers. Triton's own (triton.cdiv, triton.next_power_of_2) are constexpr functions, built to

@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import cdiv
+from .configs import FUSE_MULTIPLY_ADD, cdiv
 from .operands import Dropout
 
 KEEP_BITS: tl.constexpr = tl.constexpr(24)  # random bits compared against the threshold
@@ -50,6 +50,6 @@ def dropout_scale_(t: torch.Tensor, dropout: Dropout) -> torch.Tensor:
     _dropout_scale_kernel[grid](
         t, m, k, t.stride(0), t.stride(1),
         dropout.seed, dropout.threshold, dropout.inv_keep_prob, dropout.row_length,
-        BLOCK_M=block_m, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_K=block_k, enable_fp_fusion=FUSE_MULTIPLY_ADD,
     )  # fmt: skip
     return t

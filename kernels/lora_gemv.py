@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import GEMV_MAX_TOKENS, GemvConfig, cdiv, gemv_config
+from .configs import FUSE_MULTIPLY_ADD, GEMV_MAX_TOKENS, GemvConfig, cdiv, gemv_config
 from .decode import block_scales
 from .operands import Packed4bit
 
@@ -271,7 +271,7 @@ def lora_gemv_4bit(
         BLOCKSIZE=weight.blocksize, NESTED=weight.nested, IN_SCALE=in_scale is not None,
         PAIRS=cfg.lookup == "pairs256", SPLIT=splits > 1,
         **(epilogue if splits == 1 else dict(LORA=False, HAS_BIAS=False, OUT_SCALE=False)),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FUSE_MULTIPLY_ADD,
     )  # fmt: skip
     if splits > 1:
         block_n = cfg.reduce_block_n
@@ -281,6 +281,6 @@ def lora_gemv_4bit(
             partial.stride(0), partial.stride(1), partial.stride(2), *lora_strides,
             out.stride(0), out.stride(1),
             M_PAD=cfg.m_pad, BLOCK_N=block_n, BLOCK_R=cfg.block_r, **epilogue,
-            num_warps=4,
+            num_warps=4, enable_fp_fusion=FUSE_MULTIPLY_ADD,
         )  # fmt: skip
     return out

@@ -19,7 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import LowRankConfig, cdiv, dot_precision, interpreter_active, lowrank_config, rank_block
+from .configs import (
+    FUSE_MULTIPLY_ADD, LowRankConfig, cdiv, dot_precision, interpreter_active, lowrank_config, rank_block,
+)
 from .dropout import keep_scale
 from .operands import NO_DROPOUT_ARGS, Dropout
 
@@ -243,7 +245,7 @@ def lora_down(
         *a.stride(), *down.stride(), *out.stride(),
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
         DROPOUT=dropout is not None, DOT_PRECISION=dot_precision(a.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FUSE_MULTIPLY_ADD,
     )  # fmt: skip
     return out
 
@@ -273,7 +275,7 @@ def lora_dy_pass(
         *dyb.stride(), *db.stride(),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_k, BLOCK_R=block_r,
         ATOMIC_DB=splits > 1, DOT_PRECISION=dot_precision(dy.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FUSE_MULTIPLY_ADD,
     )  # fmt: skip
     return dyb, db
 
@@ -302,6 +304,6 @@ def lora_da(
         *dyb.stride(), *x.stride(), *da.stride(),
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r,
         DROPOUT=dropout is not None, ATOMIC_DA=splits > 1, DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FUSE_MULTIPLY_ADD,
     )  # fmt: skip
     return da

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import MatmulConfig, cdiv, dot_precision, matmul_config, rank_block
+from .configs import FUSE_MULTIPLY_ADD, MatmulConfig, cdiv, dot_precision, matmul_config, rank_block
 from .decode import decode_4bit_tile
 from .dropout import keep_scale
 from .operands import NO_DROPOUT_ARGS, Dropout, Packed4bit
@@ -344,7 +344,7 @@ def lora_matmul(
         HAS_BIAS=bias is not None, DROPOUT=dropout is not None, EVEN_K=k_red % block_k == 0, SPLIT_K=split_k,
         IN_SCALE=in_scale is not None, OUT_SCALE=out_scale is not None, SCALE_BIAS=scale_bias,
         DOT_PRECISION=dot_precision(a.dtype),
-        num_warps=cfg.num_warps, num_stages=num_stages,
+        num_warps=cfg.num_warps, num_stages=num_stages, enable_fp_fusion=FUSE_MULTIPLY_ADD,
     )  # fmt: skip
     if target is not out:
         out.copy_(target)

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import cdiv, dot_precision, multi_lora_config, rank_block
+from .configs import FUSE_MULTIPLY_ADD, cdiv, dot_precision, multi_lora_config, rank_block
 
 
 class Segments(NamedTuple):
@@ -166,7 +166,7 @@ def multi_lora_shrink(x: torch.Tensor, lora_A: torch.Tensor, segments: Segments)
         k, r_max,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), lora_A.stride(2), left.stride(0), left.stride(1),
         BLOCK_M=segments.block_m, BLOCK_K=cfg.block_k, BLOCK_R=block_r, DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FUSE_MULTIPLY_ADD,
     )  # fmt: skip
     return left
 
@@ -196,6 +196,6 @@ def multi_lora_expand(
         left.stride(0), left.stride(1), lora_B.stride(0), lora_B.stride(1), lora_B.stride(2), y.stride(0),
         y.stride(1),
         BLOCK_M=segments.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, DOT_PRECISION=dot_precision(y.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FUSE_MULTIPLY_ADD,
     )  # fmt: skip
     return y

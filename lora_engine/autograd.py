@@ -20,7 +20,10 @@ DoRA (``kinds.Dora``, g = m / ‖W + s·B·A‖ per output row, the norm a const
                    dx = dy·W + drop'(((g − 1) ⊙ dy)·W + s·(dy·(g ⊙ B))·A)   one GEMM over [dy; (g − 1) ⊙ dy]
                    (see ``_dora_dropout_forward`` / ``_dora_dropout_backward``)
 W is frozen (4-bit ``Packed4bit`` or a dense tensor) and gets no gradient. ``KINDS`` maps each bundle type to its
-forward and backward; ``AdapterLinearFunction`` and the custom ops (``custom_ops.py``) both call them.
+forward and backward; ``AdapterLinearFunction`` and the custom ops (``custom_ops.py``) both call them. A mixed batch
+(``kinds.MultiLora``, every row with its own LoRA adapter) has its own pair, ``multi_lora_forward`` and
+``multi_lora_backward`` (the math at ``MultiLoraFunction``), which ``MultiLoraFunction`` and the mixed-batch custom
+ops both call.
 
 Paths for a 4-bit W: "fused" decodes W inside the GEMM's K loop; "dequant" decodes it once per call into a
 fresh buffer and runs the same Triton GEMM with the LoRA epilogue; "dequant_cublas" decodes the same way
@@ -35,7 +38,7 @@ layer with torch operations on the decoded weight, so second-order terms are exa
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -46,7 +49,7 @@ from .kernels.dropout import dropout_scale_
 from .kernels.lora_gemv import lora_gemv_4bit
 from .kernels.lora_lowrank import lora_da, lora_down, lora_dy_pass
 from .kernels.lora_matmul import IN_LOOP_RANK_LIMIT, lora_matmul
-from .kernels.lora_multi import multi_lora_expand, multi_lora_shrink, segment_metadata
+from .kernels.lora_multi import Segments, multi_lora_expand, multi_lora_shrink, segment_metadata
 from .kernels.operands import Dropout, Packed4bit
 from .kinds import IA3, Adapter, Dora, Lora, MultiLora
 
@@ -307,7 +310,8 @@ def _dora_dropout_forward(
     both = lora_matmul(
         stacked, gemm_weight, weight_out_by_in=True, right=scaled_B, left=top_left, scaling=adapter.scaling
     )
-    y = both[m:].float().mul_(scale - 1).add_(both[:m])
+    # fp32 by promotion, and a tensor of its own: a view of both (x fp32) would keep the 2M x N buffer alive
+    y = (both[m:] * (scale - 1)).add_(both[:m])
     if bias is not None:
         y += bias
     return y.to(x.dtype), left
@@ -450,13 +454,71 @@ def _differentiable_backward(
     return out[0], tuple(out[2:]), out[1]
 
 
-def multi_lora_forward(adapter: MultiLora, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Add a mixed batch's low-rank terms to the base output ``y`` [M, N] in place (x [M, K]): the rows grouped by
-    adapter on the device, then the shrink and expand kernels (``kernels/lora_multi.py``)."""
+class MultiLoraOperands(NamedTuple):
+    """What the mixed batch's kernels read besides x and dy, built once per call on x's device."""
+
+    stacked_A: torch.Tensor  # [n, r_max, in], x's dtype, zero-padded to the largest rank
+    stacked_B: torch.Tensor  # [n, out, r_max]
+    scalings: torch.Tensor  # fp32 [n]
+    segments: Segments  # the rows grouped by adapter
+
+
+def multi_lora_operands(adapter: MultiLora, x: torch.Tensor) -> MultiLoraOperands:
+    """The stacked factors and the rows grouped by adapter (torch operations on the device, no host sync)."""
     stacked_A, stacked_B, scalings = adapter.stacked(x.dtype)
     segments = segment_metadata(adapter.indices, len(adapter.lora_As), multi_lora_config(x.shape[0]).block_m)
-    left = multi_lora_shrink(x, stacked_A, segments)
-    return multi_lora_expand(y, left, stacked_B, scalings, segments)
+    return MultiLoraOperands(stacked_A, stacked_B, scalings, segments)
+
+
+def multi_lora_add_(
+    adapter: MultiLora, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, MultiLoraOperands]:
+    """Add a mixed batch's low-rank terms to the base output ``y`` [M, N] in place (x [M, K]): ``(y, left,
+    operands)``, with ``left[p] = x[rows[p]]·A_iᵀ`` (fp32 [M, r_max], rows in sorted order) and the operands a
+    backward reads. The rows are grouped by adapter on the device, then the shrink and expand kernels run
+    (``kernels/lora_multi.py``)."""
+    operands = multi_lora_operands(adapter, x)
+    left = multi_lora_shrink(x, operands.stacked_A, operands.segments)
+    y = multi_lora_expand(y, left, operands.stacked_B, operands.scalings, operands.segments)
+    return y, left, operands
+
+
+def multi_lora_forward(
+    adapter: MultiLora, x: torch.Tensor, bias: Optional[torch.Tensor], weight: Weight, path: str
+) -> tuple[torch.Tensor, torch.Tensor, MultiLoraOperands]:
+    """A mixed batch on 2-D x: the base product ``x·Wᵀ + bias`` through ``path``, then :func:`multi_lora_add_`."""
+    return multi_lora_add_(adapter, x, linear_forward(x, bias, weight, path))
+
+
+def multi_lora_backward(
+    adapter: MultiLora, dy: torch.Tensor, x: torch.Tensor, left: torch.Tensor, operands: MultiLoraOperands,
+    bias: Optional[torch.Tensor], weight: Weight, path: str, need_x: bool, need_bias: bool, needs: Sequence[bool],
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], list[Optional[torch.Tensor]]]:
+    """``(dx, dbias, [dA_0, ..., dA_{n-1}, dB_0, ..., dB_{n-1}])`` of :func:`multi_lora_forward`, each
+    None unless asked for (``needs``: one flag per factor, As then Bs); ``path`` is the forward's."""
+    stacked_A, stacked_B, scalings, segments = operands
+    n = len(adapter.lora_As)
+    factors = adapter.trainables()
+    dx = d_bias = None
+    dy_b = multi_lora_shrink(dy, stacked_B.transpose(1, 2), segments)  # sorted order, fp32 [M, r_max]
+    if need_x:
+        base = linear_backward_input(dy, weight, "dequant" if path == "gemv" else path)
+        dx = multi_lora_expand(base, dy_b, stacked_A.transpose(1, 2), scalings, segments)
+    if need_bias:
+        d_bias = dy.sum(0, dtype=torch.float32).to(bias.dtype)
+    grads: list[Optional[torch.Tensor]] = [None] * (2 * n)
+    if any(needs):
+        key = adapter.indices[segments.rows]  # the adapter of each sorted position
+        x_sorted, dy_sorted = x[segments.rows].float(), dy[segments.rows].float()
+        for i, scaling in enumerate(adapter.scalings):
+            rows = (key == i).float()[:, None]  # masks, not slices: no host sync for the segment bounds
+            rank = factors[i].shape[0]
+            if needs[i]:
+                grads[i] = (scaling * ((dy_b * rows).t() @ x_sorted))[:rank].to(factors[i].dtype)
+            if needs[n + i]:
+                d_lora_B = (scaling * ((dy_sorted * rows).t() @ left))[:, :rank]  # a column slice: made dense
+                grads[n + i] = d_lora_B.to(factors[n + i].dtype).contiguous()
+    return dx, d_bias, grads
 
 
 class MultiLoraFunction(torch.autograd.Function):
@@ -467,16 +529,17 @@ class MultiLoraFunction(torch.autograd.Function):
                   dx = dy·W + s_i·dyB[m]·A_i               the base path, then the expand kernel with the stacked Aᵀ
                   dA_i = s_i·Σ_{m of i} dyB[m]ᵀ·x[m],  dB_i = s_i·Σ_{m of i} dy[m]ᵀ·left[m]
                                                            torch products per adapter over its rows (fp32)
+
+    :func:`multi_lora_forward` and :func:`multi_lora_backward` do the work; the mixed-batch custom ops
+    (``custom_ops.py``) call the same two.
     """
 
     @staticmethod
     def forward(ctx, x, bias, weight, path, adapter, *factors):
         n = len(adapter.lora_As)
         adapter = adapter._replace(lora_As=tuple(factors[:n]), lora_Bs=tuple(factors[n:]))
-        stacked_A, stacked_B, scalings = adapter.stacked(x.dtype)
-        segments = segment_metadata(adapter.indices, n, multi_lora_config(x.shape[0]).block_m)
-        left = multi_lora_shrink(x, stacked_A, segments)
-        y = multi_lora_expand(linear_forward(x, bias, weight, path), left, stacked_B, scalings, segments)
+        y, left, operands = multi_lora_forward(adapter, x, bias, weight, path)
+        stacked_A, stacked_B, scalings, segments = operands
         ctx.save_for_backward(x, bias, left, stacked_A, stacked_B, scalings, *factors)
         ctx.adapter, ctx.segments, ctx.weight, ctx.path = adapter, segments, weight, path
         return y
@@ -484,31 +547,16 @@ class MultiLoraFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x, bias, left, stacked_A, stacked_B, scalings, *factors = ctx.saved_tensors
-        adapter, segments = ctx.adapter, ctx.segments
-        n = len(adapter.lora_As)
+        n = len(ctx.adapter.lora_As)
+        adapter = ctx.adapter._replace(lora_As=tuple(factors[:n]), lora_Bs=tuple(factors[n:]))
+        operands = MultiLoraOperands(stacked_A, stacked_B, scalings, ctx.segments)
         need_x, need_bias = ctx.needs_input_grad[:2]
-        needs = ctx.needs_input_grad[5:]
         if torch.is_grad_enabled():
             raise RuntimeError("multi_lora_linear_4bit has no double backward (create_graph=True)")
-        dx = d_bias = None
         with dispatch.device_guard(dy.device):
-            dy_b = multi_lora_shrink(dy, stacked_B.transpose(1, 2), segments)  # sorted order, fp32 [M, r_max]
-            if need_x:
-                base = linear_backward_input(dy, ctx.weight, "dequant" if ctx.path == "gemv" else ctx.path)
-                dx = multi_lora_expand(base, dy_b, stacked_A.transpose(1, 2), scalings, segments)
-        if need_bias:
-            d_bias = dy.sum(0, dtype=torch.float32).to(bias.dtype)
-        grads = [None] * (2 * n)
-        if any(needs):
-            key = adapter.indices[segments.rows]  # the adapter of each sorted position
-            x_sorted, dy_sorted = x[segments.rows].float(), dy[segments.rows].float()
-            for i, scaling in enumerate(adapter.scalings):
-                rows = (key == i).float()[:, None]  # masks, not slices: no host sync for the segment bounds
-                rank = factors[i].shape[0]
-                if needs[i]:
-                    grads[i] = (scaling * ((dy_b * rows).t() @ x_sorted))[:rank].to(factors[i].dtype)
-                if needs[n + i]:
-                    grads[n + i] = (scaling * ((dy_sorted * rows).t() @ left))[:, :rank].to(factors[n + i].dtype)
+            dx, d_bias, grads = multi_lora_backward(
+                adapter, dy, x, left, operands, bias, ctx.weight, ctx.path, need_x, need_bias, ctx.needs_input_grad[5:]
+            )
         return (dx, d_bias, None, None, None, *grads)
 
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .kernels.operands import Packed4bit
 
@@ -253,19 +254,38 @@ def packed_4bit_cached(weight: torch.Tensor, quant_state: Any) -> Packed4bit:
     return _per_weight(_packed_cache, weight, quant_state, lambda: packed_4bit(weight, quant_state))
 
 
-_row_norm_cache = _ByIdentity()
+# storage of the packed bytes (weakly) -> {where the bytes lie in it: (what the norms were read from, the statistics
+# tensors, the norms)}. A storage may hold several weights (views into one buffer), hence the inner dict.
+_row_norm_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def row_norms_sq_cached(weight: torch.Tensor, quant_state: Any, packed: Packed4bit) -> torch.Tensor:
-    """fp32 [N]: ‖deq(W)‖² of each row, computed once per weight (W is frozen) and rebuilt when its bytes or
-    statistics are replaced, like :func:`packed_4bit_cached`. The one dense decode happens here, once."""
+def row_norms_sq_cached(packed: Packed4bit) -> torch.Tensor:
+    """fp32 [N]: ‖deq(W)‖² of each row, computed once per weight (W is frozen) and again when its bytes or statistics
+    are replaced. The one dense decode happens here, once.
 
-    def build() -> torch.Tensor:
-        from .kernels.dequantize import dequantize_4bit
+    Keyed by the storage of the packed bytes, not the quant state: the compiled graph's op
+    (``custom_ops.row_norms_sq``) sees only the weight's tensors, and shares this cache with eager calls. While the
+    storage lives its memory holds these bytes; the entry keeps the statistics tensors alive, so a replaced one
+    cannot reappear at the same address. Returns the cached tensor itself: do not write into it.
+    """
+    data = packed.data
+    stats = tuple(t for t in (packed.code, packed.absmax, packed.absmax2, packed.code2, packed.offset) if t is not None)
+    where = (data.data_ptr(), data.numel())
+    # the version counters catch bytes or statistics rewritten in place (``copy_``) at the same addresses
+    built_from = (data._version, tuple((t.data_ptr(), t._version) for t in stats), packed.n, packed.k,
+                  packed.blocksize, packed.blocksize2)  # fmt: skip
+    storage = data.untyped_storage()
+    entries = _row_norm_cache.get(storage)
+    if entries is None:
+        entries = _row_norm_cache[storage] = {}
+    cached = entries.get(where)
+    if cached is not None and cached[0] == built_from:
+        return cached[2]
+    from .kernels.dequantize import dequantize_4bit
 
-        return dequantize_4bit(packed, torch.float32).square().sum(1)
-
-    return _per_weight(_row_norm_cache, weight, quant_state, build)
+    norms = dequantize_4bit(packed, torch.float32).square().sum(1)
+    entries[where] = (built_from, stats, norms)
+    return norms
 
 
 def _check_device(device: torch.device, *tensors: torch.Tensor) -> None:

@@ -119,12 +119,13 @@ def multi_lora_linear_4bit(
     are stacked, zero-padded to the largest rank, on every call. No dropout. Gradients for x, bias and every
     factor: dx through the base path and the same two kernels, the factors' by torch products per adapter
     (``autograd.MultiLoraFunction``; the base product then takes the LoRA layers' path table, not the base-only
-    one). Under ``torch.compile`` the reference's torch operations are traced instead.
+    one). Under ``torch.compile`` the same code runs as a registered custom op (``custom_ops.multi_lora_linear``),
+    forward and backward, without a graph break: the grouping of rows by adapter happens inside it, and the range
+    of the indices is asserted on their device instead of read on the host.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if not dispatch.use_triton(x.device, _dtypes(x, bias, *lora_As, *lora_Bs)) or torch.compiler.is_compiling():
-        # no registered custom op for the mixed batch: under torch.compile the reference's torch operations are traced
+    if not dispatch.use_triton(x.device, _dtypes(x, bias, *lora_As, *lora_Bs)):
         return reference.multi_lora_linear_4bit(
             x, weight, quant_state, lora_As, lora_Bs, scalings, adapter_indices, bias
         )
@@ -134,11 +135,15 @@ def multi_lora_linear_4bit(
     )
     if not lora_As:
         return linear_4bit(x, weight, quant_state, bias)  # checks x and bias, which no adapter's check did
-    from .autograd import MultiLoraFunction, multi_lora_forward
-
     adapter = MultiLora(tuple(lora_As), tuple(lora_Bs), tuple(float(s) for s in scalings), indices)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *lora_As, *lora_Bs)):
-        x2d = x.reshape(-1, packed.k)
+    trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *lora_As, *lora_Bs))
+    if torch.compiler.is_compiling():
+        y2d = _multi_lora_compiled(x, weight, quant_state, packed, adapter, bias, trains)
+        return y2d.reshape(*x.shape[:-1], packed.n)
+    from .autograd import MultiLoraFunction, multi_lora_add_
+
+    x2d = x.reshape(-1, packed.k)
+    if trains:
         path = _resolve_path(x2d.shape[0], packed, x.device)
         with dispatch.device_guard(x.device):
             y = MultiLoraFunction.apply(x2d, bias, packed, path, adapter, *lora_As, *lora_Bs)
@@ -146,8 +151,29 @@ def multi_lora_linear_4bit(
     y = _linear_4bit(x, weight, quant_state, packed, bias)  # the base product, once for every row (x, bias checked)
     with dispatch.device_guard(x.device):
         y2d = y.reshape(-1, packed.n)
-        multi_lora_forward(adapter, x.reshape(-1, packed.k), y2d)
+        multi_lora_add_(adapter, x2d, y2d)
     return y2d.reshape(*x.shape[:-1], packed.n)
+
+
+def _multi_lora_compiled(
+    x: torch.Tensor, weight: torch.Tensor, quant_state: Any, packed: Packed4bit, adapter: MultiLora,
+    bias: Optional[torch.Tensor], trains: bool,
+) -> torch.Tensor:
+    """:func:`multi_lora_linear_4bit` under ``torch.compile``, through the mixed-batch custom op: the eager code, with
+    the rows grouped by adapter inside it, so the graph has no data-dependent shape. The paths are eager's: the LoRA
+    layers' table with gradients, the base-only one without. Where that one picks bitsandbytes (CUDA), the base
+    product is traced as :func:`linear_4bit` traces it and the op adds the low-rank terms to it."""
+    from .custom_ops import multi_lora_linear
+
+    x2d = x.reshape(-1, packed.k)
+    if trains:
+        path = _resolve_path(x2d.shape[0], packed, x.device)
+        return multi_lora_linear(x2d, packed, adapter, bias, path)
+    path = _resolve_path(x2d.shape[0], packed, x.device, base_only=True)
+    if path == "bitsandbytes":
+        base = _linear_4bit(x, weight, quant_state, packed, bias).reshape(-1, packed.n)
+        return multi_lora_linear(x2d, packed, adapter, None, path, base=base)
+    return multi_lora_linear(x2d, packed, adapter, bias, path)
 
 
 def lora_linear(
@@ -239,13 +265,12 @@ def dora_linear_4bit(
     the dropped input xd, ``x·deq(W)ᵀ + bias + (g − 1) ⊙ (xd·deq(W)ᵀ) + g ⊙ s·(xd·Aᵀ)·Bᵀ``; the mask is drawn
     in-kernel from a seed (``dropout_seed``, or one drawn from torch's CPU generator, as in
     :func:`lora_linear_4bit`) and redrawn in the backward. The row norm comes from ‖W‖² (once per weight), one GEMM
-    of A over the 4-bit W and rank-r products: never a dense W + s·B·A. Under ``torch.compile`` the reference's
-    torch operations are traced (a seed left to draw is drawn as a tensor there, so the graph does not break).
+    of A over the 4-bit W and rank-r products: never a dense W + s·B·A. Under ``torch.compile`` the same kernels
+    run as the registered adapter op (a seed left to draw is drawn as a tensor there, so the graph does not break).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-    if not dispatch.use_triton(x.device, _dtypes(x, lora_A, lora_B, magnitude, bias)) or torch.compiler.is_compiling():
-        # DoRA has no registered custom op: under torch.compile the reference's torch operations are traced
+    if not dispatch.use_triton(x.device, _dtypes(x, lora_A, lora_B, magnitude, bias)):
         return reference.dora_linear_4bit(
             x, weight, quant_state, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training,
             dropout_seed=dropout_seed,
@@ -254,20 +279,29 @@ def dora_linear_4bit(
     check_lora_linear_args(x, packed.n, packed.k, lora_A, lora_B, scaling, bias, dropout_p, packed.data.device,
                            dropout_seed)  # fmt: skip
     check_dora_magnitude(magnitude, packed.n, x)
-    dropout = None
-    if training and dropout_p > 0:
-        seed = reference.draw_dropout_seed() if dropout_seed is None else int(dropout_seed)
-        dropout = Dropout(seed, float(dropout_p), packed.k)
-    with dispatch.device_guard(x.device):
-        base_norm_sq = row_norms_sq_cached(weight, quant_state, packed)
-    adapter = Dora(lora_A, lora_B, magnitude, float(scaling), base_norm_sq, dropout)
-    return _apply_adapter(x, packed, adapter, bias)
+    if torch.compiler.is_compiling():
+        from .custom_ops import row_norms_sq  # traced tensors have no address to look the cache up by
+
+        base_norm_sq = row_norms_sq(packed)
+    else:
+        with dispatch.device_guard(x.device):
+            base_norm_sq = row_norms_sq_cached(packed)
+    adapter = Dora(lora_A, lora_B, magnitude, float(scaling), base_norm_sq)
+    p = float(dropout_p) if training and dropout_p > 0 else 0.0
+    return _apply_adapter(x, packed, adapter, bias, p, dropout_seed)
 
 
 def _apply_adapter(
-    x: torch.Tensor, weight: Packed4bit | torch.Tensor, adapter: Adapter, bias: Optional[torch.Tensor]
+    x: torch.Tensor,
+    weight: Packed4bit | torch.Tensor,
+    adapter: Adapter,
+    bias: Optional[torch.Tensor],
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[int] = None,
 ) -> torch.Tensor:
-    """Eager run of any adapter kind on x of any leading shape: the kind's kernels, with autograd when needed."""
+    """Any adapter kind on x of any leading shape: the kind's kernels, with autograd when needed (under
+    ``torch.compile``, the registered adapter op). ``dropout_p`` > 0 (the caller passes 0 outside training) turns
+    on the adapter's dropout (DoRA's), its seed ``dropout_seed`` or a draw from torch's CPU generator."""
     in_features = x.shape[-1]
     x2d = _rows(x, in_features)
     is_4bit = isinstance(weight, Packed4bit)
@@ -278,7 +312,11 @@ def _apply_adapter(
         # the registered adapter op runs the same forward and backward, opaque to the compiler (no graph break)
         from .custom_ops import adapter_linear
 
-        return _unrows(adapter_linear(x2d, weight, adapter, bias, path), x, out_features)
+        y = adapter_linear(x2d, weight, adapter, bias, path, dropout_p, dropout_seed)
+        return _unrows(y, x, out_features)
+    if dropout_p > 0:
+        seed = reference.draw_dropout_seed() if dropout_seed is None else int(dropout_seed)
+        adapter = adapter._replace(dropout=Dropout(seed, float(dropout_p), in_features))
     autograd = _autograd()  # imports Triton, which only this path needs
     with dispatch.device_guard(x.device):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, bias, *trainables)):

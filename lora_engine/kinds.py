@@ -108,7 +108,8 @@ class Dora(NamedTuple):
 class MultiLora(NamedTuple):
     """A mixed batch: row m of x takes LoRA adapter ``indices[m]`` (its own rank and scaling), -1 the base alone.
 
-    No dropout. Its forward and backward live in ``autograd.MultiLoraFunction`` rather than ``autograd.KINDS``: the
+    No dropout. Its forward and backward live in ``autograd.multi_lora_forward`` and ``autograd.multi_lora_backward``
+    (called by ``autograd.MultiLoraFunction`` and the mixed-batch custom ops) rather than ``autograd.KINDS``: the
     rows are grouped by adapter once per call and the base product runs once for all of them.
     """
 

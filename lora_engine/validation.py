@@ -166,8 +166,11 @@ def check_multi_lora_args(
     ``adapter_indices``: integers in [-1, len(lora_As)) (-1: the base alone), of shape ``x.shape[:-1]`` (one per
     row) or ``(x.shape[0],)`` (one per sample, for every row of that sample). The range is checked on the host: free
     for indices held on the CPU (then copied to x's device without a stream sync), one device sync for indices
-    already on an accelerator, and an asynchronous device-side assertion while a CUDA graph is captured (CPU
-    indices cannot be captured: see ``dispatch.host_to_device``).
+    already on an accelerator. Where nothing may be read back, an asynchronous assertion on the indices' device
+    checks it instead (``torch._assert_async``: a RuntimeError on the CPU, a device-side assert on CUDA): while a
+    CUDA graph is captured (it then runs at every replay; CPU indices cannot be captured: see
+    ``dispatch.host_to_device``), and while ``torch.compile`` traces the call (it then runs at every call of the
+    compiled graph; a host read would break the graph).
     """
     if not isinstance(lora_As, (list, tuple)) or not isinstance(lora_Bs, (list, tuple)):
         raise TypeError("lora_As and lora_Bs must be lists or tuples of tensors, one pair per adapter")
@@ -195,8 +198,10 @@ def check_multi_lora_args(
             f"sample), got {shape}"
         )
     out_of_range = (adapter_indices < -1) | (adapter_indices >= len(lora_As))
-    if adapter_indices.is_cuda and torch.cuda.is_current_stream_capturing():
-        # nothing can be read back while a CUDA graph is captured: the check runs on the device at every replay
+    tracing = torch.compiler.is_compiling()
+    if tracing or (adapter_indices.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # nothing can be read back while a CUDA graph is captured, nor while torch.compile traces (a graph break):
+        # the check runs on the device at every replay / every call of the compiled graph
         torch._assert_async(~out_of_range.any(), f"adapter_indices must lie in [-1, {len(lora_As)})")
     elif adapter_indices.numel() and bool(out_of_range.any()):
         raise ValueError(
@@ -204,7 +209,7 @@ def check_multi_lora_args(
             f"{int(adapter_indices.min())} to {int(adapter_indices.max())}"
         )
     indices = adapter_indices.to(torch.int64)
-    if indices.device.type == "cpu":
+    if indices.device.type == "cpu" and not tracing:  # eager calls stage the copy; a traced one is the compiler's
         indices = host_to_device(indices, x.device, "adapter_indices")
     else:
         indices = indices.to(x.device)

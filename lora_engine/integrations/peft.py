@@ -601,8 +601,11 @@ if PeftLinear4bit is not None:
             base alone) through ``lora_engine.multi_lora_linear_4bit``, the dtypes as in ``_fused_forward``."""
             used = [name for name in dict.fromkeys(names) if name in self.lora_A]
             position = {name: i for i, name in enumerate(used)}
-            # built on the host from the names: range-checked there, copied to x's device without a sync
-            indices = torch.tensor([position.get(name, -1) for name in names], dtype=torch.int64)
+            # built on the host from the names: range-checked there, copied to x's device without a sync. Under
+            # torch.compile they become a constant of the graph, made on x's device (a host tensor there would be
+            # copied to the device at every call of the graph)
+            device = x.device if torch.compiler.is_compiling() else None
+            indices = torch.tensor([position.get(name, -1) for name in names], dtype=torch.int64, device=device)
             y = F.multi_lora_linear_4bit(
                 x.to(compute), base.weight, _quant_state(base), [self.lora_A[name].weight for name in used],
                 [self.lora_B[name].weight for name in used], [self.scaling[name] for name in used], indices,

@@ -10,15 +10,19 @@ runs drop the same elements and must agree.
 
 import shutil
 
+import bitsandbytes.functional as bnbF
 import pytest
 import torch
 import torch._inductor.config as inductor_config
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import lora_engine
-from lora_engine import LoRALinear, LoRALinear4bit, custom_ops
+from lora_engine import LoRALinear, LoRALinear4bit, autograd, custom_ops
 from lora_engine.format import packed_4bit
+from lora_engine.kernels import dequantize
+from lora_engine.kinds import Dora
 
 pytestmark = pytest.mark.interpreter
 
@@ -200,7 +204,8 @@ def test_adapter_op_passes_torch_opcheck(kernel_device):
     weight, state, scale, bias = _ia3_4bit_args(False, kernel_device)
     tensors, sizes = custom_ops.weight_parts(packed_4bit(weight, state))
     x = torch.randn(7, 100, generator=torch.Generator().manual_seed(5)).to(kernel_device).requires_grad_()
-    torch.library.opcheck(custom_ops.adapter_linear_fwd, ("ia3", x, [scale], bias, tensors, sizes, [0.0], "fused"))
+    args = ("ia3", x, [scale], [], bias, tensors, sizes, [0.0], 0.0, None, "fused", [True])
+    torch.library.opcheck(custom_ops.adapter_linear_fwd, args)
 
 
 @pytest.mark.parametrize("scales_input", [True, False], ids=["input_scaled", "output_scaled"])
@@ -232,6 +237,133 @@ def test_compiled_ia3_matches_eager_without_graph_breaks(scales_input, kernel_de
         torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)
 
 
+@pytest.fixture
+def dora_calls(monkeypatch):
+    """Records each run of DoRA's kernel forward (its dropout) and backward (the saved tensors it got), and counts
+    dense decodes of a 4-bit W (the decode paths' and the one that fills the ‖W‖² cache)."""
+    kind = autograd.KINDS[Dora]
+    calls = {"forward": [], "backward": [], "decodes": 0}
+    decode = dequantize.dequantize_4bit
+
+    def counted_decode(*args, **kwargs):
+        calls["decodes"] += 1
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(dequantize, "dequantize_4bit", counted_decode)
+    monkeypatch.setattr(autograd, "dequantize_4bit", counted_decode)
+
+    def forward(adapter, *args):
+        calls["forward"].append(adapter.dropout)
+        return kind.forward(adapter, *args)
+
+    def backward(adapter, dy, x, bias, saved, *args):
+        calls["backward"].append(saved)
+        return kind.backward(adapter, dy, x, bias, saved, *args)
+
+    monkeypatch.setitem(autograd.KINDS, Dora, autograd.KindOps(forward, backward))
+    return calls
+
+
+def _dora_4bit_args(device: str):
+    """Nested NF4 W [37, 100] (blocksize 64: blocks straddle rows), rank 4, fp32; A, B, m and the bias trainable."""
+    layer = _layer_4bit(0.0, device)
+    gen = torch.Generator().manual_seed(6)
+
+    def leaf(*shape, mean=0.0):
+        return (mean + torch.randn(*shape, generator=gen)).to(device).requires_grad_()
+
+    return layer.weight, layer.weight.quant_state, leaf(4, 100), leaf(37, 4), leaf(37, mean=5.0), leaf(37)
+
+
+def test_dora_op_passes_torch_opcheck(kernel_device):
+    """The adapter op with DoRA (trainables, ‖W‖² as a constant, a dropout seed, saved tensors), and the norm op."""
+    weight, state, lora_A, lora_B, magnitude, bias = _dora_4bit_args(kernel_device)
+    tensors, sizes = custom_ops.weight_parts(packed_4bit(weight, state))
+    norm_sq = custom_ops.row_norms_sq_op(tensors, sizes)
+    torch.library.opcheck(custom_ops.row_norms_sq_op, (tensors, sizes))
+    x = torch.randn(7, 100, generator=torch.Generator().manual_seed(5)).to(kernel_device).requires_grad_()
+    seed = custom_ops.seed_tensor(3)
+    args = ("dora", x, [lora_A, lora_B, magnitude], [norm_sq], bias, tensors, sizes, [1.5], 0.2, seed, "fused")
+    torch.library.opcheck(custom_ops.adapter_linear_fwd, args + ([True, True, True],))
+    # B and m frozen: the forward returns placeholders for left and the norm, which only dB and dm read
+    frozen = [lora_A, lora_B.detach(), magnitude.detach()]
+    y, saved = custom_ops.adapter_linear_fwd(*args[:2], frozen, *args[3:], [True, False, False])
+    assert [t.shape for t in saved] == [(0,), (37,), (0,)]
+    # the fake implementation gives the same placeholders (the full check above covers the rest)
+    frozen_args = (*args[:2], frozen, *args[3:], [True, False, False])
+    torch.library.opcheck(custom_ops.adapter_linear_fwd, frozen_args, test_utils="test_faketensor")
+
+
+@pytest.mark.parametrize(
+    "dropout, path, frozen",
+    [(0.0, "dequant", False), (0.2, "fused", False), (0.2, "dequant", True)],
+    ids=["p0-dequant", "p0.2-fused", "p0.2-dequant-B_m_frozen"],
+)
+def test_compiled_dora_matches_eager_through_the_adapter_op(dropout, path, frozen, kernel_device, dora_calls):
+    """Compiled DoRA (fullgraph) runs the kernels' forward and backward inside the adapter op, not the reference, and
+    gives eager's output and gradients (x, A, B, m, bias) for the same dropout seed. With B and m frozen, the
+    forward keeps neither drop(x)·Aᵀ nor the norm for the backward (only dB and dm read them)."""
+    weight, state, lora_A, lora_B, magnitude, bias = _dora_4bit_args(kernel_device)
+    if frozen:
+        lora_B.requires_grad_(False)
+        magnitude.requires_grad_(False)
+    leaves = [t for t in (lora_A, lora_B, magnitude, bias) if t.requires_grad]
+
+    def layer(x):
+        return lora_engine.dora_linear_4bit(
+            x, weight, state, lora_A, lora_B, magnitude, 1.5, bias, dropout, True, dropout_seed=11
+        )
+
+    x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(2)).to(kernel_device).requires_grad_()
+
+    def run(fn):
+        dora_calls.update(forward=[], backward=[], decodes=0)
+        y = fn(x)
+        y.square().sum().backward()
+        grads = [t.grad.clone() for t in (x, *leaves)]
+        for t in (x, *leaves):
+            t.grad = None
+        return y.detach(), grads
+
+    with lora_engine.force_path(path):
+        eager = run(layer)
+        code = torch._dynamo.explain(layer)(x).graphs[0].code
+        assert "lora_engine.adapter_linear_fwd" in code and "lora_engine.row_norms_sq" in code, code
+        torch._dynamo.reset()
+        compiled = run(torch.compile(layer, backend=BACKEND, fullgraph=True))
+    # the kernels ran once forward and once backward in the compiled graph (a traced reference would not call them)
+    assert len(dora_calls["forward"]) == 1 and len(dora_calls["backward"]) == 1, dora_calls
+    (dropout_got,) = dora_calls["forward"]
+    assert (dropout_got.seed, dropout_got.p) == (11, 0.2) if dropout else dropout_got is None
+    left, scale, norm = dora_calls["backward"][0]
+    assert scale is not None and (left is None) == frozen and (norm is None) == frozen
+    if path == "fused":  # nothing decodes W densely: ‖W‖² comes from the cache the eager call filled
+        assert dora_calls["decodes"] == 0, dora_calls
+    _assert_same(compiled, eager)
+
+
+def test_compiled_patched_peft_dora_matches_eager(kernel_device, dora_calls):
+    """A PEFT DoRA layer (lora_dropout in training) over a 4-bit base, patched and compiled: one graph through the
+    adapter op, eager's output and gradients (x, A, B, magnitude), the masks drawn from the same torch seed."""
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q"], use_dora=True, lora_dropout=0.1)
+    model = get_peft_model(TwoLayers().to(kernel_device), config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    report = lora_engine.patch_peft_model(model)
+    assert report.num_fused == 1 and not report.fallbacks, str(report)
+    model.train()
+    x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(2)).to(kernel_device).requires_grad_()
+    eager = _run(model, x, seed=5)
+    dora_calls.update(forward=[], backward=[])
+    compiled = _run(torch.compile(model, backend=BACKEND, fullgraph=True), x, seed=5)
+    assert len(dora_calls["forward"]) == 1 and len(dora_calls["backward"]) == 1, dora_calls
+    assert dora_calls["forward"][0] is not None, "the compiled layer ran without dropout"
+    _assert_same(compiled, eager)
+
+
 def test_base_only_op_passes_torch_opcheck(kernel_device):
     """The op of a 4-bit layer without an adapter: schema, fake implementation, autograd (dx and dbias)."""
     layer = _layer_4bit(0.0, kernel_device)
@@ -258,3 +390,94 @@ def test_compiled_patched_4bit_model_matches_eager(kernel_device):
 
     compiled_model = torch.compile(model, backend=BACKEND, fullgraph=True)
     _assert_same(_run(compiled_model, x, seed=5), eager)  # gradients of x, q's bias and out's weights
+
+
+MIXED_RANKS, MIXED_SCALINGS = (4, 8), [2.0, 0.5]
+
+
+def _mixed_batch(device: str):
+    """A nested NF4 weight [37, 75] (K odd: blocks straddle rows), adapters of ranks 4 and 8, fp32 leaves, and the
+    adapter of each of 7 rows: both adapters and the base alone, interleaved."""
+    gen = torch.Generator().manual_seed(11)
+    n, k = 37, 75
+    weight, state = bnbF.quantize_4bit(
+        (torch.randn(n, k, generator=gen) * 0.5).to(device), blocksize=32, quant_type="nf4", compress_statistics=True
+    )
+
+    def leaf(*shape, std=0.3):
+        return (torch.randn(*shape, generator=gen) * std).to(device).requires_grad_()
+
+    lora_As, lora_Bs = [leaf(r, k) for r in MIXED_RANKS], [leaf(n, r) for r in MIXED_RANKS]
+    x, bias = leaf(7, k, std=1.0), leaf(n, std=1.0)
+    return x, weight, state, lora_As, lora_Bs, bias, torch.tensor([1, -1, 0, 1, 0, -1, 1])
+
+
+def test_compiled_mixed_batch_matches_eager(kernel_device):
+    """A mixed batch compiled whole (fullgraph) runs as the registered op: the eager kernels' output and gradients
+    (x, bias, every A_i and B_i), and out-of-range indices still raise, checked in the graph on the device."""
+    x, weight, state, lora_As, lora_Bs, bias, indices = _mixed_batch(kernel_device)
+
+    def layer(x, indices):
+        return lora_engine.multi_lora_linear_4bit(x, weight, state, lora_As, lora_Bs, MIXED_SCALINGS, indices, bias)
+
+    leaves = (x, bias, *lora_As, *lora_Bs)
+
+    def run(fn):
+        y = fn(x, indices)
+        y.square().sum().backward()
+        grads = [t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        return y.detach(), grads
+
+    eager = run(layer)
+    counter = CompileCounterWithBackend(BACKEND)
+    compiled_layer = torch.compile(layer, backend=counter, fullgraph=True)
+    compiled = run(compiled_layer)
+    assert counter.frame_count == 1
+    # the reference traced instead would agree within these tolerances too: the op must be in the graph
+    assert counter.graphs[0].code.count("lora_engine.multi_lora_linear_fwd") == 1, counter.graphs[0].code
+    _assert_same(compiled, eager)
+    with pytest.raises(RuntimeError, match=r"adapter_indices must lie in \[-1, 2\)"):
+        compiled_layer(x, torch.tensor([1, -1, 0, 2, 0, -1, 1]))
+    assert counter.frame_count == 1, "new index values must not retrace"
+
+
+def test_mixed_batch_op_passes_torch_opcheck(kernel_device):
+    """The mixed-batch op: schema, fake implementation, autograd with one factor of each list frozen (it gets no
+    gradient), AOT tracing with dynamic shapes; and its inference form over a base output computed by the caller."""
+    x, weight, state, lora_As, lora_Bs, bias, indices = _mixed_batch(kernel_device)
+    lora_As[1].requires_grad_(False)
+    lora_Bs[0].requires_grad_(False)
+    tensors, sizes = custom_ops.weight_parts(packed_4bit(weight, state))
+    indices = indices.to(kernel_device)
+    args = (x, None, bias, tensors, sizes, lora_As, lora_Bs, MIXED_SCALINGS, indices, "dequant")
+    torch.library.opcheck(custom_ops.multi_lora_linear_fwd, args)
+    with torch.no_grad():
+        base = lora_engine.linear_4bit(x, weight, state, bias)
+        detached = [[t.detach() for t in factors] for factors in (lora_As, lora_Bs)]
+        args = (x.detach(), base, None, tensors, sizes, *detached, MIXED_SCALINGS, indices, "dequant")
+        torch.library.opcheck(custom_ops.multi_lora_linear_fwd, args)
+
+
+def test_compiled_mixed_batch_adds_to_a_bitsandbytes_base(kernel_device, monkeypatch):
+    """Inference where the base-only path table picks bitsandbytes (CUDA at small token counts; forced here): the base
+    product is bitsandbytes' op in the graph, as eager runs it, and the mixed op adds the low-rank terms to it."""
+    x, weight, state, lora_As, lora_Bs, bias, indices = _mixed_batch(kernel_device)
+    resolve = lora_engine.functional._resolve_path
+
+    def bitsandbytes_base(num_tokens, packed, device, base_only=False):
+        return "bitsandbytes" if base_only else resolve(num_tokens, packed, device)
+
+    monkeypatch.setattr(lora_engine.functional, "_resolve_path", bitsandbytes_base)
+
+    def layer(x):
+        return lora_engine.multi_lora_linear_4bit(x, weight, state, lora_As, lora_Bs, MIXED_SCALINGS, indices, bias)
+
+    counter = CompileCounterWithBackend("eager")  # the routing is Dynamo's; the op's base form passes opcheck above
+    with torch.no_grad():
+        eager = layer(x)
+        compiled = torch.compile(layer, backend=counter, fullgraph=True)(x)
+    code = counter.graphs[0].code
+    assert "bitsandbytes.gemm_4bit" in code and code.count("lora_engine.multi_lora_linear_fwd") == 1, code
+    assert torch.equal(compiled, eager)

@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 from peft import LoraConfig
+from torch._dynamo.testing import CompileCounterWithBackend
 
 import lora_engine
 from lora_engine import dispatch
@@ -67,6 +68,36 @@ def test_mixed_batch_matches_stock_peft(make_peft_llama, tokens, kernel_device, 
         default_only = stock(input_ids=ids, adapter_names=["default"] * len(NAMES)).logits
     assert (default_only[1] - expected[1]).abs().max() > 100 * LOGITS_TOL * expected.abs().max()
     assert (default_only[2] - expected[2]).abs().max() > 100 * LOGITS_TOL * expected.abs().max()
+
+
+def test_compiled_mixed_batch_matches_eager(make_peft_llama, tokens, kernel_device):
+    """The serving recipe of the README with mixed batches: the base model's forward compiled whole (fullgraph=True),
+    PeftModel.forward registering the adapter_names hooks around it. The graph holds one mixed-batch op per LoRA
+    layer and gives eager's logits; other names trace again (Dynamo guards on the hooks) rather than run stale ones.
+    (Compiling the PeftModel itself breaks the graph in PEFT's own code: registering a hook cannot be traced.)"""
+    patched = _two_adapter_llama(make_peft_llama, kernel_device)
+    report = lora_engine.patch_peft_model(patched)
+    ids = tokens(3, batch=len(NAMES), seq=9)
+    other = ["second", "__base__", "default", "default"]
+    base = patched.get_base_model()
+    # Dynamo's capture is what this test is about: the op under AOT autograd and Inductor is covered by
+    # tests/integrations/test_compile.py, and Inductor on this model would double the test's time
+    counter = CompileCounterWithBackend("eager")
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            expected = [patched(input_ids=ids, adapter_names=names).logits for names in (NAMES, other)]
+            base.forward = torch.compile(base.forward, backend=counter, fullgraph=True)
+            logits = [patched(input_ids=ids, adapter_names=names).logits for names in (NAMES, other)]
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 2, "one graph per list of names"
+    for graph in counter.graphs:
+        assert graph.code.count("lora_engine.multi_lora_linear_fwd") == 14, "every LoRA layer runs the mixed op"
+    assert not report.fallbacks, str(report)
+    for names, got, want in zip((NAMES, other), logits, expected):
+        _assert_logits(f"compiled {names}", got, want)
+    assert (expected[0] - expected[1]).abs().max() > 100 * LOGITS_TOL * expected[0].abs().max()
 
 
 # gradients: fp32 both ways, only the summation order differs (as LOGITS_TOL), over the backward of two layers

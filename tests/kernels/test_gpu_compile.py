@@ -41,6 +41,11 @@ def test_kernels_compile_for_gpu_targets():
     too_big = [r for r in records if r["ok"] and not r["fits"]]
     assert not failed, "\n".join(f"{r['kernel']} sm_{r['arch']} {r['constexprs']}: {r['error']}" for r in failed)
     assert not too_big, "\n".join(f"{r['kernel']} sm_{r['arch']} needs {r['shared']} B shared" for r in too_big)
+    # compiled as launched: aligned operands carry Triton's divisibility assumption (16-byte loads of W's bytes)
+    gemv = [r for r in records if r["kernel"] == "_lora_gemv_4bit_kernel"]
+    assert gemv and all("W_ptr" in r["aligned"] for r in gemv), gemv[:1]
+    # every launch states its fp fusion, so Triton's default (which changes across releases) is never consulted
+    assert "FP_FUSION" not in run.stderr, run.stderr[-3000:]
     missing = _kernel_names() - {r["kernel"] for r in records}
     assert not missing, f"never launched by drive_launchers: {sorted(missing)}\n{run.stderr[-3000:]}"
     assert run.returncode == 0, run.stderr[-3000:]

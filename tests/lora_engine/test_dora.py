@@ -10,6 +10,7 @@ from the dense W + s·B·A, so a wrong norm term shows. They drop the elements o
 same seed, which the kernels draw in-kernel. A handful of cases per path: the interpreter is slow.
 """
 
+import dataclasses
 import zlib
 from dataclasses import dataclass
 from typing import Optional
@@ -229,20 +230,42 @@ def test_double_backward_matches_reference(dropout, kernel_device):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
-def test_compiled_dora_with_dropout_traces_the_reference_without_graph_breaks(kernel_device):
-    """Under torch.compile DoRA traces the reference's torch operations, the dropout seed included: given, the
-    compiled call drops what the eager one drops; left to draw, it is drawn as a tensor, so the graph holds."""
+def test_compiled_reference_with_dropout_has_no_graph_breaks(kernel_device):
+    """Where DoRA runs the reference (backend "torch"), torch.compile traces its torch operations, the dropout seed
+    included: given, the compiled call drops what the eager one drops; left to draw, it is drawn as a tensor, so the
+    graph holds. (On the kernels, compiled DoRA runs the adapter op: tests/integrations/test_compile.py.)"""
     t = _inputs(CASES[3], kernel_device)
     args = (t["x"], t["packed"], t["state"], t["lora_A"], t["lora_B"], t["magnitude"], 1.7, t["bias"], 0.2, True)
 
     def layer(*args, dropout_seed=None):
         return lora_engine.dora_linear_4bit(*args, dropout_seed=dropout_seed)
 
-    explanation = torch._dynamo.explain(layer)(*args)
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    compiled = torch.compile(layer, backend="eager", fullgraph=True)
-    with lora_engine.use_backend("triton"):
+    with lora_engine.use_backend("torch"):
+        explanation = torch._dynamo.explain(layer)(*args)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert "lora_engine.adapter_linear_fwd" not in explanation.graphs[0].code, "backend torch: no kernel op"
+        compiled = torch.compile(layer, backend="eager", fullgraph=True)
         got, other_seed = compiled(*args, dropout_seed=9), compiled(*args, dropout_seed=10)
     expected = reference.dora_linear_4bit(*args, dropout_seed=9)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert not torch.equal(got, other_seed), "the seed made no difference: no dropout ran"
+
+
+def test_cached_row_norms_follow_bytes_rewritten_in_place(kernel_device):
+    """‖W‖² is cached per weight; bytes and statistics copied in place (same addresses, as a state-dict load into the
+    existing tensors does) must give the new weight's norms, not the cached ones."""
+    t = _inputs(CASES[2], kernel_device)
+    other = _inputs(dataclasses.replace(CASES[2], bias=False), kernel_device)  # the same format, other values
+    packed, state = t["packed"], t["state"]
+    args = (t["lora_A"].float(), t["lora_B"].float(), t["magnitude"].float(), 1.3)
+
+    def run():
+        with lora_engine.use_backend("triton"), lora_engine.force_path("dequant"):
+            return lora_engine.dora_linear_4bit(t["x"].float(), packed, state, *args)
+
+    run()  # fills the cache
+    packed.copy_(other["packed"])
+    state.absmax.copy_(other["state"].absmax)
+    with lora_engine.use_backend("torch"):
+        expected = lora_engine.dora_linear_4bit(t["x"].float(), packed, state, *args)
+    torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-4)

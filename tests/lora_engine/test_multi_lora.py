@@ -176,12 +176,19 @@ def test_torch_backend_runs_the_reference():
     assert torch.equal(y, reference.multi_lora_linear_4bit(*args))
 
 
-def test_under_torch_compile_traces_the_reference():
+def test_torch_backend_under_torch_compile_traces_the_reference():
+    """The reference traces whole too: its index range check runs in the graph (the kernels' op is covered in
+    tests/integrations/test_compile.py)."""
     t = _inputs(Case(7, "nf4", True, F32, True), "cpu")
-    args = (t["packed"], t["state"], t["As"], t["Bs"], list(SCALINGS), t["indices"], t["bias"])
-    compiled = torch.compile(lambda x: lora_engine.multi_lora_linear_4bit(x, *args), backend="eager")
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(t["x"]), reference.multi_lora_linear_4bit(t["x"], *args))
+    args = (t["packed"], t["state"], t["As"], t["Bs"], list(SCALINGS))
+    compiled = torch.compile(
+        lambda x, idx: lora_engine.multi_lora_linear_4bit(x, *args, idx, t["bias"]), backend="eager", fullgraph=True
+    )
+    with torch.no_grad(), lora_engine.use_backend("torch"):
+        y = compiled(t["x"], t["indices"])
+        with pytest.raises(RuntimeError, match=r"must lie in \[-1, 3\)"):
+            compiled(t["x"], torch.full((7,), 3))
+    torch.testing.assert_close(y, reference.multi_lora_linear_4bit(t["x"], *args, t["indices"], t["bias"]))
 
 
 def test_errors_name_the_problem(kernel_device):
