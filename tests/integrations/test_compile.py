@@ -141,15 +141,21 @@ class TwoLayers(nn.Module):
         return self.out(torch.relu(self.q(x)))
 
 
-def test_compiled_patched_peft_model_matches_eager(kernel_device):
-    torch.manual_seed(0)
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q", "out"], lora_dropout=0.1)
-    model = get_peft_model(TwoLayers().to(kernel_device), config)
+def _patched_two_layers(config: LoraConfig, device: str):
+    """``TwoLayers`` under PEFT with ``config``, lora_B drawn non-zero (so the adapter shows), patched: (model,
+    report)."""
+    model = get_peft_model(TwoLayers().to(device), config)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.2)
-    report = lora_engine.patch_peft_model(model)
+    return model, lora_engine.patch_peft_model(model)
+
+
+def test_compiled_patched_peft_model_matches_eager(kernel_device):
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q", "out"], lora_dropout=0.1)
+    model, report = _patched_two_layers(config, kernel_device)
     assert report.num_patched == 2 and not report.fallbacks, str(report)
     model.train()
     x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(2)).to(kernel_device).requires_grad_()
@@ -347,12 +353,7 @@ def test_compiled_patched_peft_dora_matches_eager(kernel_device, dora_calls):
     adapter op, eager's output and gradients (x, A, B, magnitude), the masks drawn from the same torch seed."""
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q"], use_dora=True, lora_dropout=0.1)
-    model = get_peft_model(TwoLayers().to(kernel_device), config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.2)
-    report = lora_engine.patch_peft_model(model)
+    model, report = _patched_two_layers(config, kernel_device)
     assert report.num_fused == 1 and not report.fallbacks, str(report)
     model.train()
     x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(2)).to(kernel_device).requires_grad_()
