@@ -636,3 +636,63 @@ def test_accelerate_hooks_on_the_factors_or_the_base_run_peft_forward(monkeypatc
             _assert_close_fp32(reason, layer(x), stock_layer(x))
         assert len(calls) == 1, "without the hook the layer runs the fused kernels again"
         calls.clear()
+
+
+class _ScaledDropout(nn.Module):
+    """A dropout module of a type the kernels do not draw: PEFT's forward must run it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0.5
+
+
+def test_each_call_reads_the_adapter_as_it_is_now(monkeypatch, kernel_device):
+    """Nothing read from the adapter is kept between calls: a new dropout module, a scaling that is no number, a
+    factor with a bias or replaced weights each decide the very next call, and the layer runs the kernels again
+    once the change is undone."""
+    stock, patched = _peft_net(kernel_device), _peft_net(kernel_device)
+    report = lora_engine.patch_peft_model(patched)
+    layer, stock_layer = _layers(patched)["q"], _layers(stock)["q"]
+    calls = []
+    original_fused = lora_engine.functional.lora_linear_4bit
+    monkeypatch.setattr(lora_engine.functional, "lora_linear_4bit", lambda *a, **k: calls.append(a) or
+                        original_fused(*a, **k))  # fmt: skip
+    x = _x(kernel_device)
+
+    def swap_dropout(module):
+        old = module.lora_dropout["default"]
+        module.lora_dropout["default"] = _ScaledDropout()
+        return lambda: module.lora_dropout.__setitem__("default", old)
+
+    def tensor_scaling(module):
+        old = module.scaling["default"]
+        module.scaling["default"] = torch.tensor(old)
+        return lambda: module.scaling.__setitem__("default", old)
+
+    def biased_factor(module):
+        lora_A = module.lora_A["default"]
+        lora_A.bias = nn.Parameter(torch.full((lora_A.out_features,), 0.25, device=lora_A.weight.device))
+        return lambda: setattr(lora_A, "bias", None)
+
+    changes = {
+        "dropout module _ScaledDropout": swap_dropout,
+        "scaling is not a Python number": tensor_scaling,
+        "LoRA factors are not bias-free nn.Linear modules": biased_factor,
+    }
+    with torch.no_grad():
+        for reason, change in changes.items():
+            undo = [change(module) for module in (layer, stock_layer)]
+            y = layer(x)
+            assert not calls, f"the fused kernels ran after the change ({reason})"
+            assert any(reason in r for r in report.fallbacks["base_model.model.q"]), str(report)
+            _assert_close_fp32(reason, y, stock_layer(x))
+            for restore in undo:
+                restore()
+            _assert_close_fp32(reason, layer(x), stock_layer(x))
+            assert len(calls) == 1, f"undoing the change ({reason}) did not bring the fused kernels back"
+            calls.clear()
+        # new factor weights (load_adapter, an optimizer replacing parameters): the next call multiplies by them
+        for module in (layer, stock_layer):
+            lora_B = module.lora_B["default"]
+            lora_B.weight = nn.Parameter(lora_B.weight * -2.0)
+        _assert_close_fp32("replaced lora_B", layer(x), stock_layer(x))
+        assert len(calls) == 1
