@@ -49,7 +49,7 @@ def dropout_scale_(t: torch.Tensor, dropout: Dropout) -> torch.Tensor:
     grid = (cdiv(m, block_m), cdiv(k, block_k))
     _dropout_scale_kernel[grid](
         t, m, k, t.stride(0), t.stride(1),
-        dropout.seed, dropout.threshold, dropout.inv_keep_prob, dropout.row_length,
+        *dropout.kernel_args(),
         BLOCK_M=block_m, BLOCK_K=block_k, enable_fp_fusion=FUSE_MULTIPLY_ADD,
     )  # fmt: skip
     return t

@@ -236,7 +236,7 @@ def lora_down(
         return out
     cfg = config or lowrank_config(m)
     block_r = rank_block(rank)
-    drop_args = (dropout.seed, dropout.threshold, dropout.inv_keep_prob) if dropout is not None else _NO_DROPOUT
+    drop_args = dropout.kernel_args()[:3] if dropout is not None else _NO_DROPOUT
     grid = (cdiv(m, cfg.block_m), cdiv(rank, block_r))
     _lora_down_kernel[grid](
         a, down, out,
@@ -296,7 +296,7 @@ def lora_da(
     da = (torch.zeros if splits != 1 else torch.empty)((rank, k), dtype=torch.float32, device=device)
     if m == 0:
         return da
-    drop_args = (dropout.seed, dropout.threshold, dropout.inv_keep_prob) if dropout is not None else _NO_DROPOUT
+    drop_args = dropout.kernel_args()[:3] if dropout is not None else _NO_DROPOUT
     _lora_da_kernel[grid](
         dyb, x, da,
         m, k, rank, rows_per_split,

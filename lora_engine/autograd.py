@@ -43,6 +43,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 import torch
 
 from . import dispatch
+from .dispatch import as_dtype
 from .kernels.configs import matmul_config, multi_lora_config
 from .kernels.dequantize import dequantize_4bit
 from .kernels.dropout import dropout_scale_
@@ -66,9 +67,12 @@ def _gemm_weight(weight: Weight, path: str, dtype: torch.dtype) -> Weight:
 SMALL_M = 16  # token counts of the decode regime
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t.to(dtype)``, which returns t itself when it has that dtype already, without the call's µs then."""
-    return t if t.dtype == dtype else t.to(dtype)
+def _left(x: torch.Tensor, lora_A: torch.Tensor, dropout: Optional[Dropout] = None) -> torch.Tensor:
+    """``drop(x)·Aᵀ`` in fp32 [M, r]. Few rows without dropout: cuBLAS, which beats the rank-r kernel there (it has
+    only M / BLOCK_M programs); otherwise the rank-r kernel, which also draws the dropout mask."""
+    if dropout is None and x.shape[0] <= SMALL_M:
+        return torch.mm(x, as_dtype(lora_A, x.dtype).t()).float()
+    return lora_down(x, lora_A.t(), dropout)
 
 
 def _splits_k(x: torch.Tensor, weight: Weight, path: str) -> bool:
@@ -94,14 +98,14 @@ def lora_forward(
     """
     rank = lora_A.shape[0]
     if path == "gemv":  # functional.resolve_path sends only calls the GEMV serves here
-        left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, _cast(lora_A, x.dtype).t())
+        left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, as_dtype(lora_A, x.dtype).t())
         y = lora_gemv_4bit(x, weight, right=lora_B, left=left, scaling=scaling, bias=bias)
         return y, (left.float() if keep_left else None)
     gemm_weight = _gemm_weight(weight, path, x.dtype)
     if path == "dequant_cublas":
         # cuBLAS computes x·Aᵀ faster than the rank-r kernel; the dropout mask needs the kernel
-        left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, _cast(lora_A, x.dtype).t())
-        scaled_left, right = _cast(left * scaling, x.dtype), _cast(lora_B, x.dtype).t()
+        left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, as_dtype(lora_A, x.dtype).t())
+        scaled_left, right = as_dtype(left * scaling, x.dtype), as_dtype(lora_B, x.dtype).t()
         y = torch.mm(scaled_left, right) if bias is None else torch.addmm(bias.to(x.dtype), scaled_left, right)
         y.addmm_(x, gemm_weight.t())  # in place: the LoRA term is the GEMM's C operand, no extra copy
         left = left.float() if keep_left else None
@@ -112,9 +116,7 @@ def lora_forward(
             scaling=scaling, bias=bias,
         )  # fmt: skip
     else:
-        # Few rows: cuBLAS's x·Aᵀ beats the rank-r kernel, which has only M / BLOCK_M programs
-        small = dropout is None and x.shape[0] <= SMALL_M
-        left = torch.mm(x, _cast(lora_A, x.dtype).t()).float() if small else lora_down(x, lora_A.t(), dropout)
+        left = _left(x, lora_A, dropout)
         y = lora_matmul(x, gemm_weight, weight_out_by_in=True, right=lora_B, left=left, scaling=scaling, bias=bias)
     return y, left
 
@@ -132,13 +134,13 @@ def lora_backward(
     dx = d_lora_A = d_lora_B = None
     if need_B:
         dyb, d_lora_B = lora_dy_pass(dy, lora_B, left, scaling)
-        d_lora_B = _cast(d_lora_B, lora_B.dtype)
+        d_lora_B = as_dtype(d_lora_B, lora_B.dtype)
     elif need_x or need_A:
         dyb = lora_down(dy, lora_B)
     if need_x:
         gemm_weight = _gemm_weight(weight, path, dy.dtype)
         if path == "dequant_cublas":
-            dx = torch.mm(_cast(dyb * scaling, dy.dtype), _cast(lora_A, dy.dtype))
+            dx = torch.mm(as_dtype(dyb * scaling, dy.dtype), as_dtype(lora_A, dy.dtype))
             if dropout is not None:
                 dropout_scale_(dx, dropout)
             dx.addmm_(dy, gemm_weight)
@@ -148,7 +150,7 @@ def lora_backward(
                 dropout=dropout,
             )  # fmt: skip
     if need_A:
-        d_lora_A = _cast(lora_da(dyb, x, scaling, dropout), lora_A.dtype)
+        d_lora_A = as_dtype(lora_da(dyb, x, scaling, dropout), lora_A.dtype)
     return dx, d_lora_A, d_lora_B
 
 
@@ -247,7 +249,7 @@ def _dora_kind_forward(
         y, left = _dora_dropout_forward(adapter, x, bias, gemm_weight, scale)
         return y, (left, scale, norm)
     lora_A, lora_B = adapter.lora_A, adapter.lora_B
-    left = lora_down(x, lora_A.t()) if x.shape[0] > SMALL_M else torch.mm(x, lora_A.t().to(x.dtype)).float()
+    left = _left(x, lora_A)
     y = lora_matmul(
         x, gemm_weight, weight_out_by_in=True, right=lora_B, left=left, scaling=adapter.scaling, bias=bias,
         out_scale=scale, scale_bias=False,
@@ -303,7 +305,7 @@ def _dora_dropout_forward(
     stacked[:m].copy_(x)
     x_drop = dropout_scale_(stacked[m:].copy_(x), adapter.dropout)  # the mask lora_da redraws in the backward
     lora_A = adapter.lora_A.detach()
-    left = lora_down(x_drop, lora_A.t()) if m > SMALL_M else torch.mm(x_drop, lora_A.t().to(x.dtype)).float()
+    left = _left(x_drop, lora_A)  # the mask is applied already
     top_left = torch.zeros((2 * m, left.shape[1]), dtype=torch.float32, device=x.device)
     top_left[:m] = left  # the LoRA term on the top rows only
     scaled_B = adapter.lora_B.detach().float() * scale[:, None]
@@ -391,8 +393,8 @@ def adapter_backward(
     """The kind's backward with the gradients in their inputs' dtypes."""
     backward = KINDS[type(adapter)].backward
     dx, grads, d_bias = backward(adapter, dy, x, bias, saved, weight, path, need_x, needs, need_bias)
-    grads = tuple(_cast(g, t.dtype) if g is not None else None for g, t in zip(grads, adapter.trainables()))
-    return dx, grads, (_cast(d_bias, bias.dtype) if d_bias is not None else None)
+    grads = tuple(as_dtype(g, t.dtype) if g is not None else None for g, t in zip(grads, adapter.trainables()))
+    return dx, grads, (as_dtype(d_bias, bias.dtype) if d_bias is not None else None)
 
 
 class AdapterLinearFunction(torch.autograd.Function):

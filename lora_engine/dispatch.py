@@ -203,6 +203,11 @@ def device_guard(device: torch.device) -> ContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, which returns t itself when it has that dtype already: without the call's µs then (hot path)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def host_to_device(values: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
     """A small CPU tensor made on the host (indices, scalings) copied to ``device`` without a stream sync.
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .kernels.operands import Packed4bit
 
@@ -197,7 +196,7 @@ class _ByIdentity:
 
         def drop(ref: weakref.ref) -> None:  # obj was collected: forget its entry, unless a newer object took the id
             if entries.get(key, (None,))[0] is ref:
-                del entries[key]
+                entries.pop(key, None)
 
         entries[key] = (weakref.ref(obj, drop), value)
 
@@ -230,33 +229,26 @@ def _built_from(weight: torch.Tensor, quant_state: Any) -> tuple:
     )  # bitsandbytes' CPU repacking rewrites the bytes: a new address, so a rebuild that refuses the layout
 
 
-def _per_weight(cache: _ByIdentity, weight: torch.Tensor, quant_state: Any, build: Callable[[], Any]) -> Any:
-    """``build()`` once per weight in ``cache`` (keyed by the quant state's identity), built again when the weight's
-    bytes or statistics are replaced (see :func:`_built_from`). A non-contiguous weight is read through a copy
-    (:func:`packed_bytes`), made anew by every build: built per call, never cached."""
-    if not weight.is_contiguous():
-        return build()
+def packed_4bit_cached(weight: torch.Tensor, quant_state: Any) -> Packed4bit:
+    """``packed_4bit``, validated and built once per weight (keyed by the quant state's identity) and rebuilt when its
+    bytes or statistics are replaced (``load_state_dict``, ``.to()``, a new ``Params4bit`` or quant state: see
+    :func:`_built_from`). A non-contiguous weight is read through a copy (:func:`packed_bytes`) made anew by every
+    build: built per call, never cached. Cheapest with bitsandbytes' ``__torch_function__`` disabled around it
+    (``torch._C.DisableTorchFunctionSubclass()``)."""
+    if quant_state is None or not weight.is_contiguous():
+        return packed_4bit(weight, quant_state)  # no quant state: raises, naming the problem
     built_from = _built_from(weight, quant_state)
-    cached = cache.get(quant_state)
+    cached = _packed_cache.get(quant_state)
     if cached is not None and cached[0] == built_from:
         return cached[1]
-    value = build()
-    cache[quant_state] = (built_from, value)
-    return value
-
-
-def packed_4bit_cached(weight: torch.Tensor, quant_state: Any) -> Packed4bit:
-    """``packed_4bit``, validated and built once per weight and rebuilt when its bytes or statistics are replaced
-    (``load_state_dict``, ``.to()``, a new ``Params4bit`` or quant state). Cheapest with bitsandbytes'
-    ``__torch_function__`` disabled around it (``torch._C.DisableTorchFunctionSubclass()``)."""
-    if quant_state is None:
-        return packed_4bit(weight, quant_state)  # raises, naming the problem
-    return _per_weight(_packed_cache, weight, quant_state, lambda: packed_4bit(weight, quant_state))
+    packed = packed_4bit(weight, quant_state)
+    _packed_cache[quant_state] = (built_from, packed)
+    return packed
 
 
 # storage of the packed bytes (weakly) -> {where the bytes lie in it: (what the norms were read from, the statistics
 # tensors, the norms)}. A storage may hold several weights (views into one buffer), hence the inner dict.
-_row_norm_cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_row_norm_cache = _ByIdentity()
 
 
 def row_norms_sq_cached(packed: Packed4bit) -> torch.Tensor:

@@ -138,21 +138,19 @@ def multi_lora_linear_4bit(
     adapter = MultiLora(tuple(lora_As), tuple(lora_Bs), tuple(float(s) for s in scalings), indices)
     trains = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *lora_As, *lora_Bs))
     if torch.compiler.is_compiling():
-        y2d = _multi_lora_compiled(x, weight, quant_state, packed, adapter, bias, trains)
-        return y2d.reshape(*x.shape[:-1], packed.n)
-    from .autograd import MultiLoraFunction, multi_lora_add_
-
-    x2d = x.reshape(-1, packed.k)
+        return _unrows(_multi_lora_compiled(x, weight, quant_state, packed, adapter, bias, trains), x, packed.n)
+    autograd = _autograd()
+    x2d = _rows(x, packed.k)
     if trains:
         path = _resolve_path(x2d.shape[0], packed, x.device)
         with dispatch.device_guard(x.device):
-            y = MultiLoraFunction.apply(x2d, bias, packed, path, adapter, *lora_As, *lora_Bs)
-        return y.reshape(*x.shape[:-1], packed.n)
+            y = autograd.MultiLoraFunction.apply(x2d, bias, packed, path, adapter, *lora_As, *lora_Bs)
+        return _unrows(y, x, packed.n)
     y = _linear_4bit(x, weight, quant_state, packed, bias)  # the base product, once for every row (x, bias checked)
     with dispatch.device_guard(x.device):
-        y2d = y.reshape(-1, packed.n)
-        multi_lora_add_(adapter, x2d, y2d)
-    return y2d.reshape(*x.shape[:-1], packed.n)
+        y2d = _rows(y, packed.n)
+        autograd.multi_lora_add_(adapter, x2d, y2d)
+    return _unrows(y2d, x, packed.n)
 
 
 def _multi_lora_compiled(
@@ -165,13 +163,13 @@ def _multi_lora_compiled(
     product is traced as :func:`linear_4bit` traces it and the op adds the low-rank terms to it."""
     from .custom_ops import multi_lora_linear
 
-    x2d = x.reshape(-1, packed.k)
+    x2d = _rows(x, packed.k)
     if trains:
         path = _resolve_path(x2d.shape[0], packed, x.device)
         return multi_lora_linear(x2d, packed, adapter, bias, path)
     path = _resolve_path(x2d.shape[0], packed, x.device, base_only=True)
     if path == "bitsandbytes":
-        base = _linear_4bit(x, weight, quant_state, packed, bias).reshape(-1, packed.n)
+        base = _rows(_linear_4bit(x, weight, quant_state, packed, bias), packed.n)
         return multi_lora_linear(x2d, packed, adapter, None, path, base=base)
     return multi_lora_linear(x2d, packed, adapter, bias, path)
 

@@ -62,6 +62,7 @@ from torch import nn
 
 from .. import dispatch
 from .. import functional as F
+from ..dispatch import as_dtype
 from ..format import is_cpu_packed
 from ..validation import ACTIVATION_DTYPES
 
@@ -527,11 +528,6 @@ class _FusedForward:
         raise NotImplementedError
 
 
-def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x.to(dtype)``, which returns x itself when it has that dtype already, without the call's µs then."""
-    return x if x.dtype == dtype else x.to(dtype)
-
-
 def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
@@ -582,15 +578,15 @@ if PeftLinear4bit is not None:
                 # PEFT's DoRA takes its dropout route when the layer trains and applies the dropout module as it
                 # is; with that module in eval mode the route gives what the dropout-free one gives
                 y = F.dora_linear_4bit(
-                    _cast(x, compute), base.weight, _quant_state(base), lora_A, lora_B, magnitude, scaling,
+                    as_dtype(x, compute), base.weight, _quant_state(base), lora_A, lora_B, magnitude, scaling,
                     bias=base.bias, dropout_p=p, training=self.training and training,
                 )  # fmt: skip
-                return _cast(y, x.dtype)
+                return as_dtype(y, x.dtype)
             y = F.lora_linear_4bit(
-                _cast(x, compute), base.weight, _quant_state(base), lora_A, lora_B, scaling, bias=base.bias,
+                as_dtype(x, compute), base.weight, _quant_state(base), lora_A, lora_B, scaling, bias=base.bias,
                 dropout_p=p, training=training,
             )  # fmt: skip
-            return _cast(y, x.dtype)  # bitsandbytes returns the input's dtype
+            return as_dtype(y, x.dtype)  # bitsandbytes returns the input's dtype
 
         _serves_mixed_batches = True
 
@@ -627,7 +623,7 @@ class FusedLoraLinear(_FusedForward, PeftLinear):
         weight, bias = _dense_operands(base, compute)
         lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
         return F.lora_linear(
-            _cast(x, compute), weight, lora_A, lora_B, scaling, bias=bias, dropout_p=p, training=training
+            as_dtype(x, compute), weight, lora_A, lora_B, scaling, bias=bias, dropout_p=p, training=training
         )
 
 

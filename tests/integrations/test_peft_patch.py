@@ -592,6 +592,15 @@ def test_packed_bytes_cast_to_another_dtype_are_refused(kernel_device):
             patched(_x(kernel_device))
 
 
+def _count_fused_calls(monkeypatch) -> list:
+    """A list that gets one entry per call of ``lora_engine.functional.lora_linear_4bit`` (the fused forward)."""
+    calls = []
+    original = lora_engine.functional.lora_linear_4bit
+    monkeypatch.setattr(lora_engine.functional, "lora_linear_4bit", lambda *a, **k: calls.append(a) or
+                        original(*a, **k))  # fmt: skip
+    return calls
+
+
 def test_fused_forward_walks_to_the_base_layer_once(monkeypatch, kernel_device):
     """PEFT's get_base_layer walks the base_layer chain through nn.Module's attribute misses (µs): once per call."""
     model = _peft_net(kernel_device, patch=True)
@@ -599,10 +608,7 @@ def test_fused_forward_walks_to_the_base_layer_once(monkeypatch, kernel_device):
     walks = []
     original = type(layer).get_base_layer
     monkeypatch.setattr(type(layer), "get_base_layer", lambda self: walks.append(self) or original(self))
-    calls = []
-    original_fused = lora_engine.functional.lora_linear_4bit
-    monkeypatch.setattr(lora_engine.functional, "lora_linear_4bit", lambda *a, **k: calls.append(a) or
-                        original_fused(*a, **k))  # fmt: skip
+    calls = _count_fused_calls(monkeypatch)
     with torch.no_grad():
         layer(_x(kernel_device))
     assert len(calls) == 1, "the layer did not run the fused forward"
@@ -617,10 +623,7 @@ def test_accelerate_hooks_on_the_factors_or_the_base_run_peft_forward(monkeypatc
     stock, patched = _peft_net(kernel_device), _peft_net(kernel_device)
     report = lora_engine.patch_peft_model(patched)
     layer, stock_layer = _layers(patched)["q"], _layers(stock)["q"]
-    calls = []
-    original_fused = lora_engine.functional.lora_linear_4bit
-    monkeypatch.setattr(lora_engine.functional, "lora_linear_4bit", lambda *a, **k: calls.append(a) or
-                        original_fused(*a, **k))  # fmt: skip
+    calls = _count_fused_calls(monkeypatch)
     x = _x(kernel_device)
     for module, reason in ((layer.lora_A["default"], "the LoRA modules have forward hooks"),
                            (layer.get_base_layer(), "the base layer has forward hooks")):  # fmt: skip
@@ -652,10 +655,7 @@ def test_each_call_reads_the_adapter_as_it_is_now(monkeypatch, kernel_device):
     stock, patched = _peft_net(kernel_device), _peft_net(kernel_device)
     report = lora_engine.patch_peft_model(patched)
     layer, stock_layer = _layers(patched)["q"], _layers(stock)["q"]
-    calls = []
-    original_fused = lora_engine.functional.lora_linear_4bit
-    monkeypatch.setattr(lora_engine.functional, "lora_linear_4bit", lambda *a, **k: calls.append(a) or
-                        original_fused(*a, **k))  # fmt: skip
+    calls = _count_fused_calls(monkeypatch)
     x = _x(kernel_device)
 
     def swap_dropout(module):
