@@ -6,7 +6,7 @@ dequant path), and, for M <= 16, ``lora_gemv_4bit`` (the gemv path) over candida
 lookup, each K split the weight allows, a few tiles: ``gemv_candidates``), next to cuBLAS on the decoded weight.
 Prints the fastest config of each case (for the GEMV also the fastest of each lookup and the dispatcher's
 default) and writes every candidate's time, with the GPU, library versions and date, to
-``bench/results/<gpu>/tune_matmul.json``.
+``bench/results/<gpu>/tune_matmul.json``, rewritten after each case (an interrupted sweep keeps what it timed).
 
     python -m bench.tune --weights gemv --m 1 4 16        # the GEMV variants alone, Llama-3-8B projections
 
@@ -42,9 +42,10 @@ def candidates(m: int):
 
 # The GEMV sweep: per-step products of m_pad x BLOCK_N x BLOCK_K fp32 values (register pressure; 8 warps for the
 # largest), three K steps, every lookup, and K split into up to 32 parts (a part is a whole number of K steps and
-# quantization blocks, so long steps allow fewer parts). At most 9 tiles x 2 lookups x 6 splits = 108 configs per
-# shape and M: 82 to 90 at K = 4096 and 96 to 108 at K = 14336 (blocksize 64, M = 1 to 16), so the three Llama-3-8B
-# projections at M = 1, 4 and 16 time about 850 configs.
+# quantization blocks, so long steps allow fewer parts). At most 9 tiles x 3 lookups x 6 splits = 162 configs per
+# shape and M: 123 to 135 at K = 4096 and 144 to 162 at K = 14336 (blocksize 64, M = 1 to 16), so the three
+# Llama-3-8B projections at M = 1, 4 and 16 time about 1250 configs (about 160 compilations: K and the
+# split count are runtime arguments).
 GEMV_STEP_VALUES = (4096, 8192, 16384)
 GEMV_BLOCK_K = (128, 256, 512)
 GEMV_SPLIT_K = (1, 2, 4, 8, 16, 32)
@@ -116,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="4bit: the fused GEMM; dense: the GEMM on the decoded weight; gemv: the gemv path (M <= 16)")
     p.add_argument("--rep-ms", type=int, default=20)
     args = p.parse_args(argv)
+    env = environment()
+    path = results_dir(env["gpu"]) / "tune_matmul.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     rows = []
     for shape in args.shapes:
         n, k = map(int, shape.split("x"))
@@ -150,10 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                     ms, cfg = timed[0]
                     print(f"{n}x{k} M={m:5d} {kind:5s}: best {ms * 1e3:8.1f} us (cuBLAS dense {cublas * 1e3:8.1f} us)"
                           f"  {cfg}", flush=True)  # fmt: skip
-    env = environment()
-    out = results_dir(env["gpu"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tune_matmul.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+                # after every case, so that an interrupted sweep keeps what it timed
+                path.write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {path}")
     return 0
 
 

@@ -7,6 +7,7 @@ hand from measurements (``python -m bench.tune`` reports the fastest tiles per r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -121,18 +122,20 @@ DEQUANT_BLOCK_INTERPRETER = 256
 
 
 GEMV_MAX_TOKENS = 16  # rows of x the 4-bit GEMV serves (the decode regime)
-GEMV_LOOKUPS = ("table16", "pairs256")  # how the GEMV turns a packed byte into two codes (see lora_gemv.py)
+GEMV_LOOKUPS = ("table16", "rows16", "pairs256")  # how the GEMV turns a packed byte into two codes (lora_gemv.py)
 
 
 @dataclass(frozen=True)
 class GemvConfig:
     """Tiles and decode of the 4-bit GEMV: BLOCK_N rows of W per program, K swept in BLOCK_K steps, M padded to M_PAD.
 
-    ``lookup``: "table16" looks each nibble up in the 16 codes held in registers (two gathers per packed byte);
-    "pairs256" looks each byte up once in a 256-entry table of (high, low) code pairs built by every program from
-    the 16 codes. Both give the same bits. ``split_k``: programs that share a row block's K sweep, each over whole
-    quantization blocks; above 1 they write fp32 partial sums to a workspace of the call and a second launch adds
-    them in a fixed order and applies the LoRA term, bias and output scale. 1 is one launch, no workspace.
+    ``lookup``: "table16" looks each nibble up in one 16-entry table of the codes (two gathers per packed byte);
+    "rows16" does the same from the codes broadcast to every row (Triton 3.9 keeps that gather in registers; 3.6
+    fails to compile it for some tiles); "pairs256" looks each byte up once in a 256-entry table of (high, low)
+    code pairs built by every program from the 16 codes. All give the same bits. ``split_k``: programs that share
+    a row block's K sweep, each over whole quantization blocks; above 1 they write fp32 partial sums to a workspace
+    of the call and a second launch adds them in a fixed order and applies the LoRA term, bias and output scale. 1
+    is one launch, no workspace.
     """
 
     m_pad: int
@@ -157,14 +160,23 @@ class GemvConfig:
         return max(1, min(128, 8192 // (self.m_pad * self.block_r)))
 
 
+def gemv_variant(tiles: GemvConfig, lookup: str, split_k: int = 1) -> GemvConfig:
+    """``tiles`` with another code lookup and K split. For "rows16" a row block keeps at least two rows per warp:
+    with fewer, Triton 3.6's gather-layout pass fails to compile that lookup (3.9 compiles it)."""
+    cfg = dataclasses.replace(tiles, lookup=lookup, split_k=split_k)
+    if lookup == "rows16":
+        cfg = dataclasses.replace(cfg, block_n=max(cfg.block_n, 2 * cfg.num_warps))
+    return cfg
+
+
 @functools.lru_cache(maxsize=4096)  # called per launch; a pure function of its arguments and the mode
 def gemv_config(m: int, rank: int) -> GemvConfig:
     """Tiles for the GEMV over ``m`` <= GEMV_MAX_TOKENS rows with a rank-``rank`` LoRA term.
 
     Not yet tuned on a GPU: the per-step product holds m_pad x BLOCK_N x BLOCK_K fp32 values, kept near 8K
     so it stays in registers, and narrow row blocks give thousands of programs on Llama-sized weights. The
-    register-table lookup and one program per row block (split_k 1) until ``python -m bench.tune --weights gemv``
-    has timed the other variants.
+    16-entry table lookup (it compiles for every tile of the tune sweep on Triton 3.6 and 3.9) and one program
+    per row block (split_k 1) until ``python -m bench.tune --weights gemv`` has timed the other variants.
     """
     m_pad = next_power_of_2(max(m, 1))
     block_r = min(next_power_of_2(max(rank, 1)), 32)

@@ -10,17 +10,21 @@ is loaded once per row per quantization block. All M tokens use the same decoded
 BLOCK_K] broadcast product in fp32), so W is read once whatever M is. ``left = drop(x)·Aᵀ`` arrives
 precomputed: it is M x R, a negligible product.
 
-How a byte becomes two codes (``GemvConfig.lookup``; same fp32 bits either way):
-    table16   the 16 codes held in registers, one ``tl.gather`` per nibble (two per byte). A global-memory
-              gather per element costs more than the multiply-adds it feeds.
+How a byte becomes two codes (``GemvConfig.lookup``; same fp32 bits every way). What each lowers to is
+Triton's choice and changes between releases (read off the sm_90 PTX of Triton 3.6 and 3.9):
+    table16   one ``tl.gather`` per nibble (two per byte) from the 16 codes as one 1-D table, indexed by the
+              flattened nibbles. Both releases stage the 64-byte table in shared memory each K step and read one
+              word per nibble. The default: it compiles for every tile on both releases.
+    rows16    the same lookup with the 16 codes broadcast to every row ([BLOCK_N, 16]) and gathered along the
+              row. Triton 3.9 keeps the gather in registers (warp shuffles and selects per nibble, no shared
+              table); Triton 3.6's gather-layout pass fails on some tiles of M_PAD >= 4 (a RuntimeError from
+              the compiler at the first launch; ``bench.tune`` records them as errors).
     pairs256  one ``tl.gather`` per byte from a 256-entry table whose entry b packs the fp32 bit patterns of
               (code[b >> 4], code[b & 15]) into one 64-bit word. Every program builds the table from the 16
-              codes before its K loop, so it needs no operand, no cache and no per-weight state. Triton
-              lowers a gather from a table spanning several warps through shared memory: in the sm_90 code
-              each K step stores the 2 KiB table (two 8-byte stores per thread at 4 warps), then reads one
-              8-byte word per byte, where table16 spends several warp shuffles per nibble. A table in global
-              memory (read through L1) was the variant of the GEMV probe that lost to the register gather on
-              an H100 (``ANCHORS.md``), so it is not offered.
+              codes before its K loop, so it needs no operand, no cache and no per-weight state; the table
+              goes through shared memory (2 KiB stored each K step, one 8-byte read per byte).
+A table in global memory (read through L1) was the variant of the GEMV probe that lost to a register gather on
+an H100 (``ANCHORS.md``), so it is not offered. ``python -m bench.tune --weights gemv`` times the three.
 
 Splitting K (``GemvConfig.split_k`` > 1, for weights with too few row blocks to fill the GPU): program (i, s)
 sweeps part s of K for row block i; each part is a whole number of K steps and of quantization blocks, the
@@ -91,7 +95,7 @@ def _lora_gemv_4bit_kernel(
     stride_os, stride_om, stride_on,
     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
-    IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, PAIRS: tl.constexpr, SPLIT: tl.constexpr,
+    IN_SCALE: tl.constexpr, OUT_SCALE: tl.constexpr, LOOKUP: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -99,14 +103,16 @@ def _lora_gemv_4bit_kernel(
     m_mask = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
     offs_pair = tl.arange(0, BLOCK_K // 2)
-    if PAIRS:
+    if LOOKUP == "pairs256":
         # entry b = (bits of code[b >> 4]) << 32 | bits of code[b & 15]: a byte's two codes in one lookup
         entry = tl.arange(0, 256)
         high = tl.load(code_ptr + (entry >> 4)).to(tl.uint32, bitcast=True).to(tl.uint64)
         low = tl.load(code_ptr + (entry & 15)).to(tl.uint32, bitcast=True).to(tl.uint64)
         pair_table = (high << 32) | low
-    else:
+    elif LOOKUP == "rows16":
         codes = tl.broadcast_to(tl.load(code_ptr + tl.arange(0, 16))[None, :], (BLOCK_N, 16))
+    else:
+        codes = tl.load(code_ptr + tl.arange(0, 16))
     row_bytes = offs_n.to(tl.int64) * (K // 2)
     blocks_per_row = K // BLOCKSIZE
     x_rows = X_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
@@ -126,14 +132,18 @@ def _lora_gemv_4bit_kernel(
         packed = tl.load(
             W_ptr + row_bytes[:, None] + pairs[None, :], mask=n_mask[:, None] & (pairs < K // 2)[None, :], other=0
         ).to(tl.int32)
-        if PAIRS:
+        if LOOKUP == "pairs256":
             both = tl.reshape(tl.gather(pair_table, tl.reshape(packed, (BLOCK_N * BLOCK_K // 2,)), axis=0),
                               (BLOCK_N, BLOCK_K // 2))  # fmt: skip
             high_code = (both >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
             low_code = both.to(tl.uint32).to(tl.float32, bitcast=True)
-        else:
+        elif LOOKUP == "rows16":
             high_code = tl.gather(codes, packed >> 4, axis=1)
             low_code = tl.gather(codes, packed & 15, axis=1)
+        else:
+            flat = tl.reshape(packed, (BLOCK_N * BLOCK_K // 2,))
+            high_code = tl.reshape(tl.gather(codes, flat >> 4, axis=0), (BLOCK_N, BLOCK_K // 2))
+            low_code = tl.reshape(tl.gather(codes, flat & 15, axis=0), (BLOCK_N, BLOCK_K // 2))
         # high nibble = even element: interleaving the two lookups restores the row order
         values = tl.interleave(high_code, low_code)
         if BLOCK_K > BLOCKSIZE:
@@ -269,7 +279,7 @@ def lora_gemv_4bit(
         partial.stride(0) if splits > 1 else 0, partial.stride(-2), partial.stride(-1),
         M_PAD=cfg.m_pad, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=cfg.block_r,
         BLOCKSIZE=weight.blocksize, NESTED=weight.nested, IN_SCALE=in_scale is not None,
-        PAIRS=cfg.lookup == "pairs256", SPLIT=splits > 1,
+        LOOKUP=cfg.lookup, SPLIT=splits > 1,
         **(epilogue if splits == 1 else dict(LORA=False, HAS_BIAS=False, OUT_SCALE=False)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=FUSE_MULTIPLY_ADD,
     )  # fmt: skip

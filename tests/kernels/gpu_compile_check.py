@@ -11,7 +11,6 @@ that overflow shared memory. Prints one JSON record per compiled kernel on stdou
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import os
@@ -82,7 +81,7 @@ def drive_launchers(quick: bool) -> None:
     from lora_engine.kernels.dropout import dropout_scale_
     from lora_engine.kernels.lora_gemv import gemv_supported, lora_gemv_4bit
     from lora_engine.kernels.lora_lowrank import lora_da, lora_down, lora_dy_pass
-    from lora_engine.kernels.configs import GEMV_LOOKUPS, gemv_config, multi_lora_config
+    from lora_engine.kernels.configs import GEMV_LOOKUPS, gemv_config, gemv_variant, multi_lora_config
     from lora_engine.kernels.lora_matmul import lora_matmul
     from lora_engine.kernels.lora_multi import multi_lora_expand, multi_lora_shrink, segment_metadata
     from lora_engine.kernels.operands import Dropout
@@ -115,7 +114,7 @@ def drive_launchers(quick: bool) -> None:
                     for lookup, split_k in itertools.product(GEMV_LOOKUPS, [1, 2]):
                         if (lookup, split_k) == ("table16", 1):
                             continue  # the default, compiled above
-                        cfg = dataclasses.replace(tiles, lookup=lookup, split_k=split_k)
+                        cfg = gemv_variant(tiles, lookup, split_k)
                         lora_gemv_4bit(x, weight, right=lora_B, left=torch.empty(m, 16), scaling=2.0,
                                        bias=torch.randn(n, dtype=dtype), config=cfg)  # fmt: skip
                         if split_k > 1:

@@ -18,7 +18,7 @@ import torch
 import lora_engine.kernels.lora_gemv as gemv_module
 from lora_engine import reference
 from lora_engine.format import packed_4bit
-from lora_engine.kernels.configs import GEMV_LOOKUPS, GemvConfig, gemv_config
+from lora_engine.kernels.configs import GEMV_LOOKUPS, GemvConfig, gemv_config, gemv_variant
 from lora_engine.kernels.lora_gemv import gemv_k_split, lora_gemv_4bit
 from lora_engine.testing import assert_bitwise_equal, assert_close_3way
 
@@ -87,7 +87,7 @@ def _weight(quant_type: str, nested: bool, n: int, k: int, blocksize: int, seed:
 
 
 def _config(m: int, lookup: str, split_k: int) -> GemvConfig:
-    return dataclasses.replace(gemv_config(m, RANK), block_k=BLOCK_K, lookup=lookup, split_k=split_k)
+    return gemv_variant(dataclasses.replace(gemv_config(m, RANK), block_k=BLOCK_K), lookup, split_k)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
@@ -136,7 +136,7 @@ def test_variant_matches_reference(case, kernel_device):
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_lookups_decode_every_byte_identically(quant_type, kernel_device):
-    """Both lookups give the reference's fp32 bits for all 256 byte values: one-hot rows of x pick single
+    """Every lookup gives the reference's fp32 bits for all 256 byte values: one-hot rows of x pick single
     elements of deq(W), so no rounding of the product or the sum can hide a wrong code."""
     n, k, blocksize = 16, 32, 32  # 16 rows of 16 bytes: every byte value once
     packed, state = _weight(quant_type, True, n, k, blocksize, 7, kernel_device)
