@@ -13,6 +13,7 @@ from . import reference
 from .dispatch import force_path, get_backend, set_backend, use_backend
 from .functional import (
     dequantize_4bit,
+    dora_linear,
     dora_linear_4bit,
     ia3_linear,
     ia3_linear_4bit,
@@ -80,6 +81,7 @@ __all__ = [
     "LoRALinear4bit",
     "PatchReport",
     "dequantize_4bit",
+    "dora_linear",
     "dora_linear_4bit",
     "force_path",
     "get_backend",

@@ -409,7 +409,7 @@ def adapter_linear(
 
 @torch.library.custom_op("lora_engine::row_norms_sq", mutates_args=())
 def row_norms_sq_op(weight: list[torch.Tensor], weight_sizes: list[int]) -> torch.Tensor:
-    """fp32 [N]: ‖W‖² of each row of a frozen 4-bit W (DoRA's constant), computed once per weight
+    """fp32 [N]: ‖W‖² of each row of a frozen 4-bit or dense W (DoRA's constant), computed once per weight
     (``format.row_norms_sq_cached``). Returns a copy: the compiled graph may reuse an op's output buffer."""
     from .format import row_norms_sq_cached
     from .kernels import runtime
@@ -424,8 +424,8 @@ def _(weight, weight_sizes):
     return weight[0].new_empty((weight_sizes[0],), dtype=torch.float32)
 
 
-def row_norms_sq(weight: Packed4bit) -> torch.Tensor:
-    """:func:`format.row_norms_sq_cached` through the op (what ``functional.dora_linear_4bit`` runs under
+def row_norms_sq(weight: Weight) -> torch.Tensor:
+    """:func:`format.row_norms_sq_cached` through the op (what ``functional``'s DoRA forwards run under
     ``torch.compile``: traced tensors have no address to look the cache up by)."""
     tensors, sizes = weight_parts(weight)
     return row_norms_sq_op(tensors, sizes)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -246,26 +246,30 @@ def packed_4bit_cached(weight: torch.Tensor, quant_state: Any) -> Packed4bit:
     return packed
 
 
-# storage of the packed bytes (weakly) -> {where the bytes lie in it: (what the norms were read from, the statistics
-# tensors, the norms)}. A storage may hold several weights (views into one buffer), hence the inner dict.
+# storage of the weight's bytes (weakly) -> {where the bytes lie in it: (what the norms were read from, the
+# statistics tensors, the norms)}. A storage may hold several weights (views into one buffer), hence the inner dict.
 _row_norm_cache = _ByIdentity()
 
 
-def row_norms_sq_cached(packed: Packed4bit) -> torch.Tensor:
-    """fp32 [N]: ‖deq(W)‖² of each row, computed once per weight (W is frozen) and again when its bytes or statistics
-    are replaced. The one dense decode happens here, once.
+def row_norms_sq_cached(weight: Union[Packed4bit, torch.Tensor]) -> torch.Tensor:
+    """fp32 [N]: ‖W‖² of each row of a frozen weight, 4-bit (``Packed4bit``: of its decode) or dense [N, K], computed
+    once per weight and again when its bytes or statistics are replaced. The one dense fp32 copy happens here, once.
 
-    Keyed by the storage of the packed bytes, not the quant state: the compiled graph's op
+    Keyed by the storage of the weight's bytes, not a quant state: the compiled graph's op
     (``custom_ops.row_norms_sq``) sees only the weight's tensors, and shares this cache with eager calls. While the
     storage lives its memory holds these bytes; the entry keeps the statistics tensors alive, so a replaced one
     cannot reappear at the same address. Returns the cached tensor itself: do not write into it.
     """
-    data = packed.data
-    stats = tuple(t for t in (packed.code, packed.absmax, packed.absmax2, packed.code2, packed.offset) if t is not None)
+    if isinstance(weight, Packed4bit):
+        data = weight.data
+        stats = tuple(t for t in (weight.code, weight.absmax, weight.absmax2, weight.code2, weight.offset)
+                      if t is not None)  # fmt: skip
+        layout = (weight.n, weight.k, weight.blocksize, weight.blocksize2)
+    else:
+        data, stats, layout = weight, (), (weight.dtype, tuple(weight.shape), weight.stride())
     where = (data.data_ptr(), data.numel())
     # the version counters catch bytes or statistics rewritten in place (``copy_``) at the same addresses
-    built_from = (data._version, tuple((t.data_ptr(), t._version) for t in stats), packed.n, packed.k,
-                  packed.blocksize, packed.blocksize2)  # fmt: skip
+    built_from = (data._version, tuple((t.data_ptr(), t._version) for t in stats), layout)
     storage = data.untyped_storage()
     entries = _row_norm_cache.get(storage)
     if entries is None:
@@ -273,9 +277,18 @@ def row_norms_sq_cached(packed: Packed4bit) -> torch.Tensor:
     cached = entries.get(where)
     if cached is not None and cached[0] == built_from:
         return cached[2]
-    from .kernels.dequantize import dequantize_4bit
+    # a storage resized in place (FSDP2 frees and refills its gathered buffer) moves its bytes: forget the entries
+    # of the old addresses
+    start = storage.data_ptr()
+    for stale in [key for key in entries if not start <= key[0] < start + storage.nbytes()]:
+        del entries[stale]
+    if isinstance(weight, Packed4bit):
+        from .kernels.dequantize import dequantize_4bit
 
-    norms = dequantize_4bit(packed, torch.float32).square().sum(1)
+        dense = dequantize_4bit(weight, torch.float32)
+    else:
+        dense = weight.detach().float()
+    norms = dense.square().sum(1)
     entries[where] = (built_from, stats, norms)
     return norms
 

@@ -277,16 +277,60 @@ def dora_linear_4bit(
     check_lora_linear_args(x, packed.n, packed.k, lora_A, lora_B, scaling, bias, dropout_p, packed.data.device,
                            dropout_seed)  # fmt: skip
     check_dora_magnitude(magnitude, packed.n, x)
+    return _apply_dora(x, packed, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, dropout_seed)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    *,
+    dropout_seed: Optional[int] = None,
+) -> torch.Tensor:
+    """DoRA over a frozen dense [out_features, in_features] weight (see :func:`dora_linear_4bit`): ‖W‖² once per
+    weight, then one GEMM of A over W and rank-r products per call for the row norm, never a dense W + s·B·A."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError("weight must be a 2-D tensor [out_features, in_features]")
+    check_frozen_weight(weight, "dora_linear")
+    n, k = weight.shape
+    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
+    check_dora_magnitude(magnitude, n, x)
+    if not dispatch.use_triton(x.device, _dtypes(x, weight, lora_A, lora_B, magnitude, bias)):
+        return reference.dora_linear(
+            x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, dropout_seed=dropout_seed
+        )
+    return _apply_dora(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, dropout_seed)
+
+
+def _apply_dora(
+    x: torch.Tensor,
+    weight: Packed4bit | torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+    dropout_p: float,
+    training: bool,
+    dropout_seed: Optional[int],
+) -> torch.Tensor:
+    """The DoRA bundle over a checked 4-bit or dense weight, its ‖W‖² from the per-weight cache, through the kernels."""
     if torch.compiler.is_compiling():
         from .custom_ops import row_norms_sq  # traced tensors have no address to look the cache up by
 
-        base_norm_sq = row_norms_sq(packed)
+        base_norm_sq = row_norms_sq(weight)
     else:
         with dispatch.device_guard(x.device):
-            base_norm_sq = row_norms_sq_cached(packed)
+            base_norm_sq = row_norms_sq_cached(weight)
     adapter = Dora(lora_A, lora_B, magnitude, float(scaling), base_norm_sq)
     p = float(dropout_p) if training and dropout_p > 0 else 0.0
-    return _apply_adapter(x, packed, adapter, bias, p, dropout_seed)
+    return _apply_adapter(x, weight, adapter, bias, p, dropout_seed)
 
 
 def _apply_adapter(

@@ -297,6 +297,47 @@ def dora_linear_4bit(
     check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, packed_bytes(weight).device, dropout_seed)
     check_dora_magnitude(magnitude, n, x)
     dense = dequantize_4bit(weight, quant_state, torch.float32)
+    return _dora_linear(x, dense, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, dropout_seed)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = False,
+    *,
+    dropout_seed: Optional[int] = None,
+) -> torch.Tensor:
+    """:func:`dora_linear_4bit` over a frozen dense [out_features, in_features] weight."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
+    check_frozen_weight(weight, "dora_linear")
+    n, k = weight.shape
+    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
+    check_dora_magnitude(magnitude, n, x)
+    dense = weight.detach().to(torch.float32)
+    return _dora_linear(x, dense, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, dropout_seed)
+
+
+def _dora_linear(
+    x: torch.Tensor,
+    dense: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+    dropout_p: float,
+    training: bool,
+    dropout_seed: Optional[int],
+) -> torch.Tensor:
+    """The DoRA layer on x of any leading shape over the fp32 dense W (checked by the caller), in x's dtype."""
+    n, k = dense.shape
     x32 = x.reshape(-1, k).to(torch.float32)
     keep_scale = None
     if training and dropout_p > 0:

@@ -11,19 +11,18 @@ PEFT's ``target_modules="all-linear"`` matches adapter layers by class name, and
 (``lora.Linear``, ``lora.Linear4bit``) to the module repr and to ``get_layer_status`` (which reads the repr).
 
 The fused forward covers one active vanilla LoRA adapter (any scaling, rsLoRA included; dropout on the LoRA
-branch drawn in-kernel; base bias frozen or not), one active DoRA adapter over a 4-bit base (magnitude, A and B
+branch drawn in-kernel; base bias frozen or not), one active DoRA adapter over either base (magnitude, A and B
 trained through the kernels, the weight norm detached as PEFT does; with dropout in training PEFT's rule, the DoRA
 term of the dropped input beside the base product of x, the mask drawn in-kernel), or one active
 IA3 adapter (the input scale of feed-forward layers fused into the GEMM's prologue, the output scale of the
 others into its epilogue, with PEFT's dtypes: its 4-bit IA3 layer returns float32 for a 16-bit input outside
 autocast). PEFT's mixed batches (``adapter_names``, one name per sample, "__base__" for none) over a 4-bit base
 run ``multi_lora_linear_4bit`` (the base product once, each row's low-rank term from its own adapter) when every
-named adapter of the layer is a plain LoRA adapter (gradients included). Merging stays PEFT's. Anything
-else runs PEFT's forward for that call: DoRA over an nn.Linear base, other LoRA variants, ``lora_bias``, the mixed
-batches the kernels do not serve, several active adapters, merged or disabled adapters, layouts or devices the
-kernels do not read, and a LoRA layer stacked on another tuner layer (a ``PeftMixedModel`` with LoHa, LoKr,
-AdaLoRA... under LoRA), whose delta only PEFT's forward adds. The ``PatchReport`` lists those layers and why; each
-reason is logged once.
+named adapter of the layer is a plain LoRA adapter (gradients included). Merging stays PEFT's. Anything else runs
+PEFT's forward for that call: other LoRA variants, ``lora_bias``, the mixed batches the kernels do not serve, several
+active adapters, merged or disabled adapters, layouts or devices the kernels do not read, and a LoRA layer stacked on
+another tuner layer (a ``PeftMixedModel`` with LoHa, LoKr, AdaLoRA... under LoRA), whose delta only PEFT's forward
+adds. The ``PatchReport`` lists those layers and why; each reason is logged once.
 
 Under FSDP2 the fused 4-bit layers read the gathered packed bytes with the quant state bitsandbytes also keeps on
 the module (the gathered weight is a plain tensor without it). Packed bytes that arrive in another dtype than
@@ -266,11 +265,8 @@ def _active_adapter(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
         return None, "several active adapters"
     name = active[0]
     if name in layer.lora_variant:
-        is_dora = bool(getattr(layer, "use_dora", {}).get(name, False))
-        if not is_dora:
+        if not getattr(layer, "use_dora", {}).get(name, False):
             return None, f"LoRA variant {type(layer.lora_variant[name]).__name__}"
-        if not isinstance(layer, _BNB_4BIT_LAYERS):
-            return None, "DoRA over an nn.Linear base"
     reason = _factors_reason(layer, name)
     return (None, reason) if reason is not None else (name, None)
 
@@ -622,6 +618,12 @@ class FusedLoraLinear(_FusedForward, PeftLinear):
     def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype, base: nn.Module) -> torch.Tensor:
         weight, bias = _dense_operands(base, compute)
         lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
+        if adapter in self.lora_variant:  # DoRA, with the dropout rule of FusedLoraLinear4bit's
+            magnitude = self.lora_magnitude_vector[adapter].weight
+            return F.dora_linear(
+                as_dtype(x, compute), weight, lora_A, lora_B, magnitude, scaling, bias=bias, dropout_p=p,
+                training=self.training and training,
+            )  # fmt: skip
         return F.lora_linear(
             as_dtype(x, compute), weight, lora_A, lora_B, scaling, bias=bias, dropout_p=p, training=training
         )

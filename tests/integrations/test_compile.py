@@ -302,20 +302,25 @@ def test_dora_op_passes_torch_opcheck(kernel_device):
 
 @pytest.mark.parametrize(
     "dropout, path, frozen",
-    [(0.0, "dequant", False), (0.2, "fused", False), (0.2, "dequant", True)],
-    ids=["p0-dequant", "p0.2-fused", "p0.2-dequant-B_m_frozen"],
+    [(0.0, "dequant", False), (0.2, "fused", False), (0.2, "dequant", True), (0.2, "dense", False)],
+    ids=["p0-dequant", "p0.2-fused", "p0.2-dequant-B_m_frozen", "p0.2-dense"],
 )
 def test_compiled_dora_matches_eager_through_the_adapter_op(dropout, path, frozen, kernel_device, dora_calls):
     """Compiled DoRA (fullgraph) runs the kernels' forward and backward inside the adapter op, not the reference, and
     gives eager's output and gradients (x, A, B, m, bias) for the same dropout seed. With B and m frozen, the
-    forward keeps neither drop(x)·Aᵀ nor the norm for the backward (only dB and dm read them)."""
+    forward keeps neither drop(x)·Aᵀ nor the norm for the backward (only dB and dm read them). Path "dense":
+    ``dora_linear`` over the decoded W, its ‖W‖² through the same norm op."""
     weight, state, lora_A, lora_B, magnitude, bias = _dora_4bit_args(kernel_device)
+    dense = lora_engine.reference.dequantize_4bit(weight, state)
     if frozen:
         lora_B.requires_grad_(False)
         magnitude.requires_grad_(False)
     leaves = [t for t in (lora_A, lora_B, magnitude, bias) if t.requires_grad]
 
     def layer(x):
+        if path == "dense":
+            return lora_engine.dora_linear(x, dense, lora_A, lora_B, magnitude, 1.5, bias, dropout, True,
+                                           dropout_seed=11)  # fmt: skip
         return lora_engine.dora_linear_4bit(
             x, weight, state, lora_A, lora_B, magnitude, 1.5, bias, dropout, True, dropout_seed=11
         )
@@ -331,7 +336,7 @@ def test_compiled_dora_matches_eager_through_the_adapter_op(dropout, path, froze
             t.grad = None
         return y.detach(), grads
 
-    with lora_engine.force_path(path):
+    with lora_engine.force_path(None if path == "dense" else path):
         eager = run(layer)
         code = torch._dynamo.explain(layer)(x).graphs[0].code
         assert "lora_engine.adapter_linear_fwd" in code and "lora_engine.row_norms_sq" in code, code

@@ -1,6 +1,6 @@
-"""PEFT DoRA layers (``use_dora=True``) over a 4-bit base, patched onto the kernels: the tiny 4-bit Llama trains
-as stock PEFT does (A, B and the magnitude), with lora_dropout too, the report shows the layers fused, the saved
-adapter is a stock PEFT DoRA adapter; what the kernels do not serve (an nn.Linear base) falls back, reported.
+"""PEFT DoRA layers (``use_dora=True``) over a 4-bit or a dense base, patched onto the kernels: the tiny Llama (4-bit
+and dense) trains as stock PEFT does (A, B and the magnitude), with lora_dropout too, the report shows the layers
+fused, the saved adapter is a stock PEFT DoRA adapter.
 
 With dropout, stock PEFT and the kernels draw their masks from different generators. The stock model's dropout
 modules are therefore replaced by ``SeededDropout``, which draws the kernels' mask from a seed taken from torch's
@@ -17,10 +17,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora.layer import LoraLayer
 from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 import lora_engine
 from lora_engine import reference
-from lora_engine.integrations.peft import FusedLoraLinear4bit
+from lora_engine.integrations.peft import FusedLoraLinear, FusedLoraLinear4bit
 
 from .conftest import LR, assert_within, randomize_lora_B, train_steps, trainable_params
 
@@ -129,11 +130,16 @@ def test_dora_with_dropout_trains_as_stock_peft_with_the_same_mask(make_peft_lla
         assert not torch.equal(param, before[name]), f"{name} did not change in training"
 
 
-def _biased_dora_layer(device: str) -> PeftModel:
-    """A PeftModel with DoRA (lora_dropout 0.2) over one NF4 layer with a bias; equal calls give equal weights."""
+def _biased_dora_layer(device: str, base: str) -> PeftModel:
+    """A PeftModel with DoRA (lora_dropout 0.2) over one NF4 or dense layer with a bias; equal calls give equal
+    weights."""
     torch.manual_seed(0)
-    net = nn.Sequential(bnb.nn.Linear4bit(100, 37, bias=True, compute_dtype=torch.float32, quant_type="nf4"))
-    net.is_loaded_in_4bit = True  # what transformers sets: PEFT then wraps the layer as lora.Linear4bit
+    if base == "nf4":
+        layer = bnb.nn.Linear4bit(100, 37, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    else:
+        layer = nn.Linear(100, 37)
+    net = nn.Sequential(layer)
+    net.is_loaded_in_4bit = base == "nf4"  # what transformers sets: PEFT then wraps the layer as lora.Linear4bit
     with torch.no_grad():
         net[0].bias.normal_()
     net = net.to(device)  # bitsandbytes quantizes on the move to a device
@@ -143,11 +149,15 @@ def _biased_dora_layer(device: str) -> PeftModel:
     return model.train()
 
 
-def test_dora_with_dropout_and_bias_matches_stock_peft(kernel_device):
-    """One NF4 layer with a bias (the Llama's have none): output and gradients of x, A, B and the magnitude."""
-    stock, patched = (_biased_dora_layer(kernel_device) for _ in range(2))
+@pytest.mark.parametrize("base", ["nf4", "dense"])
+def test_dora_with_dropout_and_bias_matches_stock_peft(base, kernel_device):
+    """One NF4 or dense layer with a bias (the Llama's have none): output and gradients of x, A, B and the
+    magnitude."""
+    stock, patched = (_biased_dora_layer(kernel_device, base) for _ in range(2))
     _seeded_dropout(stock)
     report = lora_engine.patch_peft_model(patched)
+    fused = FusedLoraLinear4bit if base == "nf4" else FusedLoraLinear
+    assert type(patched.base_model.model[0]) is fused, str(report)
     x = torch.randn(3, 5, 100, device=kernel_device)
     dy = torch.randn(3, 5, 37, device=kernel_device)
     results = []
@@ -167,8 +177,48 @@ def test_dora_with_dropout_and_bias_matches_stock_peft(kernel_device):
         assert_within(name, got[name], value, GRAD_TOL * value.abs().max().item())
 
 
-def test_dora_over_dense_base_falls_back(kernel_device):
-    torch.manual_seed(0)
-    model = get_peft_model(nn.Sequential(nn.Linear(24, 37)), LoraConfig(r=4, target_modules=["0"], use_dora=True))
-    report = lora_engine.patch_peft_model(model)
-    assert "DoRA over an nn.Linear base" in str(report), str(report)
+def _dense_dora_llama(path, device: str) -> PeftModel:
+    """The tiny Llama in fp32, unquantized, with DoRA on all linear layers; equal calls give equal weights."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    torch.manual_seed(1)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", use_dora=True, lora_dropout=0.1)
+    peft_model = get_peft_model(model, config)
+    randomize_lora_B(peft_model)
+    return peft_model
+
+
+def test_dora_over_dense_llama_trains_as_stock_peft(tiny_llama_dir, tokens, tmp_path, kernel_device):
+    """DoRA over nn.Linear bases (lora_dropout in training, both sides dropping the same elements): the kernels
+    serve every layer, and losses, gradients, weights and the saved adapter are stock PEFT's."""
+    stock, patched = (_dense_dora_llama(tiny_llama_dir, kernel_device) for _ in range(2))
+    _seeded_dropout(stock)
+    report = lora_engine.patch_peft_model(patched)
+    assert all(type(m) is FusedLoraLinear for m in patched.modules() if isinstance(m, LoraLayer)), str(report)
+
+    batches = [tokens(0, device=kernel_device)] * DROPOUT_STEPS
+    torch.manual_seed(7)
+    with lora_engine.use_backend("triton"):
+        losses, grads = train_steps(patched, batches)
+    torch.manual_seed(7)
+    stock_losses, stock_grads = train_steps(stock, batches)
+    assert report.num_patched == report.num_fused == LORA_LAYERS and not report.fallbacks, str(report)
+
+    assert grads.keys() == stock_grads.keys() and len(grads) == 3 * LORA_LAYERS
+    for name, expected in stock_grads.items():
+        assert expected.abs().max() > 0, f"{name}: degenerate gradient"
+        assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
+    for step, (loss, expected) in enumerate(zip(losses, stock_losses)):
+        assert math.isfinite(loss) and abs(loss - expected) <= LOSS_RTOL * abs(expected), (step, losses, stock_losses)
+    stock_weights = trainable_params(stock)
+    for name, param in trainable_params(patched).items():
+        assert_within(f"weight {name}", param.detach(), stock_weights[name].detach(), WEIGHT_ATOL)
+
+    patched.save_pretrained(tmp_path / "patched")
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).to(kernel_device)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "patched")
+    ids = tokens(100, device=kernel_device)
+    with torch.no_grad(), lora_engine.use_backend("triton"):
+        logits = patched.eval()(input_ids=ids).logits
+    with torch.no_grad():
+        stock_logits = reloaded.eval()(input_ids=ids).logits
+    assert_within("logits", logits, stock_logits, LOGITS_TOL * stock_logits.abs().max().item())

@@ -229,7 +229,7 @@ def _two_adapters(model: PeftModel) -> None:
 
 FALLBACKS = {
     # name: (LoraConfig kwargs, change made after patching, forward kwargs, reason)
-    # DoRA: fused over 4-bit bases (with dropout in training too), a fallback over nn.Linear (test_dora_peft.py)
+    # DoRA: fused over 4-bit and nn.Linear bases, with dropout in training too (test_dora_peft.py)
     "lora_bias": (dict(lora_bias=True), None, {}, "lora_bias"),
     # mixed-batch adapter_names: the kernels over 4-bit bases, fallbacks in test_multi_lora_peft.py
     "several_active": ({}, _two_adapters, {}, "several active adapters"),

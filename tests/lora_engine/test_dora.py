@@ -5,9 +5,10 @@ three-way rule.
     with dropout in training (PEFT's rule), xd = drop(x):
     y = x·deq(W)ᵀ + bias + (g − 1) ⊙ (xd·deq(W)ᵀ) + g ⊙ s·(xd·Aᵀ)·Bᵀ
 
-The kernels get the norm from ‖W‖², one 4-bit GEMM of A and rank-r products; the torch copies below compute it
+The kernels get the norm from ‖W‖², one GEMM of A over W and rank-r products; the torch copies below compute it
 from the dense W + s·B·A, so a wrong norm term shows. They drop the elements of the reference's keep mask for the
-same seed, which the kernels draw in-kernel. A handful of cases per path: the interpreter is slow.
+same seed, which the kernels draw in-kernel. Path "dense" runs ``dora_linear`` over a dense W in the case's dtype, the
+others ``dora_linear_4bit``. A handful of cases per path: the interpreter is slow.
 """
 
 import dataclasses
@@ -57,6 +58,8 @@ CASES = [
     Case(7, "fp4", True, F16, 8, True, "dequant", "aligned"),
     Case(33, "fp4", True, F16, 4, True, "dequant_cublas", "odd_k"),
     Case(1, "nf4", False, F32, 8, True, "gemv", "aligned"),
+    Case(7, "dense", False, F16, 5, True, "dense", "odd_k"),
+    Case(33, "dense", False, F32, 16, False, "dense", "straddle"),
 ]
 # Dropout: M = 33 (above the 16 rows where x·Aᵀ leaves cuBLAS for the rank-r kernel), "gemv" and
 # "dequant_cublas" (both take the dequant route), fused and dequant; p up to 0.3 so that M = 1 drops elements.
@@ -66,6 +69,8 @@ DROPOUT_CASES = [
     Case(33, "nf4", False, F32, 16, True, "dequant", "straddle", 0.1),
     Case(33, "fp4", True, F16, 4, True, "dequant_cublas", "odd_k", 0.2),
     Case(1, "nf4", False, F16, 8, False, "gemv", "aligned", 0.3),
+    Case(33, "dense", False, F32, 8, True, "dense", "odd_k", 0.2),
+    Case(1, "dense", False, F16, 4, False, "dense", "aligned", 0.3),
 ]
 
 
@@ -77,12 +82,15 @@ def _inputs(case: Case, device: str) -> dict:
         return (torch.randn(*shape, generator=gen) * std).to(device)
 
     dense = randn(n, k, std=0.5)
-    packed, state = bnbF.quantize_4bit(dense, blocksize=blocksize, quant_type=case.quant_type,
-                                       compress_statistics=case.nested)  # fmt: skip
+    packed = state = None
+    if case.path != "dense":
+        packed, state = bnbF.quantize_4bit(dense, blocksize=blocksize, quant_type=case.quant_type,
+                                           compress_statistics=case.nested)  # fmt: skip
     x = randn(3, 11, k) if case.m == 33 else randn(case.m, k)
     return dict(
         packed=packed,
         state=state,
+        weight=dense.to(case.dtype),
         x=x.to(case.dtype),
         lora_A=randn(case.rank, k, std=0.3).to(case.dtype),
         lora_B=randn(n, case.rank, std=0.3).to(case.dtype),
@@ -104,6 +112,22 @@ def _torch_dora(x, weight, lora_A, lora_B, magnitude, bias, scaling, keep=None, 
     return y + bias if bias is not None else y
 
 
+def _dora(case: Case, t: dict, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The layer under test on the case's weight: ``dora_linear`` over the dense one, else ``dora_linear_4bit`` with
+    the case's path forced."""
+    if case.path == "dense":
+        return lora_engine.dora_linear(x, t["weight"], *args, **kwargs)
+    with lora_engine.force_path(case.path):
+        return lora_engine.dora_linear_4bit(x, t["packed"], t["state"], *args, **kwargs)
+
+
+def _dense_weight(case: Case, t: dict) -> torch.Tensor:
+    """The case's W in fp32: the dense weight as the layer reads it, or the decode of the 4-bit one."""
+    if case.path == "dense":
+        return t["weight"].float()
+    return reference.dequantize_4bit(t["packed"], t["state"], torch.float32)
+
+
 def _check_case(case: Case, device: str, dropout_p: Optional[float] = None):
     """The kernels (called with ``dropout_p``, default the case's) against the torch copies with the case's mask."""
     scaling = 1.7
@@ -114,18 +138,17 @@ def _check_case(case: Case, device: str, dropout_p: Optional[float] = None):
     if case.dropout:
         keep = reference.dropout_keep_mask(seed, t["x"].numel() // k, k, case.dropout, device).reshape(t["x"].shape)
         assert keep.any() and not keep.all(), "degenerate mask: the test could not tell dropout from none"
-    w32 = reference.dequantize_4bit(t["packed"], t["state"], torch.float32)
+    w32 = _dense_weight(case, t)
     names = ("x", "lora_A", "lora_B", "magnitude") + (("bias",) if case.bias else ())
 
     def leaves(dtype):
         return {name: t[name].detach().to(dtype).requires_grad_() for name in names}
 
     got = leaves(case.dtype)
-    with lora_engine.use_backend("triton"), lora_engine.force_path(case.path):
-        y = lora_engine.dora_linear_4bit(
-            got["x"], t["packed"], t["state"], got["lora_A"], got["lora_B"], got["magnitude"], scaling,
-            bias=got.get("bias"), dropout_p=case.dropout if dropout_p is None else dropout_p, training=True,
-            dropout_seed=seed,
+    with lora_engine.use_backend("triton"):
+        y = _dora(
+            case, t, got["x"], got["lora_A"], got["lora_B"], got["magnitude"], scaling, bias=got.get("bias"),
+            dropout_p=case.dropout if dropout_p is None else dropout_p, training=True, dropout_seed=seed,
         )  # fmt: skip
     y.backward(t["dy"])
     expected = {}
@@ -136,7 +159,7 @@ def _check_case(case: Case, device: str, dropout_p: Optional[float] = None):
         yr.backward(t["dy"].to(dtype))
         expected[label] = {"y": yr, **{f"d{name}": r[name].grad for name in names}}
     actual = {"y": y, **{f"d{name}": got[name].grad for name in names}}
-    assert t["packed"].grad is None
+    assert (t["weight"] if case.path == "dense" else t["packed"]).grad is None
     for name, value in actual.items():
         assert value is not None and value.dtype == case.dtype, f"{name}: {value}"
         precise, same = expected["precise"][name], expected["same"][name]
@@ -154,7 +177,7 @@ def test_dora_with_dropout_matches_reference(case, kernel_device):
     _check_case(case, kernel_device)
 
 
-@pytest.mark.parametrize("case", [CASES[2], CASES[3]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[7]], ids=lambda c: c.id)
 def test_dropout_route_with_nothing_dropped_is_dora(case, kernel_device, monkeypatch):
     """p = 1e-9 drops nothing (its threshold rounds to 0, 1 / (1 - p) to 1 in fp32) but runs the dropout route:
     x·Wᵀ + bias + (g − 1) ⊙ x·Wᵀ + g ⊙ s·(x·Aᵀ)·Bᵀ must be the dropout-free DoRA, forward and every gradient."""
@@ -210,20 +233,26 @@ def test_bad_magnitude_raises(backend, kernel_device):
             lora_engine.dora_linear_4bit(*args, torch.ones(37, dtype=torch.int64, device=kernel_device), 1.0)
         with pytest.raises(ValueError, match=r"lora_B must be \(out_features, r\)"):
             lora_engine.dora_linear_4bit(*args[:4], t["lora_B"][:-1], t["magnitude"], 1.0)
+        dense_args = (t["x"], t["weight"], t["lora_A"], t["lora_B"])
+        with pytest.raises(ValueError, match=r"magnitude must be \(out_features,\) = \(37,\)"):
+            lora_engine.dora_linear(*dense_args, torch.ones(36, device=kernel_device), 1.0)
+        with pytest.raises(ValueError, match="2-D"):
+            lora_engine.dora_linear(t["x"], t["weight"][None], *dense_args[2:], t["magnitude"], 1.0)
+        with pytest.raises(ValueError, match="frozen"):
+            lora_engine.dora_linear(t["x"], t["weight"].clone().requires_grad_(), *dense_args[2:], t["magnitude"], 1.0)
 
 
+@pytest.mark.parametrize("case", [CASES[2], CASES[7]], ids=lambda c: c.id)
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_double_backward_matches_reference(dropout, kernel_device):
+def test_double_backward_matches_reference(dropout, case, kernel_device):
     """create_graph=True runs the gradients as torch operations: second-order terms through A, B and m are exact."""
-    t = _inputs(CASES[2], kernel_device)
+    t = _inputs(case, kernel_device)
     results = []
     for backend in ("triton", "torch"):
         x, lora_A, lora_B, magnitude = (t[n].detach().clone().requires_grad_() for n in ("x", "lora_A", "lora_B",
                                                                                           "magnitude"))  # fmt: skip
         with lora_engine.use_backend(backend):
-            y = lora_engine.dora_linear_4bit(
-                x, t["packed"], t["state"], lora_A, lora_B, magnitude, 1.7, t["bias"], dropout, True, dropout_seed=3
-            )
+            y = _dora(case, t, x, lora_A, lora_B, magnitude, 1.7, t["bias"], dropout, True, dropout_seed=3)
         (dx,) = torch.autograd.grad(y, x, t["dy"], create_graph=True)
         results.append(torch.autograd.grad(dx.square().sum(), (lora_A, lora_B, magnitude)))
     for got, expected in zip(*results):
@@ -251,21 +280,60 @@ def test_compiled_reference_with_dropout_has_no_graph_breaks(kernel_device):
     assert not torch.equal(got, other_seed), "the seed made no difference: no dropout ran"
 
 
-def test_cached_row_norms_follow_bytes_rewritten_in_place(kernel_device):
+@pytest.mark.parametrize("case", [CASES[2], CASES[7]], ids=lambda c: c.id)
+def test_cached_row_norms_follow_bytes_rewritten_in_place(case, kernel_device):
     """‖W‖² is cached per weight; bytes and statistics copied in place (same addresses, as a state-dict load into the
     existing tensors does) must give the new weight's norms, not the cached ones."""
-    t = _inputs(CASES[2], kernel_device)
-    other = _inputs(dataclasses.replace(CASES[2], bias=False), kernel_device)  # the same format, other values
-    packed, state = t["packed"], t["state"]
+    t = _inputs(case, kernel_device)
+    other = _inputs(dataclasses.replace(case, rank=case.rank + 1), kernel_device)  # the same format, other values
     args = (t["lora_A"].float(), t["lora_B"].float(), t["magnitude"].float(), 1.3)
 
     def run():
-        with lora_engine.use_backend("triton"), lora_engine.force_path("dequant"):
-            return lora_engine.dora_linear_4bit(t["x"].float(), packed, state, *args)
+        with lora_engine.use_backend("triton"):
+            return _dora(case, t, t["x"].float(), *args)
 
     run()  # fills the cache
-    packed.copy_(other["packed"])
-    state.absmax.copy_(other["state"].absmax)
+    if case.path == "dense":
+        t["weight"].copy_(other["weight"])
+    else:
+        t["packed"].copy_(other["packed"])
+        t["state"].absmax.copy_(other["state"].absmax)
     with lora_engine.use_backend("torch"):
-        expected = lora_engine.dora_linear_4bit(t["x"].float(), packed, state, *args)
+        expected = _dora(case, t, t["x"].float(), *args)
     torch.testing.assert_close(run(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cached_row_norms_tell_views_of_one_storage_apart(kernel_device):
+    """A square dense W and its transpose share storage, address and size: each must get its own row norms."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(24, 24, generator=gen).to(kernel_device)
+    x = torch.randn(3, 24, generator=gen).to(kernel_device)
+    lora_A = (0.3 * torch.randn(4, 24, generator=gen)).to(kernel_device)
+    lora_B = torch.zeros(24, 4, device=kernel_device)
+    magnitude = torch.ones(24, device=kernel_device)
+    for w in (weight, weight.t(), weight):
+        with lora_engine.use_backend("triton"):
+            got = lora_engine.dora_linear(x, w, lora_A, lora_B, magnitude, 1.0)
+        # B = 0, m = 1: y = x·Wᵀ / ‖W‖ row by row
+        expected = (x @ w.t()) / w.norm(dim=1)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_row_norm_cache_forgets_a_storage_resized_in_place():
+    """FSDP2 frees its gathered buffer after each step and refills it before the next (``resize_`` on the same
+    storage, the bytes at a new address): the norms follow the new bytes and the old address's entry goes."""
+    from lora_engine import format as fmt
+
+    gen = torch.Generator().manual_seed(8)
+    weight = torch.randn(8, 16, generator=gen)
+    storage, nbytes, old_address = weight.untyped_storage(), weight.untyped_storage().nbytes(), weight.data_ptr()
+    torch.testing.assert_close(fmt.row_norms_sq_cached(weight), weight.square().sum(1))
+    storage.resize_(0)
+    blocker = torch.empty(nbytes, dtype=torch.uint8)  # holds the freed memory, so the refill lands elsewhere
+    storage.resize_(nbytes)
+    assert weight.data_ptr() != old_address, "the refill reused the address: the case proves nothing"
+    with torch.no_grad():
+        weight.copy_(torch.randn(8, 16, generator=gen))
+    torch.testing.assert_close(fmt.row_norms_sq_cached(weight), weight.square().sum(1))
+    assert len(fmt._row_norm_cache.get(storage)) == 1
+    del blocker
