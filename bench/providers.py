@@ -34,6 +34,8 @@ weight, x and dy; their other operands are drawn from the case's seed (``multi_a
     lora_engine_dora             ``lora_engine.dora_linear_4bit`` with the case's LoRA pair (r=16) and a magnitude;
                                  fwd and fwdbwd (gradients for x, A, B and the magnitude)
     peft_dora                    PEFT's LoRA Linear4bit with ``use_dora=True``, the same operands
+    lora_engine_dora_dense,      the same two over an ``nn.Linear`` holding the decoded weight (``dense_bf16``'s
+      peft_dora_dense            operand): ``lora_engine.dora_linear`` and PEFT's LoRA Linear with ``use_dora=True``
     lora_engine_ia3              ``lora_engine.ia3_linear_4bit`` scaling the output (PEFT's attention layers) by an
                                  fp32 vector, as PEFT keeps it; fwd, fwdbwd and decode (gradients for x and it)
     peft_ia3                     PEFT's IA3 Linear4bit, the same vector (its output is fp32 for a bf16 input)
@@ -88,8 +90,8 @@ def installed(provider: str) -> bool:
 # Adapter kinds over the same 4-bit base, ours and PEFT's (see the module docstring); not in the default set.
 MULTI_RANKS = (16, 8, 16, 32, 16, 8, 16, 16)  # the mixed batch's adapters: mean 16 (the single adapter's rank)
 MULTI_NAMES = tuple(f"adapter{i}" for i in range(len(MULTI_RANKS)))
-KIND_PROVIDERS = ("lora_engine_multi8", "peft_multi8", "lora_engine_dora", "peft_dora", "lora_engine_ia3", "peft_ia3",
-                  "lora_engine_ia3_ff", "peft_ia3_ff")  # fmt: skip
+KIND_PROVIDERS = ("lora_engine_multi8", "peft_multi8", "lora_engine_dora", "peft_dora", "lora_engine_dora_dense",
+                  "peft_dora_dense", "lora_engine_ia3", "peft_ia3", "lora_engine_ia3_ff", "peft_ia3_ff")  # fmt: skip
 # The modes each kind runs (the others: all three). PEFT's mixed batch is inference only; DoRA is measured where it
 # trains (its kernels have no few-token path: the gemv path takes the dequant route).
 KIND_MODES = {
@@ -97,6 +99,8 @@ KIND_MODES = {
     "peft_multi8": ("fwd", "decode"),
     "lora_engine_dora": ("fwd", "fwdbwd"),
     "peft_dora": ("fwd", "fwdbwd"),
+    "lora_engine_dora_dense": ("fwd", "fwdbwd"),
+    "peft_dora_dense": ("fwd", "fwdbwd"),
 }
 # (provider, its baseline, the most its time may be over the baseline's where the project sets a target, or None):
 # what each adapter kind costs over the same layer without it, ours and PEFT's.
@@ -105,6 +109,8 @@ KIND_RATIOS = (
     ("peft_multi8", "bnb_peft", None),
     ("lora_engine_dora", "lora_engine", 1.3),
     ("peft_dora", "bnb_peft", None),
+    ("lora_engine_dora_dense", "dense_bf16", None),
+    ("peft_dora_dense", "dense_bf16", None),
     ("lora_engine_ia3", "lora_engine_base", 1.05),
     ("peft_ia3", BASE_ANCHOR, None),
     ("lora_engine_ia3_ff", "lora_engine_base", 1.05),
@@ -112,12 +118,13 @@ KIND_RATIOS = (
 )
 ADAPTER_KINDS_NOTE = (
     f"Adapter kinds: `*_multi8` {len(MULTI_RANKS)} LoRA adapters of ranks {', '.join(map(str, MULTI_RANKS))} "
-    f"(scaling {LORA_ALPHA} / r), row m of x through adapter m mod {len(MULTI_RANKS)}; `*_dora` DoRA r={RANK}; "
-    "`*_ia3` IA3 scaling the output, `*_ia3_ff` the input (PEFT's feed-forward layers), an fp32 vector. The targets "
-    "hold for the mixed batch at M = 16 and 256, for DoRA in fwdbwd at M = 8192, for IA3 at every M."
+    f"(scaling {LORA_ALPHA} / r), row m of x through adapter m mod {len(MULTI_RANKS)}; `*_dora` DoRA r={RANK} "
+    "(`*_dora_dense` over the decoded weight in an nn.Linear); `*_ia3` IA3 scaling the output, `*_ia3_ff` the input "
+    "(PEFT's feed-forward layers), an fp32 vector. The targets hold for the mixed batch at M = 16 and 256, for DoRA "
+    "in fwdbwd at M = 8192, for IA3 at every M."
 )
 # Names standing for several providers on the command line.
-PROVIDER_GROUPS = {"kinds": ("lora_engine", "bnb_peft", "lora_engine_base", BASE_ANCHOR, *KIND_PROVIDERS)}
+PROVIDER_GROUPS = {"kinds": ("lora_engine", "bnb_peft", "lora_engine_base", BASE_ANCHOR, "dense_bf16", *KIND_PROVIDERS)}
 
 DEFAULT_PROVIDERS = ("lora_engine", *PATH_PROVIDERS, *ANCHORS, *(p for p in OTHER_FORMATS if installed(p)))
 ALL_PROVIDERS = ("lora_engine", *PATH_PROVIDERS, *ANCHORS, "torch_reference", *BASE_PROVIDERS, *OTHER_FORMATS,
@@ -447,12 +454,31 @@ def _lora_engine_dora(t: LayerInputs, mode: str) -> Runnable:
     return _wrap(forward, mode, t.dy, (x, lora_A, lora_B, magnitude))
 
 
-def _peft_dora(t: LayerInputs, mode: str) -> Runnable:
+def _lora_engine_dora_dense(t: LayerInputs, mode: str) -> Runnable:
+    import lora_engine
+
+    x, lora_A, lora_B = _leaves(t, mode)
+    magnitude = dora_magnitude(t).requires_grad_(mode == "fwdbwd")
+
+    def forward() -> torch.Tensor:
+        return lora_engine.dora_linear(x, t.dense, lora_A, lora_B, magnitude, t.scaling)
+
+    return _wrap(forward, mode, t.dy, (x, lora_A, lora_B, magnitude))
+
+
+def _peft_dora(t: LayerInputs, mode: str, dense: bool = False) -> Runnable:
+    """PEFT's DoRA layer over the 4-bit base (lora.Linear4bit), or over an nn.Linear holding the decoded weight."""
     from peft import LoraConfig
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+    from peft.tuners.lora.layer import Linear as PeftLinear
 
     config = LoraConfig(r=RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0, use_dora=True)
-    layer = PeftLinear4bit(_bnb_base(t), "default", config, r=RANK, lora_alpha=LORA_ALPHA)
+    if dense:
+        base = torch.nn.Linear(t.k, t.n, bias=False, device=t.x.device, dtype=t.dtype)
+        base.weight = torch.nn.Parameter(t.dense, requires_grad=False)
+        layer = PeftLinear(base, "default", config, r=RANK, lora_alpha=LORA_ALPHA)
+    else:
+        layer = PeftLinear4bit(_bnb_base(t), "default", config, r=RANK, lora_alpha=LORA_ALPHA)
     layer.to(device=t.x.device)
     grad = mode == "fwdbwd"
     x, lora_A, lora_B = _leaves(t, mode)
@@ -548,6 +574,8 @@ BUILDERS: dict[str, Callable[[LayerInputs, str], Optional[Runnable]]] = {
     "peft_multi8": _peft_multi,
     "lora_engine_dora": _lora_engine_dora,
     "peft_dora": _peft_dora,
+    "lora_engine_dora_dense": _lora_engine_dora_dense,
+    "peft_dora_dense": lambda t, mode: _peft_dora(t, mode, dense=True),
     "lora_engine_ia3": _lora_engine_ia3(scales_input=False),
     "peft_ia3": _peft_ia3(scales_input=False),
     "lora_engine_ia3_ff": _lora_engine_ia3(scales_input=True),

@@ -42,6 +42,8 @@ STYLES = {
     "peft_multi8": ("#ad494a", "p"),
     "lora_engine_dora": ("#637939", "H"),
     "peft_dora": ("#7b4173", "H"),
+    "lora_engine_dora_dense": ("#637939", "^"),
+    "peft_dora_dense": ("#7b4173", "^"),
     "lora_engine_ia3": ("#3182bd", "8"),
     "peft_ia3": ("#e6550d", "8"),
     "lora_engine_ia3_ff": ("#31a354", "d"),

@@ -44,6 +44,9 @@ def _run(provider: str, inputs, mode: str):
 def _reference(provider: str, t, leaves: list[torch.Tensor]) -> torch.Tensor:
     """The kind's reference on ``leaves`` (x first, then the trainables in the provider's order)."""
     state = t.weight.quant_state
+    if provider.endswith("dora_dense"):
+        x, lora_A, lora_B, magnitude = leaves
+        return reference.dora_linear(x, t.dense, lora_A, lora_B, magnitude, t.scaling)
     if "dora" in provider:
         x, lora_A, lora_B, magnitude = leaves
         return reference.dora_linear_4bit(x, t.weight, state, lora_A, lora_B, magnitude, t.scaling)
@@ -118,7 +121,8 @@ def test_the_multi_providers_agree_row_by_row_each_row_with_its_own_adapter(mode
 
 def test_a_kind_asked_for_a_mode_it_does_not_run_builds_nothing():
     t = make_inputs(8, 64, 3, dtype=torch.float32, device="cpu")
-    assert set(KIND_MODES) == {"lora_engine_multi8", "peft_multi8", "lora_engine_dora", "peft_dora"}
+    assert set(KIND_MODES) == {"lora_engine_multi8", "peft_multi8", "lora_engine_dora", "peft_dora",
+                               "lora_engine_dora_dense", "peft_dora_dense"}  # fmt: skip
     for provider in KIND_PROVIDERS:
         for mode in MODES:
             run = build(provider, t, mode)

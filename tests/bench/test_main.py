@@ -56,8 +56,8 @@ def test_the_documented_adapter_kinds_command_parses():
     assert {b for _, b, _ in providers.KIND_RATIOS} <= set(group), "every kind's baseline is measured beside it"
     assert (args.modes, args.m_decode, args.m_train, args.stem) == (["decode", "fwd", "fwdbwd"], [16], [256, 8192],
                                                                     "kinds")  # fmt: skip
-    spelled_out = _parse(["--providers", *group, "dense_bf16", "kinds"])
-    assert spelled_out.providers == [*group, "dense_bf16"], "a group expands in place, each provider once"
+    spelled_out = _parse(["--providers", *group, "dequant_cublas", "kinds"])
+    assert spelled_out.providers == [*group, "dequant_cublas"], "a group expands in place, each provider once"
     assert "lora_engine_multi8" not in _parse([]).providers, "the default set stays the LoRA layer's"
     with pytest.raises(SystemExit):
         _parse(["--providers", "kinds8"])
