@@ -5,6 +5,7 @@ decoder linear in bitsandbytes NF4 (double quant, blocksize 64, bf16 compute), g
 SDPA attention, batch 4 x 2048 by default, trained with one of:
     --method lora      PEFT LoRA r=16, alpha 32 on ``--targets``: all seven projections (default) or ``qv``,
                        q_proj and v_proj only (the configuration most LoRA tutorials teach)
+    --method dora      the same with ``use_dora=True`` (PEFT's DoRA: a magnitude vector per projection)
     --method prefix    PEFT Prefix Tuning (30 virtual tokens): no linear layer trained, every 4-bit projection
                        frozen; without gradient checkpointing, which PEFT refuses for prompt learning (so
                        activations of every layer are kept: lower ``--batch`` on a large model)
@@ -99,7 +100,7 @@ def build_model(name: str, layers: int, vocab: int, seq: int, method: str, targe
         peft_config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=PREFIX_TOKENS)
     else:
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=lora_dropout, target_modules=TARGETS[targets],
-                                 task_type="CAUSAL_LM")  # fmt: skip
+                                 use_dora=method == "dora", task_type="CAUSAL_LM")  # fmt: skip
     model = get_peft_model(model, peft_config)
     for p in model.parameters():
         if p.requires_grad:
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--steps", type=int, default=3, help="timed steps per round (after one warm-up step)")
     p.add_argument("--rounds", type=int, default=2, help="alternating stock / patched rounds")
-    p.add_argument("--method", default="lora", choices=["lora", "prefix"])
+    p.add_argument("--method", default="lora", choices=["lora", "dora", "prefix"])
     p.add_argument("--targets", default="all", choices=list(TARGETS), help="LoRA target projections")
     p.add_argument("--group-projections", action="store_true",
                    help="also time patch_peft_model(model, group_projections=True): q/k/v and gate/up grouped")
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**environment(), "commit": _commit()}
     what = (f"{'tiny' if args.tiny else args.model} ({args.layers} layers), batch {args.batch} x {args.seq}, "
             + (f"Prefix Tuning ({PREFIX_TOKENS} virtual tokens)" if args.method == "prefix"
-               else f"LoRA r=16 on {', '.join(TARGETS[args.targets])}"
+               else f"{'DoRA' if args.method == 'dora' else 'LoRA'} r=16 on {', '.join(TARGETS[args.targets])}"
                + (f", dropout {args.lora_dropout}" if args.lora_dropout else "")))  # fmt: skip
     rows: list[dict[str, Any]] = []
     for liger in (False, True) if args.liger else (False,):
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or results_dir(env["gpu"])
     out.mkdir(parents=True, exist_ok=True)
     stem = f"e2e-{'tiny' if args.tiny else args.model}-{args.layers}l-{args.method}"
-    stem += f"-{args.targets}" if args.method == "lora" else ""
+    stem += f"-{args.targets}" if args.method != "prefix" else ""
     stem += f"-dropout{args.lora_dropout:g}" if args.lora_dropout else ""
     stem += "-liger" if args.liger else ""
     stem += "-grouped" if args.group_projections else ""

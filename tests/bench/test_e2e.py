@@ -14,8 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize(
     "extra",
-    [["--model", "qwen2.5-7b", "--targets", "qv"], ["--method", "prefix"], ["--group-projections"]],
-    ids=["qwen2-lora-qv", "prefix", "grouped"],
+    [["--model", "qwen2.5-7b", "--targets", "qv"], ["--method", "prefix"], ["--group-projections"],
+     ["--method", "dora", "--lora-dropout", "0.05"]],
+    ids=["qwen2-lora-qv", "prefix", "grouped", "dora"],
 )
 def test_tiny_run_writes_stock_and_patched_rows(tmp_path, extra):
     env = {key: os.environ[key] for key in ("PATH", "HOME", "TMPDIR") if key in os.environ}
