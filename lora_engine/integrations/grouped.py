@@ -91,8 +91,8 @@ def _member_plan(layer: nn.Module, x: torch.Tensor) -> tuple[Optional[GroupMembe
         if layer.use_dora.get(adapter, False):
             return None, None, "a DoRA adapter (its output is scaled row by row, layer by layer)"
         lora_A, lora_B, scaling, p, training = layer._lora_args(adapter)
-        member = GroupMember(base.weight, _peft._quant_state(base), lora_A, lora_B, scaling, base.bias,
-                             dropout_p=p if training else 0.0)  # fmt: skip
+        member = GroupMember(base.weight, _peft._quant_state(base), lora_A, lora_B, scaling,
+                             layer._bias(adapter, base.bias), dropout_p=p if training else 0.0)  # fmt: skip
         return member, compute, ""
     if type(layer) is _peft.FusedLinear4bit:
         compute, reason = layer._plan(x)  # the checks of its own forward

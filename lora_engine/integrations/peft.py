@@ -11,18 +11,18 @@ PEFT's ``target_modules="all-linear"`` matches adapter layers by class name, and
 (``lora.Linear``, ``lora.Linear4bit``) to the module repr and to ``get_layer_status`` (which reads the repr).
 
 The fused forward covers one active vanilla LoRA adapter (any scaling, rsLoRA included; dropout on the LoRA
-branch drawn in-kernel; base bias frozen or not), one active DoRA adapter over either base (magnitude, A and B
-trained through the kernels, the weight norm detached as PEFT does; with dropout in training PEFT's rule, the DoRA
-term of the dropped input beside the base product of x, the mask drawn in-kernel), or one active
-IA3 adapter (the input scale of feed-forward layers fused into the GEMM's prologue, the output scale of the
-others into its epilogue, with PEFT's dtypes: its 4-bit IA3 layer returns float32 for a 16-bit input outside
-autocast). PEFT's mixed batches (``adapter_names``, one name per sample, "__base__" for none) over a 4-bit base
-run ``multi_lora_linear_4bit`` (the base product once, each row's low-rank term from its own adapter) when every
-named adapter of the layer is a plain LoRA adapter (gradients included). Merging stays PEFT's. Anything else runs
-PEFT's forward for that call: other LoRA variants, ``lora_bias``, the mixed batches the kernels do not serve, several
-active adapters, merged or disabled adapters, layouts or devices the kernels do not read, and a LoRA layer stacked on
-another tuner layer (a ``PeftMixedModel`` with LoHa, LoKr, AdaLoRA... under LoRA), whose delta only PEFT's forward
-adds. The ``PatchReport`` lists those layers and why; each reason is logged once.
+branch drawn in-kernel; base bias frozen or not; ``lora_bias``, its term joining the bias), one active DoRA adapter
+over either base (magnitude, A and B trained through the kernels, the weight norm detached as PEFT does; with
+dropout in training PEFT's rule, the DoRA term of the dropped input beside the base product of x, the mask drawn
+in-kernel), or one active IA3 adapter (the input scale of feed-forward layers fused into the GEMM's prologue, the
+output scale of the others into its epilogue, with PEFT's dtypes: its 4-bit IA3 layer returns float32 for a 16-bit
+input outside autocast). PEFT's mixed batches (``adapter_names``, one name per sample, "__base__" for none) over a
+4-bit base run ``multi_lora_linear_4bit`` (the base product once, each row's low-rank term from its own adapter)
+when every named adapter of the layer is a plain LoRA adapter without ``lora_bias`` (gradients included). Merging
+stays PEFT's. Anything else runs PEFT's forward for that call: other LoRA variants, the mixed batches the kernels do
+not serve, several active adapters, merged or disabled adapters, layouts or devices the kernels do not read, and a
+LoRA layer stacked on another tuner layer (a ``PeftMixedModel`` with LoHa, LoKr, AdaLoRA... under LoRA), whose
+delta only PEFT's forward adds. The ``PatchReport`` lists those layers and why; each reason is logged once.
 
 Under FSDP2 the fused 4-bit layers read the gathered packed bytes with the quant state bitsandbytes also keeps on
 the module (the gathered weight is a plain tensor without it). Packed bytes that arrive in another dtype than
@@ -272,12 +272,13 @@ def _active_adapter(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
 
 
 def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
-    """Why adapter ``name``'s factors are not what the kernels read as A and B (None when they are)."""
-    if layer.lora_bias.get(name, False):
-        return "lora_bias"
+    """Why adapter ``name``'s factors are not what the kernels read as A and B (None when they are). A bias of
+    lora_B (PEFT's ``lora_bias``) is read too: it joins the layer's bias (``_FusedForward._bias``)."""
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
-    if not (type(lora_A) is nn.Linear and type(lora_B) is nn.Linear and lora_A.bias is None and lora_B.bias is None):
-        return "LoRA factors are not bias-free nn.Linear modules"
+    lora_bias = bool(layer.lora_bias.get(name, False))
+    if not (type(lora_A) is nn.Linear and type(lora_B) is nn.Linear and lora_A.bias is None
+            and (lora_B.bias is not None) == lora_bias):  # fmt: skip
+        return "LoRA factors are not nn.Linear modules with the biases PEFT gives them"
     if _has_hooks(lora_A) or _has_hooks(lora_B):
         return "the LoRA modules have forward hooks (e.g. accelerate offloading)"
     if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
@@ -304,6 +305,8 @@ def _mixed_batch_reason(layer: LoraLayer, x: Any, names: Any) -> Optional[str]:
     for name in used:
         if name in layer.lora_variant:
             return f"mixed-batch adapter_names with LoRA variant {type(layer.lora_variant[name]).__name__} ({name!r})"
+        if layer.lora_bias.get(name, False):
+            return f"mixed-batch adapter_names: lora_bias ({name!r})"
         reason = _factors_reason(layer, name)
         if reason is not None:
             return f"mixed-batch adapter_names: {reason} ({name!r})"
@@ -520,6 +523,15 @@ class _FusedForward:
         p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
         return self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], p, dropout.training
 
+    def _bias(self, adapter: str, base_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The bias the kernels add: the base layer's, plus s·b for a lora_B with a bias b (PEFT's ``lora_bias``,
+        which adds it after the dropout, once, scaled); the sum carries the gradients of both."""
+        lora_bias = self.lora_B[adapter].bias
+        if lora_bias is None:
+            return base_bias
+        term = self.scaling[adapter] * lora_bias
+        return term if base_bias is None else base_bias + term
+
     def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype, base: nn.Module) -> torch.Tensor:
         raise NotImplementedError
 
@@ -579,8 +591,8 @@ if PeftLinear4bit is not None:
                 )  # fmt: skip
                 return as_dtype(y, x.dtype)
             y = F.lora_linear_4bit(
-                as_dtype(x, compute), base.weight, _quant_state(base), lora_A, lora_B, scaling, bias=base.bias,
-                dropout_p=p, training=training,
+                as_dtype(x, compute), base.weight, _quant_state(base), lora_A, lora_B, scaling,
+                bias=self._bias(adapter, base.bias), dropout_p=p, training=training,
             )  # fmt: skip
             return as_dtype(y, x.dtype)  # bitsandbytes returns the input's dtype
 
@@ -625,8 +637,9 @@ class FusedLoraLinear(_FusedForward, PeftLinear):
                 training=self.training and training,
             )  # fmt: skip
         return F.lora_linear(
-            as_dtype(x, compute), weight, lora_A, lora_B, scaling, bias=bias, dropout_p=p, training=training
-        )
+            as_dtype(x, compute), weight, lora_A, lora_B, scaling, bias=self._bias(adapter, bias), dropout_p=p,
+            training=training,
+        )  # fmt: skip
 
 
 class _FusedIA3Forward(_FusedForward):

@@ -295,9 +295,11 @@ def test_other_classes_are_named_not_grouped(make_peft_llama):
     assert type(mlp) is CustomMLP
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral"])
-def test_other_families(family, tmp_path, tokens, kernel_device, group_calls):
-    """Qwen2 (biases on q/k/v: the grouped bias path) and Mistral train one step as stock PEFT does, grouped."""
+@pytest.mark.parametrize("family, lora_bias", [("qwen2", False), ("mistral", False), ("qwen2", True)],
+                         ids=["qwen2", "mistral", "qwen2-lora_bias"])  # fmt: skip
+def test_other_families(family, lora_bias, tmp_path, tokens, kernel_device, group_calls):
+    """Qwen2 (biases on q/k/v: the grouped bias path) and Mistral train one step as stock PEFT does, grouped; also
+    with ``lora_bias`` (lora_B's bias joins the member's bias)."""
     from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
     from .conftest import TINY_LLAMA, load_4bit_llama
@@ -309,7 +311,8 @@ def test_other_families(family, tmp_path, tokens, kernel_device, group_calls):
     def make():
         model = load_4bit_llama(tmp_path, device=kernel_device)
         torch.manual_seed(1)
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_bias=lora_bias)
+        model = get_peft_model(model, config)
         randomize_lora_B(model)
         return model
 
@@ -322,7 +325,8 @@ def test_other_families(family, tmp_path, tokens, kernel_device, group_calls):
         ids = tokens(0, device=kernel_device)
         stock_losses, stock_grads = train_steps(stock, [ids])
         losses, grads = train_steps(patched, [ids])
-    assert group_calls["autograd"] == GROUPS, group_calls
+    assert group_calls["autograd"] == GROUPS and not report.fallbacks, (group_calls, str(report))
+    assert sum(name.endswith("lora_B.default.bias") for name in grads) == (14 if lora_bias else 0), list(grads)
     assert abs(losses[0] - stock_losses[0]) <= LOSS_RTOL * abs(stock_losses[0]), (losses, stock_losses)
     for name, expected in stock_grads.items():
         assert expected.abs().max() > 0, f"{name}: degenerate gradient"

@@ -180,8 +180,10 @@ def test_fused_layer_matches_definition(layer_name, dtype, rslora, p, kernel_dev
         assert_close_3way(f"{layer_name} {name}", got[i], precise, same, atol=atol)
 
 
-def test_patched_model_matches_stock_peft_and_keeps_its_state(kernel_device):
-    stock, patched = _peft_net(kernel_device), _peft_net(kernel_device)
+@pytest.mark.parametrize("lora", [{}, {"lora_bias": True}], ids=["lora", "lora_bias"])
+def test_patched_model_matches_stock_peft_and_keeps_its_state(lora, kernel_device):
+    """Also with ``lora_bias`` (a trained bias on lora_B, over bases with and without a bias of their own)."""
+    stock, patched = _peft_net(kernel_device, **lora), _peft_net(kernel_device, **lora)
     report = lora_engine.patch_peft_model(patched)
     assert report.num_patched == 3 and not report.fallbacks and not report.skipped, str(report)
     assert "3/3 PEFT LoRA layers run the fused kernels" in str(report)
@@ -203,10 +205,11 @@ def test_patched_model_matches_stock_peft_and_keeps_its_state(kernel_device):
     torch.testing.assert_close(y, y_stock, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x_stock.grad, rtol=1e-5, atol=1e-5)
     stock_params = dict(stock.named_parameters())
-    for name, param in patched.named_parameters():
-        if param.requires_grad:
-            assert param.grad.abs().max() > 0, name
-            torch.testing.assert_close(param.grad, stock_params[name].grad, rtol=1e-5, atol=1e-5, msg=name)
+    trained = {name: param for name, param in patched.named_parameters() if param.requires_grad}
+    assert sum(name.endswith("lora_B.default.bias") for name in trained) == (3 if lora else 0), list(trained)
+    for name, param in trained.items():
+        assert param.grad.abs().max() > 0, name
+        torch.testing.assert_close(param.grad, stock_params[name].grad, rtol=1e-5, atol=1e-5, msg=name)
 
 
 def test_torch_backend_runs_the_reference_through_the_patch(kernel_device):
@@ -230,7 +233,6 @@ def _two_adapters(model: PeftModel) -> None:
 FALLBACKS = {
     # name: (LoraConfig kwargs, change made after patching, forward kwargs, reason)
     # DoRA: fused over 4-bit and nn.Linear bases, with dropout in training too (test_dora_peft.py)
-    "lora_bias": (dict(lora_bias=True), None, {}, "lora_bias"),
     # mixed-batch adapter_names: the kernels over 4-bit bases, fallbacks in test_multi_lora_peft.py
     "several_active": ({}, _two_adapters, {}, "several active adapters"),
     "merged": ({}, lambda m: m.merge_adapter(), {}, "adapter merged into the base weight"),
@@ -676,7 +678,7 @@ def test_each_call_reads_the_adapter_as_it_is_now(monkeypatch, kernel_device):
     changes = {
         "dropout module _ScaledDropout": swap_dropout,
         "scaling is not a Python number": tensor_scaling,
-        "LoRA factors are not bias-free nn.Linear modules": biased_factor,
+        "LoRA factors are not nn.Linear modules with the biases PEFT gives them": biased_factor,
     }
     with torch.no_grad():
         for reason, change in changes.items():
