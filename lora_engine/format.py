@@ -278,10 +278,10 @@ def row_norms_sq_cached(weight: Union[Packed4bit, torch.Tensor]) -> torch.Tensor
     if cached is not None and cached[0] == built_from:
         return cached[2]
     # a storage resized in place (FSDP2 frees and refills its gathered buffer) moves its bytes: forget the entries
-    # of the old addresses
+    # of the old addresses (over a copy of the keys, popped: another thread may change the dict meanwhile)
     start = storage.data_ptr()
-    for stale in [key for key in entries if not start <= key[0] < start + storage.nbytes()]:
-        del entries[stale]
+    for stale in [key for key in list(entries) if not start <= key[0] < start + storage.nbytes()]:
+        entries.pop(stale, None)
     if isinstance(weight, Packed4bit):
         from .kernels.dequantize import dequantize_4bit
 
