@@ -14,15 +14,17 @@ The fused forward covers one active vanilla LoRA adapter (any scaling, rsLoRA in
 branch drawn in-kernel; base bias frozen or not; ``lora_bias``, its term joining the bias), one active DoRA adapter
 over either base (magnitude, A and B trained through the kernels, the weight norm detached as PEFT does; with
 dropout in training PEFT's rule, the DoRA term of the dropped input beside the base product of x, the mask drawn
-in-kernel), or one active IA3 adapter (the input scale of feed-forward layers fused into the GEMM's prologue, the
-output scale of the others into its epilogue, with PEFT's dtypes: its 4-bit IA3 layer returns float32 for a 16-bit
-input outside autocast). PEFT's mixed batches (``adapter_names``, one name per sample, "__base__" for none) over a
-4-bit base run ``multi_lora_linear_4bit`` (the base product once, each row's low-rank term from its own adapter)
-when every named adapter of the layer is a plain LoRA adapter without ``lora_bias`` (gradients included). Merging
-stays PEFT's. Anything else runs PEFT's forward for that call: other LoRA variants, the mixed batches the kernels do
-not serve, several active adapters, merged or disabled adapters, layouts or devices the kernels do not read, and a
-LoRA layer stacked on another tuner layer (a ``PeftMixedModel`` with LoHa, LoKr, AdaLoRA... under LoRA), whose
-delta only PEFT's forward adds. The ``PatchReport`` lists those layers and why; each reason is logged once.
+in-kernel), several active LoRA adapters (PEFT adds up their terms: one call over their stacked factors, when none
+draws dropout), or one active IA3 adapter (the input scale of feed-forward layers fused into the GEMM's prologue,
+the output scale of the others into its epilogue, with PEFT's dtypes: its 4-bit IA3 layer returns float32 for a
+16-bit input outside autocast). PEFT's mixed batches (``adapter_names``, one name per sample, "__base__" for none)
+over a 4-bit base run ``multi_lora_linear_4bit`` (the base product once, each row's low-rank term from its own
+adapter) when every named adapter of the layer is a plain LoRA adapter without ``lora_bias`` (gradients included).
+Merging stays PEFT's. Anything else runs PEFT's forward for that call: other LoRA variants, the mixed batches the
+kernels do not serve, several active adapters with DoRA or dropout in training among them, merged or disabled
+adapters, layouts or devices the kernels do not read, and a LoRA layer stacked on another tuner layer (a
+``PeftMixedModel`` with LoHa, LoKr, AdaLoRA... under LoRA), whose delta only PEFT's forward adds. The
+``PatchReport`` lists those layers and why; each reason is logged once.
 
 Under FSDP2 the fused 4-bit layers read the gathered packed bytes with the quant state bitsandbytes also keeps on
 the module (the gathered weight is a plain tensor without it). Packed bytes that arrive in another dtype than
@@ -49,7 +51,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from peft.tuners.ia3.layer import IA3Layer
@@ -74,6 +76,8 @@ except ImportError:  # pragma: no cover - bitsandbytes is a dependency; kept for
     PeftLinear4bit = PeftIA3Linear4bit = None
 
 _BNB_4BIT_LAYERS = tuple(kind for kind in (PeftLinear4bit, PeftIA3Linear4bit) if kind is not None)
+# What the fused forward serves in one call: an adapter's name, or the names of several active LoRA adapters
+Adapters = Union[str, tuple[str, ...]]
 
 __all__ = [
     "FusedLinear4bit",
@@ -249,8 +253,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _active_adapter(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
-    """(the one active adapter of this layer, None) or (None, why the fused forward cannot serve the layer)."""
+def _active_adapter(layer: nn.Module) -> tuple[Optional[Adapters], Optional[str]]:
+    """(the active adapter of this layer, or the tuple of its active LoRA adapters where several are, None) or
+    (None, why the fused forward cannot serve the layer)."""
     if isinstance(layer, IA3Layer):
         return _active_ia3_adapter(layer)
     if layer.disable_adapters:
@@ -262,13 +267,33 @@ def _active_adapter(layer: nn.Module) -> tuple[Optional[str], Optional[str]]:
     if not active:
         return None, "no active adapter in this layer"
     if len(active) > 1:
-        return None, "several active adapters"
+        return _several_adapters(layer, active)
     name = active[0]
     if name in layer.lora_variant:
         if not getattr(layer, "use_dora", {}).get(name, False):
             return None, f"LoRA variant {type(layer.lora_variant[name]).__name__}"
     reason = _factors_reason(layer, name)
     return (None, reason) if reason is not None else (name, None)
+
+
+def _several_adapters(layer: LoraLayer, names: list[str]) -> tuple[Optional[Adapters], Optional[str]]:
+    """Several active LoRA adapters, whose terms PEFT adds up: one fused call over their stacked factors (see
+    ``_FusedForward._lora_args``) when each is plain LoRA with factors of one dtype and no dropout drawn."""
+    dtypes = set()
+    for name in names:
+        if name in layer.lora_variant:
+            variant = type(layer.lora_variant[name]).__name__
+            return None, f"several active adapters, {name!r} with LoRA variant {variant}"
+        reason = _factors_reason(layer, name)
+        if reason is not None:
+            return None, f"several active adapters: {reason} ({name!r})"
+        dropout = layer.lora_dropout[name]
+        if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            return None, f"several active adapters with lora_dropout in training ({name!r})"
+        dtypes.update((layer.lora_A[name].weight.dtype, layer.lora_B[name].weight.dtype))
+    if len(dtypes) > 1:
+        return None, f"several active adapters with factors in {sorted(str(dtype) for dtype in dtypes)}"
+    return tuple(names), None
 
 
 def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
@@ -488,7 +513,7 @@ class _FusedForward:
 
     def _fused_plan(
         self, x: torch.Tensor, args: tuple, kwargs: dict, base: nn.Module
-    ) -> tuple[Optional[str], Optional[torch.dtype], Optional[str]]:
+    ) -> tuple[Optional[Adapters], Optional[torch.dtype], Optional[str]]:
         """(adapter, compute dtype, None) for the fused forward, or (None, None, why PEFT's forward runs).
         ``base``: ``self.get_base_layer()``."""
         if args or kwargs:
@@ -514,25 +539,38 @@ class _FusedForward:
         """(the dtype the base product runs in, None), or (None, why the fused forward cannot run)."""
         raise NotImplementedError
 
-    def _adapter_dtypes(self, adapter: str) -> tuple[torch.dtype, ...]:
-        return self.lora_A[adapter].weight.dtype, self.lora_B[adapter].weight.dtype
+    def _adapter_dtypes(self, adapter: Adapters) -> tuple[torch.dtype, ...]:
+        names = adapter if isinstance(adapter, tuple) else (adapter,)
+        return tuple(dtype for name in names for dtype in (self.lora_A[name].weight.dtype,
+                                                           self.lora_B[name].weight.dtype))  # fmt: skip
 
-    def _lora_args(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float, float, bool]:
-        """lora_A (r, in), lora_B (out, r), scaling, dropout p and whether dropout is on."""
+    def _lora_args(self, adapter: Adapters) -> tuple[torch.Tensor, torch.Tensor, float, float, bool]:
+        """lora_A (r, in), lora_B (out, r), scaling, dropout p and whether dropout is on. Several adapters (a tuple,
+        none drawing dropout) are one adapter of their summed rank with scaling 1:
+        Σᵢ sᵢ·(x·Aᵢᵀ)·Bᵢᵀ = (x·[A₁; A₂; ...]ᵀ)·[s₁B₁, s₂B₂, ...]ᵀ; the stacking is differentiable, so each factor gets
+        its own gradient."""
+        if isinstance(adapter, tuple):
+            lora_A = torch.cat([self.lora_A[name].weight for name in adapter])
+            lora_B = torch.cat([self.scaling[name] * self.lora_B[name].weight for name in adapter], dim=1)
+            return lora_A, lora_B, 1.0, 0.0, False
         dropout = self.lora_dropout[adapter]
         p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
         return self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], p, dropout.training
 
-    def _bias(self, adapter: str, base_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The bias the kernels add: the base layer's, plus s·b for a lora_B with a bias b (PEFT's ``lora_bias``,
-        which adds it after the dropout, once, scaled); the sum carries the gradients of both."""
-        lora_bias = self.lora_B[adapter].bias
-        if lora_bias is None:
-            return base_bias
-        term = self.scaling[adapter] * lora_bias
-        return term if base_bias is None else base_bias + term
+    def _bias(self, adapter: Adapters, base_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The bias the kernels add: the base layer's, plus s·b for each lora_B with a bias b (PEFT's ``lora_bias``,
+        which adds it after the dropout, once, scaled); the sum carries the gradients of all."""
+        bias = base_bias
+        for name in adapter if isinstance(adapter, tuple) else (adapter,):
+            lora_bias = self.lora_B[name].bias
+            if lora_bias is not None:
+                term = self.scaling[name] * lora_bias
+                bias = term if bias is None else bias + term
+        return bias
 
-    def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype, base: nn.Module) -> torch.Tensor:
+    def _fused_forward(
+        self, x: torch.Tensor, adapter: Adapters, compute: torch.dtype, base: nn.Module
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -579,7 +617,9 @@ if PeftLinear4bit is not None:
         def _compute_dtype(self, x: torch.Tensor, base: nn.Module) -> tuple[Optional[torch.dtype], Optional[str]]:
             return _bnb_compute_dtype(base, x), None
 
-        def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype, base: nn.Module) -> torch.Tensor:
+        def _fused_forward(
+            self, x: torch.Tensor, adapter: Adapters, compute: torch.dtype, base: nn.Module
+        ) -> torch.Tensor:
             lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
             if adapter in self.lora_variant:  # DoRA (the only variant _active_adapter lets through)
                 magnitude = self.lora_magnitude_vector[adapter].weight
@@ -627,7 +667,9 @@ class FusedLoraLinear(_FusedForward, PeftLinear):
     def _compute_dtype(self, x: torch.Tensor, base: nn.Module) -> tuple[Optional[torch.dtype], Optional[str]]:
         return _dense_compute_dtype(base, x)
 
-    def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype, base: nn.Module) -> torch.Tensor:
+    def _fused_forward(
+        self, x: torch.Tensor, adapter: Adapters, compute: torch.dtype, base: nn.Module
+    ) -> torch.Tensor:
         weight, bias = _dense_operands(base, compute)
         lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
         if adapter in self.lora_variant:  # DoRA, with the dropout rule of FusedLoraLinear4bit's

@@ -195,10 +195,17 @@ def test_patched_model_matches_stock_peft_and_keeps_its_state(lora, kernel_devic
     assert [n for n, _ in patched.named_parameters()] == [n for n, _ in stock.named_parameters()]
     assert list(patched.state_dict()) == list(stock.state_dict())
 
-    x = _x(kernel_device, requires_grad=True)
+    trained = _assert_gradients_as_stock(patched, stock, kernel_device)
+    assert sum(name.endswith("lora_B.default.bias") for name in trained) == (3 if lora else 0), trained
+
+
+def _assert_gradients_as_stock(patched: PeftModel, stock: PeftModel, device: str) -> list[str]:
+    """One forward and backward of both: the same output and gradients (x and every trained parameter, none zero).
+    Returns the names of the trained parameters."""
+    x = _x(device, requires_grad=True)
     x_stock = x.detach().clone().requires_grad_()
     y, y_stock = patched(x), stock(x_stock)
-    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(kernel_device)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(device)
     y.backward(dy)
     y_stock.backward(dy)
     # fp32 both ways on the same fp32 numbers: only the summation order differs (K <= 100)
@@ -206,10 +213,10 @@ def test_patched_model_matches_stock_peft_and_keeps_its_state(lora, kernel_devic
     torch.testing.assert_close(x.grad, x_stock.grad, rtol=1e-5, atol=1e-5)
     stock_params = dict(stock.named_parameters())
     trained = {name: param for name, param in patched.named_parameters() if param.requires_grad}
-    assert sum(name.endswith("lora_B.default.bias") for name in trained) == (3 if lora else 0), list(trained)
     for name, param in trained.items():
         assert param.grad.abs().max() > 0, name
         torch.testing.assert_close(param.grad, stock_params[name].grad, rtol=1e-5, atol=1e-5, msg=name)
+    return list(trained)
 
 
 def test_torch_backend_runs_the_reference_through_the_patch(kernel_device):
@@ -234,10 +241,38 @@ FALLBACKS = {
     # name: (LoraConfig kwargs, change made after patching, forward kwargs, reason)
     # DoRA: fused over 4-bit and nn.Linear bases, with dropout in training too (test_dora_peft.py)
     # mixed-batch adapter_names: the kernels over 4-bit bases, fallbacks in test_multi_lora_peft.py
-    "several_active": ({}, _two_adapters, {}, "several active adapters"),
     "merged": ({}, lambda m: m.merge_adapter(), {}, "adapter merged into the base weight"),
     "disabled": ({}, "disable", {}, "adapters disabled"),
 }
+
+
+@pytest.mark.parametrize("lora_bias", [False, True], ids=["lora", "lora_bias"])
+def test_several_active_adapters_run_as_one_adapter_of_their_summed_rank(lora_bias, kernel_device):
+    """PEFT adds up the terms of every active adapter (ranks 8 and 4 here, ``lora_bias`` on one): the kernels run
+    them as one call over the stacked factors, each factor getting its own gradient. With lora_dropout in training
+    (a mask per adapter) PEFT's forward runs, named in the report."""
+    stock, patched = (_peft_net(kernel_device, lora_bias=lora_bias) for _ in range(2))
+    for model in (stock, patched):
+        _two_adapters(model)
+    report = lora_engine.patch_peft_model(patched)
+    stacked = []
+    real = lora_engine.functional.lora_linear_4bit
+
+    def recording(x, weight, quant_state, lora_A, lora_B, *args, **kwargs):
+        stacked.append(lora_A.shape[0])
+        return real(x, weight, quant_state, lora_A, lora_B, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(lora_engine.functional, "lora_linear_4bit", recording)
+        trained = _assert_gradients_as_stock(patched, stock, kernel_device)
+    assert not report.fallbacks and stacked == [8 + 4, 8 + 4], (str(report), stacked)
+    assert sum(".other." in name for name in trained) == sum(".default." in name for name in trained) - lora_bias * 3
+
+    dropping = _peft_net(kernel_device, lora_bias=lora_bias, lora_dropout=0.1)
+    _two_adapters(dropping)
+    report = lora_engine.patch_peft_model(dropping)
+    dropping.train()(_x(kernel_device))
+    assert "several active adapters with lora_dropout in training ('default')" in str(report), str(report)
 
 
 @pytest.mark.parametrize("case", FALLBACKS, ids=list(FALLBACKS))
