@@ -12,6 +12,7 @@ from .format import packed_4bit, packed_4bit_cached, packed_bytes, row_norms_sq_
 from .kernels.operands import Dropout, Packed4bit
 from .kinds import IA3, Adapter, Dora, Lora, MultiLora
 from .validation import (
+    check_dense_weight,
     check_dora_magnitude,
     check_frozen_weight,
     check_ia3_linear_args,
@@ -187,10 +188,7 @@ def lora_linear(
     dropout_seed: Optional[int] = None,
 ) -> torch.Tensor:
     """``y = x·Wᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ + bias`` with W a frozen dense [out_features, in_features] weight."""
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError("weight must be a 2-D tensor [out_features, in_features]")
-    check_frozen_weight(weight, "lora_linear")
-    n, k = weight.shape
+    n, k = check_dense_weight(weight, "lora_linear")
     check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
     if not dispatch.use_triton(x.device, _dtypes(x, weight, lora_A, lora_B, bias)):
         return reference.lora_linear(
@@ -231,10 +229,7 @@ def ia3_linear(
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """IA3 over a frozen dense [out_features, in_features] weight (see :func:`ia3_linear_4bit`)."""
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError("weight must be a 2-D tensor [out_features, in_features]")
-    check_frozen_weight(weight, "ia3_linear")
-    n, k = weight.shape
+    n, k = check_dense_weight(weight, "ia3_linear")
     check_ia3_linear_args(x, n, k, ia3_l, scales_input, bias, weight.device)
     if not dispatch.use_triton(x.device, _dtypes(x, weight, ia3_l, bias)):
         return reference.ia3_linear(x, weight, ia3_l, scales_input, bias)
@@ -295,10 +290,7 @@ def dora_linear(
 ) -> torch.Tensor:
     """DoRA over a frozen dense [out_features, in_features] weight (see :func:`dora_linear_4bit`): ‖W‖² once per
     weight, then one GEMM of A over W and rank-r products per call for the row norm, never a dense W + s·B·A."""
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError("weight must be a 2-D tensor [out_features, in_features]")
-    check_frozen_weight(weight, "dora_linear")
-    n, k = weight.shape
+    n, k = check_dense_weight(weight, "dora_linear")
     check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
     check_dora_magnitude(magnitude, n, x)
     if not dispatch.use_triton(x.device, _dtypes(x, weight, lora_A, lora_B, magnitude, bias)):

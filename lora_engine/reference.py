@@ -14,6 +14,7 @@ import torch
 from .format import is_cpu_packed, packed_bytes, unpack_cpu_packed, weight_shape
 from .kernels.operands import KEEP_BITS
 from .validation import (
+    check_dense_weight,
     check_dora_magnitude,
     check_frozen_weight,
     check_ia3_linear_args,
@@ -189,10 +190,7 @@ def lora_linear(
     dropout_seed: Optional[int] = None,
 ) -> torch.Tensor:
     """``x·Wᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ + bias`` for a dense frozen W, in fp32, returned in x's dtype."""
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
-    check_frozen_weight(weight, "lora_linear")
-    n, k = weight.shape
+    n, k = check_dense_weight(weight, "lora_linear")
     check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
     return _lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
 
@@ -236,10 +234,7 @@ def ia3_linear(
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``(x ⊙ l)·Wᵀ + bias`` or ``(x·Wᵀ + bias) ⊙ l`` for a dense frozen W, in fp32, returned in x's dtype."""
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
-    check_frozen_weight(weight, "ia3_linear")
-    n, k = weight.shape
+    n, k = check_dense_weight(weight, "ia3_linear")
     check_ia3_linear_args(x, n, k, ia3_l, scales_input, bias, weight.device)
     return _ia3_linear(x, weight, ia3_l, scales_input, bias)
 
@@ -314,10 +309,7 @@ def dora_linear(
     dropout_seed: Optional[int] = None,
 ) -> torch.Tensor:
     """:func:`dora_linear_4bit` over a frozen dense [out_features, in_features] weight."""
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out_features, in_features], got {tuple(weight.shape)}")
-    check_frozen_weight(weight, "dora_linear")
-    n, k = weight.shape
+    n, k = check_dense_weight(weight, "dora_linear")
     check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
     check_dora_magnitude(magnitude, n, x)
     dense = weight.detach().to(torch.float32)

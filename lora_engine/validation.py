@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -20,6 +20,15 @@ def check_frozen_weight(weight: torch.Tensor, function: str) -> None:
             f"{function} keeps the base weight frozen but weight.requires_grad is True; call "
             "weight.requires_grad_(False) (train the LoRA factors, or use a dense layer to train the weight)"
         )
+
+
+def check_dense_weight(weight: Any, function: str) -> tuple[int, int]:
+    """A frozen dense weight [out_features, in_features]: returns (out_features, in_features)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"{function}: weight must be a 2-D tensor [out_features, in_features], got {got}")
+    check_frozen_weight(weight, function)
+    return weight.shape[0], weight.shape[1]
 
 
 def check_lora_linear_args(

@@ -236,7 +236,7 @@ def test_bad_magnitude_raises(backend, kernel_device):
         dense_args = (t["x"], t["weight"], t["lora_A"], t["lora_B"])
         with pytest.raises(ValueError, match=r"magnitude must be \(out_features,\) = \(37,\)"):
             lora_engine.dora_linear(*dense_args, torch.ones(36, device=kernel_device), 1.0)
-        with pytest.raises(ValueError, match="2-D"):
+        with pytest.raises(ValueError, match="dora_linear: weight must be a 2-D tensor"):
             lora_engine.dora_linear(t["x"], t["weight"][None], *dense_args[2:], t["magnitude"], 1.0)
         with pytest.raises(ValueError, match="frozen"):
             lora_engine.dora_linear(t["x"], t["weight"].clone().requires_grad_(), *dense_args[2:], t["magnitude"], 1.0)

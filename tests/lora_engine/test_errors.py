@@ -87,10 +87,25 @@ def test_device_mismatch_is_named():
         _call(**ops)
 
 
-def test_dense_weight_must_be_frozen():
-    weight = torch.nn.Parameter(torch.randn(37, 100))
-    with pytest.raises(ValueError, match="requires_grad"):
-        lora_engine.lora_linear(torch.randn(2, 100), weight, torch.randn(8, 100), torch.randn(37, 8), 1.0)
+DENSE_CALLS = {
+    "lora_linear": lambda x, w: lora_engine.lora_linear(x, w, torch.randn(8, 100), torch.randn(37, 8), 1.0),
+    "dora_linear": lambda x, w: lora_engine.dora_linear(x, w, torch.randn(8, 100), torch.randn(37, 8), torch.ones(37),
+                                                        1.0),
+    "ia3_linear": lambda x, w: lora_engine.ia3_linear(x, w, torch.ones(37), False),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("function", DENSE_CALLS)
+def test_dense_weight_must_be_a_frozen_matrix(function, backend):
+    call, x = DENSE_CALLS[function], torch.randn(2, 100)
+    with lora_engine.use_backend(backend):
+        with pytest.raises(ValueError, match=f"{function} keeps the base weight frozen.*requires_grad"):
+            call(x, torch.nn.Parameter(torch.randn(37, 100)))
+        with pytest.raises(ValueError, match=rf"{function}: weight must be a 2-D tensor .*\(1, 37, 100\)"):
+            call(x, torch.randn(1, 37, 100))
+        with pytest.raises(ValueError, match=f"{function}: weight must be a 2-D tensor .*got list"):
+            call(x, [[1.0] * 100] * 37)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
