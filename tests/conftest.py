@@ -35,6 +35,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# What a subprocess run as a new user keeps from this environment: where programs, the home folder and temporary
+# files are, and where the compile caches go (CI points them into a folder it removes afterwards).
+CLEAN_ENV_KEYS = ("PATH", "HOME", "TMPDIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR")
+
+
+@pytest.fixture
+def clean_env() -> dict[str, str]:
+    """The environment of a subprocess started as a new user starts it: nothing preset but ``CLEAN_ENV_KEYS``."""
+    return {key: os.environ[key] for key in CLEAN_ENV_KEYS if key in os.environ}
+
+
 @pytest.fixture
 def kernel_device() -> str:
     """Where the Triton kernels run: the GPU, or the CPU interpreter."""

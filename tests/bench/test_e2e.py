@@ -2,7 +2,6 @@
 GPU time is spent on it) and writes stock and patched rows side by side."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,11 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
      ["--method", "dora", "--lora-dropout", "0.05"]],
     ids=["qwen2-lora-qv", "prefix", "grouped", "dora"],
 )
-def test_tiny_run_writes_stock_and_patched_rows(tmp_path, extra):
-    env = {key: os.environ[key] for key in ("PATH", "HOME", "TMPDIR") if key in os.environ}
+def test_tiny_run_writes_stock_and_patched_rows(tmp_path, extra, clean_env):
     command = [sys.executable, "-m", "bench.e2e", "--tiny", "--device", "cpu", "--batch", "2", "--seq", "8",
                "--steps", "1", "--rounds", "2", "--out", str(tmp_path), *extra]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=ROOT, env=clean_env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     (path,) = tmp_path.glob("e2e-tiny-2l-*.json")
     record = json.loads(path.read_text())

@@ -1,7 +1,6 @@
 """``python -m bench.host`` prints host µs per call per path, a table per layer (in its own process: it replaces the
 launches)."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +14,10 @@ pytestmark = pytest.mark.interpreter
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the default is real launches, timed in gpu_check")
-def test_host_table_with_stubbed_launches():
-    env = {key: os.environ[key] for key in ("PATH", "HOME") if key in os.environ}
+def test_host_table_with_stubbed_launches(clean_env):
     command = [sys.executable, "-m", "bench.host", "--paths", "dequant", "gemv", "--m", "1", "32", "--calls", "50",
                "--repeats", "3"]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=ROOT, env=clean_env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     tables = done.stdout.split("host µs per call, ")[1:]
     assert len(tables) == 2, done.stdout

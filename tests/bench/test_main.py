@@ -4,7 +4,6 @@ The test process itself runs with ``TRITON_INTERPRET=1`` set by conftest before 
 would hide a main job that asks for the interpreter too late; the subprocess starts without it.
 """
 
-import os
 import shlex
 import subprocess
 import sys
@@ -18,14 +17,10 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.interpreter
 
 
-def _clean_environment() -> dict[str, str]:
-    return {key: os.environ[key] for key in ("PATH", "HOME", "TMPDIR") if key in os.environ}
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the main job runs the speed table")
-def test_main_job_prints_the_cpu_table_in_a_clean_environment():
+def test_main_job_prints_the_cpu_table_in_a_clean_environment(clean_env):
     done = subprocess.run(
-        [sys.executable, "-m", "bench"], cwd=ROOT, env=_clean_environment(), capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "bench"], cwd=ROOT, env=clean_env, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     table = done.stdout
@@ -34,9 +29,9 @@ def test_main_job_prints_the_cpu_table_in_a_clean_environment():
     assert "torch reference" in table and "say nothing about speed" in table
 
 
-def test_main_job_help_needs_no_gpu():
+def test_main_job_help_needs_no_gpu(clean_env):
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--help"], cwd=ROOT, env=_clean_environment(), capture_output=True, text=True,
+        [sys.executable, "-m", "bench", "--help"], cwd=ROOT, env=clean_env, capture_output=True, text=True,
         timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr

@@ -3,7 +3,6 @@ settings are scoped per thread; kernels launch under the input's device; the int
 
 import importlib.util
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -330,22 +329,22 @@ def test_layer_on_a_second_gpu_runs_there():
 # ----------------------------------------------------------------------------------- the interpreter mode
 
 
-def _run_clean(code: str, **env: str) -> subprocess.CompletedProcess:
-    """``python -c code`` with a clean environment (nothing but PATH, HOME and ``env``)."""
-    base = {key: os.environ[key] for key in ("PATH", "HOME") if key in os.environ}
+def _run_clean(code: str, clean_env: dict[str, str]) -> subprocess.CompletedProcess:
+    """``python -c code`` in ``clean_env`` (the fixture: TRITON_INTERPRET not set)."""
     return subprocess.run(
-        [sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, timeout=600, cwd="/"
+        [sys.executable, "-c", code], env=clean_env, capture_output=True, text=True, timeout=600, cwd="/"
     )
 
 
-def test_importing_lora_engine_does_not_import_triton():
+def test_importing_lora_engine_does_not_import_triton(clean_env):
     """So TRITON_INTERPRET may still be set after importing lora_engine (Triton fixes its mode on import)."""
-    done = _run_clean("import sys, lora_engine; print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton'))")
+    code = "import sys, lora_engine; print(sorted(m for m in sys.modules if m.split('.')[0] == 'triton'))"
+    done = _run_clean(code, clean_env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
 
 
-def test_interpreter_set_after_triton_was_imported_is_a_clear_error():
+def test_interpreter_set_after_triton_was_imported_is_a_clear_error(clean_env):
     """Triton's own functions were compiled for the GPU: the first call says why and how to fix it."""
     code = """
 import os, torch
@@ -358,7 +357,7 @@ try:
 except RuntimeError as exc:
     print(exc)
 """
-    done = _run_clean(code)
+    done = _run_clean(code, clean_env)
     assert done.returncode == 0, done.stderr
     assert "TRITON_INTERPRET is set now but was unset when Triton was first imported" in done.stdout, done.stdout
     assert "before importing anything" in done.stdout
