@@ -127,3 +127,15 @@ def assert_within(name: str, actual: torch.Tensor, expected: torch.Tensor, bound
 
     err = (actual.double() - expected.double()).abs().max().item()
     assert err <= bound, describe_mismatch(name, actual, expected, bound)
+
+
+def assert_same_logits(patched: torch.nn.Module, stock: torch.nn.Module, ids: torch.Tensor, tol: float) -> None:
+    """Eval-mode logits of ``patched`` (the kernels) and ``stock`` (PEFT's forward, e.g. the saved adapter reloaded)
+    for ``ids``: within ``tol`` times the largest |logit|."""
+    import lora_engine
+
+    with torch.no_grad(), lora_engine.use_backend("triton"):
+        logits = patched.eval()(input_ids=ids).logits
+    with torch.no_grad():
+        stock_logits = stock.eval()(input_ids=ids).logits
+    assert_within("logits", logits, stock_logits, tol * stock_logits.abs().max().item())

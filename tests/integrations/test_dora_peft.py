@@ -23,7 +23,7 @@ import lora_engine
 from lora_engine import reference
 from lora_engine.integrations.peft import FusedLoraLinear, FusedLoraLinear4bit
 
-from .conftest import LR, assert_within, randomize_lora_B, train_steps, trainable_params
+from .conftest import LR, assert_same_logits, assert_within, randomize_lora_B, train_steps, trainable_params
 
 pytestmark = pytest.mark.interpreter
 
@@ -71,12 +71,7 @@ def test_dora_training_matches_stock_peft(make_peft_llama, load_4bit, tokens, tm
     reloaded_weights = dict(reloaded.named_parameters())
     for name, param in trainable_params(patched).items():
         assert torch.equal(reloaded_weights[name], param), f"{name} changed on the way through save/load"
-    ids = tokens(100, device=kernel_device)
-    with torch.no_grad(), lora_engine.use_backend("triton"):
-        logits = patched.eval()(input_ids=ids).logits
-    with torch.no_grad():
-        stock_logits = reloaded.eval()(input_ids=ids).logits
-    assert_within("logits", logits, stock_logits, LOGITS_TOL * stock_logits.abs().max().item())
+    assert_same_logits(patched, reloaded, tokens(100, device=kernel_device), LOGITS_TOL)
 
 
 class SeededDropout(nn.Dropout):
@@ -101,23 +96,16 @@ def _seeded_dropout(model: nn.Module) -> None:
 DROPOUT_STEPS = 2
 
 
-def test_dora_with_dropout_trains_as_stock_peft_with_the_same_mask(make_peft_llama, tokens, kernel_device):
-    """lora_dropout in training runs the kernels (no fallback) and gives stock PEFT's losses, gradients and weights
-    when both drop the same elements; a wrong (g − 1), a bias or a mask mix-up moves them far beyond the bounds."""
-    stock = make_peft_llama(device=kernel_device, use_dora=True, lora_dropout=0.1)
-    patched = make_peft_llama(device=kernel_device, use_dora=True, lora_dropout=0.1)
-    _seeded_dropout(stock)
-    report = lora_engine.patch_peft_model(patched)
+def _assert_trains_as_stock_with_the_same_masks(patched: PeftModel, stock: PeftModel, batches: list) -> None:
+    """Both trained (AdamW, a step per batch) from the same torch seed, the stock model's dropout seeded as the
+    kernels draw theirs (``_seeded_dropout``): the same losses, first gradients and final weights, every weight
+    changed."""
     before = {name: param.detach().clone() for name, param in trainable_params(patched).items()}
-
-    batches = [tokens(0, device=kernel_device)] * DROPOUT_STEPS
     torch.manual_seed(7)
     with lora_engine.use_backend("triton"):
         losses, grads = train_steps(patched, batches)
     torch.manual_seed(7)
     stock_losses, stock_grads = train_steps(stock, batches)
-    assert report.num_patched == report.num_fused == LORA_LAYERS and not report.fallbacks, str(report)
-
     assert grads.keys() == stock_grads.keys() and len(grads) == 3 * LORA_LAYERS
     for name, expected in stock_grads.items():
         assert expected.abs().max() > 0, f"{name}: degenerate gradient"
@@ -128,6 +116,17 @@ def test_dora_with_dropout_trains_as_stock_peft_with_the_same_mask(make_peft_lla
     for name, param in trainable_params(patched).items():
         assert_within(f"weight {name}", param.detach(), stock_weights[name].detach(), WEIGHT_ATOL)
         assert not torch.equal(param, before[name]), f"{name} did not change in training"
+
+
+def test_dora_with_dropout_trains_as_stock_peft_with_the_same_mask(make_peft_llama, tokens, kernel_device):
+    """lora_dropout in training runs the kernels (no fallback) and gives stock PEFT's losses, gradients and weights
+    when both drop the same elements; a wrong (g − 1), a bias or a mask mix-up moves them far beyond the bounds."""
+    stock = make_peft_llama(device=kernel_device, use_dora=True, lora_dropout=0.1)
+    patched = make_peft_llama(device=kernel_device, use_dora=True, lora_dropout=0.1)
+    _seeded_dropout(stock)
+    report = lora_engine.patch_peft_model(patched)
+    _assert_trains_as_stock_with_the_same_masks(patched, stock, [tokens(0, device=kernel_device)] * DROPOUT_STEPS)
+    assert report.num_patched == report.num_fused == LORA_LAYERS and not report.fallbacks, str(report)
 
 
 def _biased_dora_layer(device: str, base: str) -> PeftModel:
@@ -194,31 +193,10 @@ def test_dora_over_dense_llama_trains_as_stock_peft(tiny_llama_dir, tokens, tmp_
     _seeded_dropout(stock)
     report = lora_engine.patch_peft_model(patched)
     assert all(type(m) is FusedLoraLinear for m in patched.modules() if isinstance(m, LoraLayer)), str(report)
-
-    batches = [tokens(0, device=kernel_device)] * DROPOUT_STEPS
-    torch.manual_seed(7)
-    with lora_engine.use_backend("triton"):
-        losses, grads = train_steps(patched, batches)
-    torch.manual_seed(7)
-    stock_losses, stock_grads = train_steps(stock, batches)
+    _assert_trains_as_stock_with_the_same_masks(patched, stock, [tokens(0, device=kernel_device)] * DROPOUT_STEPS)
     assert report.num_patched == report.num_fused == LORA_LAYERS and not report.fallbacks, str(report)
-
-    assert grads.keys() == stock_grads.keys() and len(grads) == 3 * LORA_LAYERS
-    for name, expected in stock_grads.items():
-        assert expected.abs().max() > 0, f"{name}: degenerate gradient"
-        assert_within(f"grad {name}", grads[name], expected, GRAD_TOL * expected.abs().max().item())
-    for step, (loss, expected) in enumerate(zip(losses, stock_losses)):
-        assert math.isfinite(loss) and abs(loss - expected) <= LOSS_RTOL * abs(expected), (step, losses, stock_losses)
-    stock_weights = trainable_params(stock)
-    for name, param in trainable_params(patched).items():
-        assert_within(f"weight {name}", param.detach(), stock_weights[name].detach(), WEIGHT_ATOL)
 
     patched.save_pretrained(tmp_path / "patched")
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).to(kernel_device)
     reloaded = PeftModel.from_pretrained(base, tmp_path / "patched")
-    ids = tokens(100, device=kernel_device)
-    with torch.no_grad(), lora_engine.use_backend("triton"):
-        logits = patched.eval()(input_ids=ids).logits
-    with torch.no_grad():
-        stock_logits = reloaded.eval()(input_ids=ids).logits
-    assert_within("logits", logits, stock_logits, LOGITS_TOL * stock_logits.abs().max().item())
+    assert_same_logits(patched, reloaded, tokens(100, device=kernel_device), LOGITS_TOL)

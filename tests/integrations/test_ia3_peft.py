@@ -12,7 +12,7 @@ from torch import nn
 import lora_engine
 from lora_engine.integrations.peft import FusedIA3Linear, FusedIA3Linear4bit
 
-from .conftest import LR, assert_within, train_steps, trainable_params
+from .conftest import assert_same_logits, LR, assert_within, train_steps, trainable_params
 
 pytestmark = pytest.mark.interpreter
 
@@ -79,12 +79,7 @@ def test_ia3_training_matches_stock_peft(load_4bit, tokens, tmp_path, kernel_dev
     reloaded_weights = dict(reloaded.named_parameters())
     for name, param in trainable_params(patched).items():
         assert torch.equal(reloaded_weights[name], param), f"{name} changed on the way through save/load"
-    ids = tokens(100, device=kernel_device)
-    with torch.no_grad(), lora_engine.use_backend("triton"):
-        logits = patched.eval()(input_ids=ids).logits
-    with torch.no_grad():
-        stock_logits = reloaded.eval()(input_ids=ids).logits
-    assert_within("logits", logits, stock_logits, LOGITS_TOL * stock_logits.abs().max().item())
+    assert_same_logits(patched, reloaded, tokens(100, device=kernel_device), LOGITS_TOL)
 
 
 def test_ia3_fallbacks_are_reported(load_4bit, tokens, kernel_device):
