@@ -75,6 +75,12 @@ def _left(x: torch.Tensor, lora_A: torch.Tensor, dropout: Optional[Dropout] = No
     return lora_down(x, lora_A.t(), dropout)
 
 
+def _left_mm(x: torch.Tensor, lora_A: torch.Tensor, dropout: Optional[Dropout]) -> torch.Tensor:
+    """``drop(x)·Aᵀ`` for the paths that take it in x's dtype (gemv, dequant_cublas): cuBLAS, or the rank-r kernel
+    (fp32) when a dropout mask must be drawn."""
+    return lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, as_dtype(lora_A, x.dtype).t())
+
+
 def _splits_k(x: torch.Tensor, weight: Weight, path: str) -> bool:
     """Whether the forward GEMM's config splits K (the left factor then cannot be accumulated in its loop)."""
     n_out = weight.n if isinstance(weight, Packed4bit) else weight.shape[0]
@@ -98,13 +104,13 @@ def lora_forward(
     """
     rank = lora_A.shape[0]
     if path == "gemv":  # functional.resolve_path sends only calls the GEMV serves here
-        left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, as_dtype(lora_A, x.dtype).t())
+        left = _left_mm(x, lora_A, dropout)
         y = lora_gemv_4bit(x, weight, right=lora_B, left=left, scaling=scaling, bias=bias)
         return y, (left.float() if keep_left else None)
     gemm_weight = _gemm_weight(weight, path, x.dtype)
     if path == "dequant_cublas":
         # cuBLAS computes x·Aᵀ faster than the rank-r kernel; the dropout mask needs the kernel
-        left = lora_down(x, lora_A.t(), dropout) if dropout is not None else torch.mm(x, as_dtype(lora_A, x.dtype).t())
+        left = _left_mm(x, lora_A, dropout)
         scaled_left, right = as_dtype(left * scaling, x.dtype), as_dtype(lora_B, x.dtype).t()
         y = torch.mm(scaled_left, right) if bias is None else torch.addmm(bias.to(x.dtype), scaled_left, right)
         y.addmm_(x, gemm_weight.t())  # in place: the LoRA term is the GEMM's C operand, no extra copy

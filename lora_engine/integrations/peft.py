@@ -562,9 +562,8 @@ class _FusedForward:
         which adds it after the dropout, once, scaled); the sum carries the gradients of all."""
         bias = base_bias
         for name in adapter if isinstance(adapter, tuple) else (adapter,):
-            lora_bias = self.lora_B[name].bias
-            if lora_bias is not None:
-                term = self.scaling[name] * lora_bias
+            if self.lora_bias.get(name, False):  # a plain dict lookup; _factors_reason checked lora_B has the bias
+                term = self.scaling[name] * self.lora_B[name].bias
                 bias = term if bias is None else bias + term
         return bias
 
