@@ -30,6 +30,9 @@ SHAPES = {
     "aligned": (70, 96, 32),  # blocksize divides K: one scale per row per K step
     "wide_blocks": (37, 256, 128),  # blocksize divides K and exceeds the K step of some kernels
 }
+# Fewer output features than the narrowest output tile of any config: one column of output tiles, whose programs
+# alone store the left factor (x·Aᵀ) that dB reads.
+NARROW = {"narrow": (12, 96, 32)}
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,7 @@ GPU_GEMV_CASES = _gemv_cases([torch.bfloat16])
 
 
 def _inputs(case: Case, device: str):
-    n, k, blocksize = SHAPES[case.shape]
+    n, k, blocksize = {**SHAPES, **NARROW}[case.shape]
     gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
 
     def randn(*shape, std=1.0):
@@ -147,6 +150,18 @@ def _check_case(case: Case, device: str):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matches_reference(case, kernel_device):
+    _check_case(case, kernel_device)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [Case(40, "nf4", True, torch.float32, 8, True, 0.0, path, "narrow") for path in ("fused", "dequant")]
+    + [Case(40, "fp4", False, torch.float16, 16, False, 0.0, "fused", "narrow")],
+    ids=lambda c: c.id,
+)
+def test_output_narrower_than_one_tile(case, kernel_device):
+    """Enough rows for the left factor to be accumulated inside the GEMM (no split K) and no dropout: the one
+    column of output tiles must store it, or dB reads an unwritten buffer."""
     _check_case(case, kernel_device)
 
 
