@@ -103,6 +103,15 @@ def test_path_threshold_and_forcing():
         assert dispatch.choose_path(8192, 4096, 4096) == "fused"
 
 
+def test_a_step_applies_from_its_token_count_on(monkeypatch):
+    """(min_tokens, path): min_tokens itself takes the step's path, one token fewer the step before."""
+    monkeypatch.setattr(dispatch, "DEFAULT_PATH_STEPS", ((0, "dequant"), (5, "gemv"), (9, "dequant_cublas")))
+    monkeypatch.setattr(dispatch, "DEFAULT_BASE_PATH_STEPS", ((0, "fused"), (3, "dequant")))
+    got = [dispatch.choose_path(m, 64, 64) for m in range(11)]
+    assert got == ["dequant"] * 5 + ["gemv"] * 4 + ["dequant_cublas"] * 2
+    assert [dispatch.choose_path(m, 64, 64, base_only=True) for m in range(5)] == ["fused"] * 3 + ["dequant"] * 2
+
+
 def test_path_tables_are_well_formed():
     for steps in [dispatch.DEFAULT_PATH_STEPS, *dispatch.PATH_STEPS.values()]:
         thresholds = [t for t, _ in steps]
