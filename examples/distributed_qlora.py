@@ -48,6 +48,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="default: bfloat16 on a GPU, float32 on CPU")  # fmt: skip
     p.add_argument("--param-dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help="FSDP2 MixedPrecisionPolicy param_dtype (default: none)")  # fmt: skip
+    p.add_argument("--shard-lora-modules", action="store_true",
+                   help="with --strategy fsdp, also shard each LoRA module on its own, as HF Trainer does with PEFT's "
+                        "fsdp_auto_wrap_policy: those layers then run PEFT's forward (reported)")  # fmt: skip
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="lora_engine backend")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: one GPU per rank (NCCL) where there are GPUs, else CPU processes (gloo)")  # fmt: skip
@@ -111,8 +114,11 @@ def build_model(args: argparse.Namespace, path: str, device: torch.device, compu
     return model
 
 
-def shard(model: torch.nn.Module, strategy: str, param_dtype: Optional[torch.dtype]) -> torch.nn.Module:
-    """FSDP2 on each decoder layer and the root, or DDP, or nothing."""
+def shard(
+    model: torch.nn.Module, strategy: str, param_dtype: Optional[torch.dtype], lora_modules: bool = False
+) -> torch.nn.Module:
+    """FSDP2 on each decoder layer and the root, or DDP, or nothing. ``lora_modules``: FSDP2 also on each LoRA
+    module first, the wrapping HF Trainer applies to a PEFT model (PEFT's ``fsdp_auto_wrap_policy``)."""
     if strategy == "ddp":
         return torch.nn.parallel.DistributedDataParallel(model)
     if strategy == "fsdp":
@@ -120,6 +126,10 @@ def shard(model: torch.nn.Module, strategy: str, param_dtype: Optional[torch.dty
 
         policy = MixedPrecisionPolicy(param_dtype=param_dtype) if param_dtype else MixedPrecisionPolicy()
         for layer in model.get_base_model().model.layers:
+            if lora_modules:  # PEFT's rule: every leaf module with a trainable parameter
+                for module in list(layer.modules()):
+                    if not any(module.children()) and any(p.requires_grad for p in module.parameters()):
+                        fully_shard(module, mp_policy=policy)
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
     return model
@@ -148,7 +158,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     compute = getattr(torch, args.compute_dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     peft_model = build_model(args, _model_dir(args, rank), device, compute)
     report = lora_engine.patch_peft_model(peft_model)  # before sharding: one line
-    model = shard(peft_model, args.strategy, getattr(torch, args.param_dtype) if args.param_dtype else None)
+    if args.shard_lora_modules and args.strategy != "fsdp":
+        raise SystemExit("--shard-lora-modules goes with --strategy fsdp")
+    param_dtype = getattr(torch, args.param_dtype) if args.param_dtype else None
+    model = shard(peft_model, args.strategy, param_dtype, lora_modules=args.shard_lora_modules)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed + 2)

@@ -303,6 +303,12 @@ def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
     lora_bias = bool(layer.lora_bias.get(name, False))
     if not (type(lora_A) is nn.Linear and type(lora_B) is nn.Linear and lora_A.bias is None
             and (lora_B.bias is not None) == lora_bias):  # fmt: skip
+        if _sharded_by_fsdp(lora_A) or _sharded_by_fsdp(lora_B):
+            return (
+                "FSDP shards the LoRA modules on their own (PEFT's fsdp_auto_wrap_policy, which HF Trainer applies "
+                "under FSDP), so only their own forward gathers them; the 4-bit base still runs lora_engine's path. "
+                "Shard whole decoder layers (fully_shard on each, then the model) for the fused forward"
+            )
         return "LoRA factors are not nn.Linear modules with the biases PEFT gives them"
     if _has_hooks(lora_A) or _has_hooks(lora_B):
         return "the LoRA modules have forward hooks (e.g. accelerate offloading)"
@@ -311,6 +317,11 @@ def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
     if not _is_number(layer.scaling[name]):
         return "scaling is not a Python number"
     return None
+
+
+def _sharded_by_fsdp(module: nn.Module) -> bool:
+    """``module`` is sharded on its own: FSDP2's ``fully_shard`` made it an ``FSDPModule``, or FSDP1 wrapped it."""
+    return any(kind.__name__ in ("FSDPModule", "FullyShardedDataParallel") for kind in type(module).__mro__)
 
 
 def _mixed_batch_reason(layer: LoraLayer, x: Any, names: Any) -> Optional[str]:

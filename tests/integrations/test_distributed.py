@@ -81,6 +81,19 @@ def test_distributed_training_equals_one_process(runs, strategy, storage):
     assert result["losses"] == pytest.approx(single_result["losses"], rel=1e-6)
 
 
+def test_lora_modules_sharded_on_their_own_train_the_same_and_say_why(runs):
+    """HF Trainer shards each LoRA module of a PEFT model on its own under FSDP (PEFT's fsdp_auto_wrap_policy).
+    Only the module's own forward gathers it, so those layers run PEFT's forward: the same training, and the
+    report names the cause and the wrapping that keeps the fused forward."""
+    tmp, (single, _), untrained = runs
+    adapter, result = _run(tmp, "fsdp-lora-modules", "fsdp", "--shard-lora-modules")
+    _assert_same_adapter(adapter, single, untrained)
+    assert result["fused"] == 0 and len(result["fallbacks"]) == 14, result
+    for reasons in result["fallbacks"].values():
+        assert reasons == [reasons[0]] and "FSDP shards the LoRA modules on their own" in reasons[0], reasons
+        assert "Shard whole decoder layers" in reasons[0]
+
+
 def test_adapter_saved_from_a_sharded_run_loads_in_stock_peft(runs):
     """The sharded run's adapter, loaded by stock PEFT (unpatched), gives the single-process adapter's logits."""
     from peft import PeftModel
