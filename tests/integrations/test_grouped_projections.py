@@ -143,6 +143,20 @@ def test_lora_dropout_in_training(make_peft_llama, tokens, kernel_device, group_
     assert other != pytest.approx(losses[0], rel=LOSS_RTOL)
 
 
+def test_lora_dropout_is_off_in_eval(make_peft_llama, tokens, kernel_device, group_calls):
+    """A model trained with LoRA dropout, evaluated: the groups run without dropping anything, as PEFT's dropout
+    modules in eval mode do."""
+    stock = make_peft_llama(lora_dropout=0.25, device=kernel_device)
+    model = make_peft_llama(lora_dropout=0.25, device=kernel_device)
+    lora_engine.patch_peft_model(model, group_projections=True)
+    ids = tokens(0, device=kernel_device)
+    with lora_engine.use_backend("triton"), torch.no_grad():
+        logits = model.eval()(input_ids=ids).logits
+        stock_logits = stock.eval()(input_ids=ids).logits
+    assert group_calls["groups"] == GROUPS
+    assert_within("logits", logits, stock_logits, LOGITS_TOL * stock_logits.abs().max().item())
+
+
 def test_dora_layers_keep_their_own_forward(make_peft_llama, tokens, kernel_device, group_calls):
     """DoRA scales each layer's output row by row: its projections are not grouped, and give what stock PEFT gives."""
     stock = make_peft_llama(device=kernel_device, use_dora=True)

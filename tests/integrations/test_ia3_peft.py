@@ -140,9 +140,15 @@ def test_unpatch_restores_peft_ia3_classes(load_4bit, kernel_device):
     assert "ia3.Linear4bit" in repr(model)
 
 
-def test_fp16_input_gets_peft_dtype(load_4bit, kernel_device):
-    """PEFT's 4-bit IA3 layer upcasts a 16-bit input and returns float32 (outside autocast): so does the patch."""
+@pytest.mark.parametrize("vector_dtype", [torch.float32, torch.float16])
+def test_fp16_input_gets_peft_dtype(load_4bit, kernel_device, vector_dtype):
+    """PEFT's 4-bit IA3 layer upcasts a 16-bit input and returns float32 (outside autocast): so does the patch,
+    also with the IA3 vectors themselves in float16."""
     stock, patched = _make(load_4bit, kernel_device), _make(load_4bit, kernel_device)
+    for model in (stock, patched):
+        for name, param in model.named_parameters():
+            if "ia3_l" in name:
+                param.data = param.data.to(vector_dtype)
     lora_engine.patch_peft_model(patched)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2)).to(kernel_device, torch.float16)
     for name in ("self_attn.q_proj", "mlp.up_proj"):  # output-scaled, input-scaled
