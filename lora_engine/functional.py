@@ -188,12 +188,14 @@ def lora_linear(
     dropout_seed: Optional[int] = None,
 ) -> torch.Tensor:
     """``y = x·Wᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ + bias`` with W a frozen dense [out_features, in_features] weight."""
-    n, k = check_dense_weight(weight, "lora_linear")
-    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not dispatch.use_triton(x.device, _dtypes(x, weight, lora_A, lora_B, bias)):
         return reference.lora_linear(
             x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed=dropout_seed
         )
+    n, k = check_dense_weight(weight, "lora_linear")
+    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
     return _apply(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
 
 
@@ -229,10 +231,12 @@ def ia3_linear(
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """IA3 over a frozen dense [out_features, in_features] weight (see :func:`ia3_linear_4bit`)."""
-    n, k = check_dense_weight(weight, "ia3_linear")
-    check_ia3_linear_args(x, n, k, ia3_l, scales_input, bias, weight.device)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not dispatch.use_triton(x.device, _dtypes(x, weight, ia3_l, bias)):
         return reference.ia3_linear(x, weight, ia3_l, scales_input, bias)
+    n, k = check_dense_weight(weight, "ia3_linear")
+    check_ia3_linear_args(x, n, k, ia3_l, scales_input, bias, weight.device)
     return _apply_adapter(x, weight, IA3(ia3_l.contiguous(), scales_input), bias)
 
 
@@ -290,13 +294,15 @@ def dora_linear(
 ) -> torch.Tensor:
     """DoRA over a frozen dense [out_features, in_features] weight (see :func:`dora_linear_4bit`): ‖W‖² once per
     weight, then one GEMM of A over W and rank-r products per call for the row norm, never a dense W + s·B·A."""
-    n, k = check_dense_weight(weight, "dora_linear")
-    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
-    check_dora_magnitude(magnitude, n, x)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not dispatch.use_triton(x.device, _dtypes(x, weight, lora_A, lora_B, magnitude, bias)):
         return reference.dora_linear(
             x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, dropout_seed=dropout_seed
         )
+    n, k = check_dense_weight(weight, "dora_linear")
+    check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
+    check_dora_magnitude(magnitude, n, x)
     return _apply_dora(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, dropout_seed)
 
 

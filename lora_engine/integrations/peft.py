@@ -281,19 +281,28 @@ def _several_adapters(layer: LoraLayer, names: list[str]) -> tuple[Optional[Adap
     ``_FusedForward._lora_args``) when each is plain LoRA with factors of one dtype and no dropout drawn."""
     dtypes = set()
     for name in names:
-        if name in layer.lora_variant:
-            variant = type(layer.lora_variant[name]).__name__
-            return None, f"several active adapters, {name!r} with LoRA variant {variant}"
-        reason = _factors_reason(layer, name)
+        reason = _not_plain_lora(layer, name)
         if reason is not None:
-            return None, f"several active adapters: {reason} ({name!r})"
-        dropout = layer.lora_dropout[name]
-        if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
-            return None, f"several active adapters with lora_dropout in training ({name!r})"
+            return None, f"several active adapters{reason} ({name!r})"
         dtypes.update((layer.lora_A[name].weight.dtype, layer.lora_B[name].weight.dtype))
     if len(dtypes) > 1:
         return None, f"several active adapters with factors in {sorted(str(dtype) for dtype in dtypes)}"
     return tuple(names), None
+
+
+def _not_plain_lora(layer: LoraLayer, name: str) -> Optional[str]:
+    """Why adapter ``name`` is not plain LoRA the kernels can combine with others in this call (a LoRA variant,
+    factors they do not read, dropout drawn in training), phrased to follow "...adapters" directly; None when it
+    is."""
+    if name in layer.lora_variant:
+        return f" with LoRA variant {type(layer.lora_variant[name]).__name__}"
+    reason = _factors_reason(layer, name)
+    if reason is not None:
+        return f": {reason}"
+    dropout = layer.lora_dropout[name]
+    if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+        return " with lora_dropout in training"
+    return None
 
 
 def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
@@ -339,16 +348,11 @@ def _mixed_batch_reason(layer: LoraLayer, x: Any, names: Any) -> Optional[str]:
         return f"{len(names)} adapter_names for an input of shape {tuple(x.shape)}"
     used = [name for name in dict.fromkeys(names) if name in layer.lora_A]  # PEFT skips names this layer lacks
     for name in used:
-        if name in layer.lora_variant:
-            return f"mixed-batch adapter_names with LoRA variant {type(layer.lora_variant[name]).__name__} ({name!r})"
         if layer.lora_bias.get(name, False):
             return f"mixed-batch adapter_names: lora_bias ({name!r})"
-        reason = _factors_reason(layer, name)
+        reason = _not_plain_lora(layer, name)
         if reason is not None:
-            return f"mixed-batch adapter_names: {reason} ({name!r})"
-        dropout = layer.lora_dropout[name]
-        if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
-            return f"mixed-batch adapter_names with lora_dropout in training ({name!r})"
+            return f"mixed-batch adapter_names{reason} ({name!r})"
     return None
 
 
