@@ -223,8 +223,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stock", action="store_true", help="train with stock PEFT (no lora_engine), for comparison")
     parser.add_argument("--backend", choices=("auto", "torch", "triton"), default=None,
-                        help="lora_engine backend (default: auto on a GPU, i.e. the Triton kernels; torch, the reference "
-                             "implementation, on CPU, where patched PEFT layers would otherwise run PEFT's forward)")  # fmt: skip
+                        help="lora_engine backend (default: auto on a GPU, i.e. the Triton kernels; torch, the "
+                             "reference implementation, on CPU, where patched PEFT layers would otherwise run PEFT's "
+                             "forward)")  # fmt: skip
     return parser.parse_args(argv)
 
 

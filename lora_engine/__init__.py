@@ -20,6 +20,8 @@ from .functional import (
     linear_4bit,
     lora_linear,
     lora_linear_4bit,
+    lowrank_linear,
+    lowrank_linear_4bit,
     multi_lora_linear_4bit,
 )
 from .modules import LoRALinear, LoRALinear4bit
@@ -90,6 +92,8 @@ __all__ = [
     "linear_4bit",
     "lora_linear",
     "lora_linear_4bit",
+    "lowrank_linear",
+    "lowrank_linear_4bit",
     "multi_lora_linear_4bit",
     "patch_model",
     "patch_peft_model",

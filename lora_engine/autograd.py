@@ -19,6 +19,9 @@ DoRA (``kinds.Dora``, g = m / ‖W + s·B·A‖ per output row, the norm a const
                    one GEMM over the stacked rows [x; xd], saves left = xd·Aᵀ (M x r), the mask redrawn
                    dx = dy·W + drop'(((g − 1) ⊙ dy)·W + s·(dy·(g ⊙ B))·A)   one GEMM over [dy; (g − 1) ⊙ dy]
                    (see ``_dora_dropout_forward`` / ``_dora_dropout_backward``)
+LowRank (``kinds.LowRank``, left given: LoRA factors only their own modules produce, e.g. sharded by FSDP):
+    forward  y = x·Wᵀ + s·left·Bᵀ + bias                   the GEMM with the left factor read, as LoRA's
+    backward dleft = s·dy·B,  dB = s·dyᵀ·left,  dx = dy·W   dleft reaches x and A through left's own graph
 W is frozen (4-bit ``Packed4bit`` or a dense tensor) and gets no gradient. ``KINDS`` maps each bundle type to its
 forward and backward; ``AdapterLinearFunction`` and the custom ops (``custom_ops.py``) both call them. A mixed batch
 (``kinds.MultiLora``, every row with its own LoRA adapter) has its own pair, ``multi_lora_forward`` and
@@ -52,7 +55,7 @@ from .kernels.lora_lowrank import lora_da, lora_down, lora_dy_pass
 from .kernels.lora_matmul import IN_LOOP_RANK_LIMIT, lora_matmul
 from .kernels.lora_multi import Segments, multi_lora_expand, multi_lora_shrink, segment_metadata
 from .kernels.operands import Dropout, Packed4bit
-from .kinds import IA3, Adapter, Dora, Lora, MultiLora
+from .kinds import IA3, Adapter, Dora, Lora, LowRank, MultiLora
 
 Weight = Union[Packed4bit, torch.Tensor]
 
@@ -103,28 +106,40 @@ def lora_forward(
     Called directly where no gradient is needed, which spares the autograd bookkeeping on the host.
     """
     rank = lora_A.shape[0]
-    if path == "gemv":  # functional.resolve_path sends only calls the GEMV serves here
-        left = _left_mm(x, lora_A, dropout)
-        y = lora_gemv_4bit(x, weight, right=lora_B, left=left, scaling=scaling, bias=bias)
-        return y, (left.float() if keep_left else None)
-    gemm_weight = _gemm_weight(weight, path, x.dtype)
-    if path == "dequant_cublas":
+    if path in ("gemv", "dequant_cublas"):
         # cuBLAS computes x·Aᵀ faster than the rank-r kernel; the dropout mask needs the kernel
         left = _left_mm(x, lora_A, dropout)
-        scaled_left, right = as_dtype(left * scaling, x.dtype), as_dtype(lora_B, x.dtype).t()
-        y = torch.mm(scaled_left, right) if bias is None else torch.addmm(bias.to(x.dtype), scaled_left, right)
-        y.addmm_(x, gemm_weight.t())  # in place: the LoRA term is the GEMM's C operand, no extra copy
-        left = left.float() if keep_left else None
-    elif dropout is None and rank <= IN_LOOP_RANK_LIMIT and not _splits_k(x, weight, path):
+        y = forward_with_left(x, left, lora_B, bias, weight, scaling, path)
+        return y, (left.float() if keep_left else None)
+    if dropout is None and rank <= IN_LOOP_RANK_LIMIT and not _splits_k(x, weight, path):
         left = torch.empty((x.shape[0], rank), dtype=torch.float32, device=x.device) if keep_left else None
         y = lora_matmul(
-            x, gemm_weight, weight_out_by_in=True, right=lora_B, down=lora_A.t(), left_out=left,
-            scaling=scaling, bias=bias,
+            x, _gemm_weight(weight, path, x.dtype), weight_out_by_in=True, right=lora_B, down=lora_A.t(),
+            left_out=left, scaling=scaling, bias=bias,
         )  # fmt: skip
-    else:
-        left = _left(x, lora_A, dropout)
-        y = lora_matmul(x, gemm_weight, weight_out_by_in=True, right=lora_B, left=left, scaling=scaling, bias=bias)
-    return y, left
+        return y, left
+    left = _left(x, lora_A, dropout)
+    return forward_with_left(x, left, lora_B, bias, weight, scaling, path), left
+
+
+def forward_with_left(
+    x: torch.Tensor,
+    left: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    weight: Weight,
+    scaling: float,
+    path: str,
+) -> torch.Tensor:
+    """``x·Wᵀ + s·left·Bᵀ + bias`` on 2-D x with the left factor given ([M, r], any float dtype)."""
+    if path == "gemv":  # functional.resolve_path sends only calls the GEMV serves here
+        return lora_gemv_4bit(x, weight, right=lora_B, left=left, scaling=scaling, bias=bias)
+    gemm_weight = _gemm_weight(weight, path, x.dtype)
+    if path == "dequant_cublas":
+        scaled_left, right = as_dtype(left * scaling, x.dtype), as_dtype(lora_B, x.dtype).t()
+        y = torch.mm(scaled_left, right) if bias is None else torch.addmm(bias.to(x.dtype), scaled_left, right)
+        return y.addmm_(x, gemm_weight.t())  # in place: the LoRA term is the GEMM's C operand, no extra copy
+    return lora_matmul(x, gemm_weight, weight_out_by_in=True, right=lora_B, left=left, scaling=scaling, bias=bias)
 
 
 def lora_backward(
@@ -175,6 +190,31 @@ def _lora_kind_backward(
     dx, d_lora_A, d_lora_B = lora_backward(adapter, dy, x, saved[0], weight, path, (need_x, *needs))
     d_bias = dy.sum(0, dtype=torch.float32) if need_bias else None
     return dx, (d_lora_A, d_lora_B), d_bias
+
+
+def _lowrank_kind_forward(
+    adapter: LowRank, x: torch.Tensor, bias: Optional[torch.Tensor], weight: Weight, path: str, needs: tuple[bool, ...]
+) -> tuple[torch.Tensor, tuple[Optional[torch.Tensor], ...]]:
+    left, lora_B, scaling = adapter
+    return forward_with_left(x, left, lora_B, bias, weight, scaling, path), ()
+
+
+def _lowrank_kind_backward(
+    adapter: LowRank, dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], saved: tuple, weight: Weight,
+    path: str, need_x: bool, needs: tuple[bool, ...], need_bias: bool,
+) -> tuple[Optional[torch.Tensor], tuple[Optional[torch.Tensor], ...], Optional[torch.Tensor]]:
+    left, lora_B, scaling = adapter
+    need_left, need_B = needs
+    d_left = d_lora_B = None
+    if need_B:
+        dyb, d_lora_B = lora_dy_pass(dy, lora_B, left, scaling)
+    elif need_left:
+        dyb = lora_down(dy, lora_B)
+    if need_left:
+        d_left = dyb.mul_(scaling)
+    dx = linear_backward_input(dy, weight, path) if need_x else None
+    d_bias = dy.sum(0, dtype=torch.float32) if need_bias else None
+    return dx, (d_left, d_lora_B), d_bias
 
 
 def ia3_forward(adapter: IA3, x: torch.Tensor, bias: Optional[torch.Tensor], weight: Weight, path: str) -> torch.Tensor:
@@ -389,6 +429,7 @@ KINDS: dict[type, KindOps] = {
     Lora: KindOps(_lora_kind_forward, _lora_kind_backward),
     IA3: KindOps(_ia3_kind_forward, _ia3_kind_backward),
     Dora: KindOps(_dora_kind_forward, _dora_kind_backward),
+    LowRank: KindOps(_lowrank_kind_forward, _lowrank_kind_backward),
 }
 
 

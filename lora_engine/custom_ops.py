@@ -10,7 +10,7 @@
     lora_engine::multi_lora_linear_fwd  (x, base, bias, W, As, Bs, scalings, idx, path) -> (y, left)  mixed batch
     lora_engine::multi_lora_linear_bwd  (dy, x, left, bias, W, As, Bs, ...) -> [dx, dbias, *dAs, *dBs]   its backward
 
-The adapter ops serve IA3 and DoRA (``_OP_KINDS``, one entry per kind): the kind travels as its name, its
+The adapter ops serve IA3, DoRA and LowRank (``_OP_KINDS``, one entry per kind): the kind travels as its name, its
 trainable tensors as a list, its tensors that get no gradient (DoRA's ‖W‖²) as another, its other settings as a list
 of numbers, and its dropout as a probability and a seed tensor. The forward also returns what the kind's backward
 reads beyond its inputs (DoRA: drop(x)·Aᵀ, the row scale g and the norm), each kept only when a gradient that
@@ -35,7 +35,7 @@ import torch
 
 from . import dispatch, reference
 from .kernels.operands import Dropout, Packed4bit
-from .kinds import IA3, Adapter, Dora, Lora, MultiLora
+from .kinds import IA3, Adapter, Dora, Lora, LowRank, MultiLora
 
 Weight = Union[Packed4bit, torch.Tensor]
 _EMPTY = (0,)  # shape of the placeholder returned for a gradient or buffer nobody asked for
@@ -241,11 +241,18 @@ def _dora_saved(m: Any, n: int, trainables: list[torch.Tensor], needs: list[bool
     return [(m, trainables[0].shape[0]) if need_B or need_m else None, (n,), (n,) if need_m else None]
 
 
+def _lowrank(trainables: list[torch.Tensor], constants: list[torch.Tensor], options: list[float], dropout) -> LowRank:
+    if dropout is not None:
+        raise ValueError("LowRank has no dropout (the caller's left factor has it applied)")
+    return LowRank(trainables[0], trainables[1], options[0])
+
+
 # kind name -> how the adapter ops carry it (a new kind whose forward and backward live in autograd.KINDS adds an
 # entry here, not a schema)
 _OP_KINDS = {
     "ia3": _OpKind(IA3, _ia3, lambda a: ([], [float(a.scales_input)]), lambda m, n, trainables, needs: []),
     "dora": _OpKind(Dora, _dora, _dora_parts, _dora_saved),
+    "lowrank": _OpKind(LowRank, _lowrank, lambda a: ([], [float(a.scaling)]), lambda m, n, trainables, needs: []),
 }
 _OP_KIND_NAMES = {spec.bundle: name for name, spec in _OP_KINDS.items()}
 

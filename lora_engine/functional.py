@@ -10,7 +10,7 @@ import torch
 from . import dispatch, reference
 from .format import packed_4bit, packed_4bit_cached, packed_bytes, row_norms_sq_cached
 from .kernels.operands import Dropout, Packed4bit
-from .kinds import IA3, Adapter, Dora, Lora, MultiLora
+from .kinds import IA3, Adapter, Dora, Lora, LowRank, MultiLora
 from .validation import (
     check_dense_weight,
     check_dora_magnitude,
@@ -18,6 +18,7 @@ from .validation import (
     check_ia3_linear_args,
     check_linear_args,
     check_lora_linear_args,
+    check_lowrank_linear_args,
     check_multi_lora_args,
 )
 
@@ -197,6 +198,51 @@ def lora_linear(
     n, k = check_dense_weight(weight, "lora_linear")
     check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
     return _apply(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
+
+
+def lowrank_linear_4bit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: Any,
+    left: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``y = x·deq(W)ᵀ + scaling·left·Bᵀ + bias`` with W a frozen bitsandbytes 4-bit weight and the left factor
+    computed by the caller: LoRA whose ``left = lora_A(drop(x))`` only lora_A's own module can produce (FSDP gathers a
+    module sharded on its own in its forward alone).
+
+    x: [..., in_features] fp16/bf16/fp32; left: [..., r] with x's leading shape, any float dtype; lora_B:
+    (out_features, r), any strides (e.g. ``lora_B_module(eye(r)).t()``). One GEMM with the low-rank term in its
+    epilogue, as :func:`lora_linear_4bit` runs. Gradients: left (``scaling·dy·B``, which flows on to A and x through
+    the graph that made it), lora_B, bias, and x (``dy·deq(W)`` only: the left factor's share comes through left).
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if not dispatch.use_triton(x.device, _dtypes(x, left, lora_B, bias)):
+        return reference.lowrank_linear_4bit(x, weight, quant_state, left, lora_B, scaling, bias)
+    packed = _packed_weight(weight, quant_state, "lowrank_linear_4bit")
+    check_lowrank_linear_args(x, packed.n, packed.k, left, lora_B, scaling, bias, packed.data.device)
+    return _apply_adapter(x, packed, LowRank(_rows(left, lora_B.shape[1]), lora_B, float(scaling)), bias)
+
+
+def lowrank_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    left: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """:func:`lowrank_linear_4bit` over a frozen dense [out_features, in_features] weight."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if not dispatch.use_triton(x.device, _dtypes(x, weight, left, lora_B, bias)):
+        return reference.lowrank_linear(x, weight, left, lora_B, scaling, bias)
+    n, k = check_dense_weight(weight, "lowrank_linear")
+    check_lowrank_linear_args(x, n, k, left, lora_B, scaling, bias, weight.device)
+    return _apply_adapter(x, weight, LowRank(_rows(left, lora_B.shape[1]), lora_B, float(scaling)), bias)
 
 
 def ia3_linear_4bit(

@@ -8,6 +8,9 @@
            xd = drop(x)                                     trainable: A, B, m [out]
     MultiLora  y[m] = x[m]·Wᵀ + s_i·(x[m]·A_iᵀ)·B_iᵀ + bias,  i = idx[m]  (idx[m] = -1: the base alone)
                                                             trainable: every A_i, B_i (no dropout)
+    LowRank    y = x·Wᵀ + s·left·Bᵀ + bias,  left [M, r] computed by the caller (LoRA's drop(x)·Aᵀ through
+               modules the kernels cannot read, e.g. sharded on their own by FSDP)
+                                                            differentiable: left, B (x gets dy·W only)
 
 A bundle says which of its tensors are trained (``trainables``, in the order their gradients come back),
 rebuilds itself around autograd's copies of them (``with_trainables``), and gives its layer as torch operations
@@ -150,4 +153,28 @@ class MultiLora(NamedTuple):
         return y if bias is None else y + bias
 
 
-Adapter = Union[Lora, IA3, Dora]
+class LowRank(NamedTuple):
+    """A low-rank term whose left factor the caller computed: ``s·left·Bᵀ`` added to the base product.
+
+    For a LoRA whose factors only their own modules can produce: ``left = lora_A(drop(x))`` and B (FSDP gathers a
+    module sharded on its own only in that module's forward). The kernels never see A or the dropout: the gradient
+    of x here is dy·W alone, and ``dleft = s·dy·B`` reaches A and x through the graph that made ``left``.
+    """
+
+    left: torch.Tensor  # [M, r], any float dtype
+    lora_B: torch.Tensor  # [out_features, r], any strides
+    scaling: float
+
+    def trainables(self) -> tuple[torch.Tensor, ...]:
+        return self.left, self.lora_B
+
+    def with_trainables(self, tensors: Sequence[torch.Tensor]) -> "LowRank":
+        return self._replace(left=tensors[0], lora_B=tensors[1])
+
+    def dense_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The layer in torch operations (all operands fp32, dense weight [out, in])."""
+        y = x @ weight.t() + self.scaling * (self.left.float() @ self.lora_B.float().t())
+        return y if bias is None else y + bias
+
+
+Adapter = Union[Lora, IA3, Dora, LowRank]

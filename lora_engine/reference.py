@@ -20,6 +20,7 @@ from .validation import (
     check_ia3_linear_args,
     check_linear_args,
     check_lora_linear_args,
+    check_lowrank_linear_args,
     check_multi_lora_args,
 )
 
@@ -193,6 +194,52 @@ def lora_linear(
     n, k = check_dense_weight(weight, "lora_linear")
     check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
     return _lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
+
+
+def _lowrank_linear(
+    x: torch.Tensor,
+    dense_weight: torch.Tensor,
+    left: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    n, k = dense_weight.shape
+    y = x.reshape(-1, k).to(torch.float32) @ dense_weight.to(torch.float32).t()
+    y = y + scaling * (left.reshape(-1, lora_B.shape[1]).to(torch.float32) @ lora_B.to(torch.float32).t())
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def lowrank_linear_4bit(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    quant_state: Any,
+    left: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``x·deq(W)ᵀ + scaling·left·Bᵀ + bias`` in fp32, returned in x's dtype; W frozen."""
+    n, k = weight_shape(weight, quant_state)
+    check_frozen_weight(weight, "lowrank_linear_4bit")
+    check_lowrank_linear_args(x, n, k, left, lora_B, scaling, bias, packed_bytes(weight).device)
+    return _lowrank_linear(x, dequantize_4bit(weight, quant_state, torch.float32), left, lora_B, scaling, bias)
+
+
+def lowrank_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    left: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``x·Wᵀ + scaling·left·Bᵀ + bias`` for a dense frozen W, in fp32, returned in x's dtype."""
+    n, k = check_dense_weight(weight, "lowrank_linear")
+    check_lowrank_linear_args(x, n, k, left, lora_B, scaling, bias, weight.device)
+    return _lowrank_linear(x, weight, left, lora_B, scaling, bias)
 
 
 def _ia3_linear(

@@ -73,6 +73,37 @@ def check_lora_linear_args(
     _check_devices(x, weight_device, lora_A=lora_A, lora_B=lora_B, bias=bias)
 
 
+def check_lowrank_linear_args(
+    x: torch.Tensor,
+    out_features: int,
+    in_features: int,
+    left: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+    weight_device: torch.device,
+) -> None:
+    """Validate ``y = x·Wᵀ + scaling·left·Bᵀ + bias`` for W of shape [out_features, in_features], left [..., r]
+    with x's leading shape."""
+    _check_input(x, in_features)
+    for name, t in (("left", left), ("lora_B", lora_B)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if lora_B.dim() != 2 or lora_B.shape[0] != out_features or lora_B.shape[1] == 0:
+        raise ValueError(f"lora_B must be (out_features, r) = ({out_features}, r >= 1), got {tuple(lora_B.shape)}")
+    rank = lora_B.shape[1]
+    if tuple(left.shape) != (*x.shape[:-1], rank):
+        raise ValueError(
+            f"left must have x's leading shape and r={rank} columns, {(*x.shape[:-1], rank)}, got {tuple(left.shape)}"
+        )
+    _check_bias(bias, out_features)
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not math.isfinite(scaling):
+        raise TypeError(f"scaling must be a finite Python number, got {scaling!r}")
+    _check_devices(x, weight_device, left=left, lora_B=lora_B, bias=bias)
+
+
 def check_linear_args(
     x: torch.Tensor, out_features: int, in_features: int, bias: Optional[torch.Tensor], weight_device: torch.device
 ) -> None:

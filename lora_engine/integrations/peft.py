@@ -29,6 +29,10 @@ adapters, layouts or devices the kernels do not read, and a LoRA layer stacked o
 Under FSDP2 the fused 4-bit layers read the gathered packed bytes with the quant state bitsandbytes also keeps on
 the module (the gathered weight is a plain tensor without it). Packed bytes that arrive in another dtype than
 their storage (FSDP's ``MixedPrecisionPolicy(param_dtype=...)`` casts them value by value) raise, naming the fix.
+LoRA modules FSDP2 shards on their own (PEFT's ``fsdp_auto_wrap_policy``, which HF Trainer applies) are gathered only
+by their own forwards: for one plain adapter the fused forward runs ``lora_A(drop(x))`` and ``lora_B(I)`` through
+them and the base product with that low-rank term in one GEMM (``lowrank_linear_4bit``); DoRA, ``lora_bias`` and
+several adapters need A and B whole and run PEFT's forward there.
 
 The bitsandbytes 4-bit layers without a fused adapter get the same treatment: ``FusedLinear4bit``, a
 ``bnb.nn.Linear4bit`` subclass overriding ``forward`` only (named ``Linear4bit`` in the repr), runs
@@ -273,6 +277,8 @@ def _active_adapter(layer: nn.Module) -> tuple[Optional[Adapters], Optional[str]
         if not getattr(layer, "use_dora", {}).get(name, False):
             return None, f"LoRA variant {type(layer.lora_variant[name]).__name__}"
     reason = _factors_reason(layer, name)
+    if reason is not None and _lora_modules_sharded(layer, name):
+        reason = _through_modules_reason(layer, name)
     return (None, reason) if reason is not None else (name, None)
 
 
@@ -313,11 +319,7 @@ def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
     if not (type(lora_A) is nn.Linear and type(lora_B) is nn.Linear and lora_A.bias is None
             and (lora_B.bias is not None) == lora_bias):  # fmt: skip
         if _sharded_by_fsdp(lora_A) or _sharded_by_fsdp(lora_B):
-            return (
-                "FSDP shards the LoRA modules on their own (PEFT's fsdp_auto_wrap_policy, which HF Trainer applies "
-                "under FSDP), so only their own forward gathers them; the 4-bit base still runs lora_engine's path. "
-                "Shard whole decoder layers (fully_shard on each, then the model) for the fused forward"
-            )
+            return _SHARDED_LORA_MODULES
         return "LoRA factors are not nn.Linear modules with the biases PEFT gives them"
     if _has_hooks(lora_A) or _has_hooks(lora_B):
         return "the LoRA modules have forward hooks (e.g. accelerate offloading)"
@@ -325,6 +327,29 @@ def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
         return f"dropout module {type(layer.lora_dropout[name]).__name__}"
     if not _is_number(layer.scaling[name]):
         return "scaling is not a Python number"
+    return None
+
+
+_SHARDED_LORA_MODULES = (
+    "FSDP shards the LoRA modules on their own (PEFT's fsdp_auto_wrap_policy, which HF Trainer applies under FSDP): "
+    "only their own forwards gather them, which the fused forward runs for one active LoRA adapter without DoRA or "
+    "lora_bias over FSDP2 modules; the base still runs lora_engine's path. Shard whole decoder layers (fully_shard "
+    "on each, then the model) for the fused forward here"
+)
+
+
+def _lora_modules_sharded(layer: LoraLayer, name: str) -> bool:
+    return _sharded_by_fsdp(layer.lora_A[name]) or _sharded_by_fsdp(layer.lora_B[name])
+
+
+def _through_modules_reason(layer: LoraLayer, name: str) -> Optional[str]:
+    """Why adapter ``name``, its LoRA modules sharded on their own by FSDP, cannot run the fused forward through
+    those modules' own forwards (``_FusedForward._factors_through_modules``); None when it can: both are FSDP2
+    ``nn.Linear`` modules without a bias, and the adapter is plain LoRA (DoRA's norm needs A and B whole)."""
+    lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+    linear = all(isinstance(m, nn.Linear) and _sharded_by_fsdp(m) and m.bias is None for m in (lora_A, lora_B))
+    if not linear or name in layer.lora_variant or not _is_number(layer.scaling[name]):
+        return _SHARDED_LORA_MODULES
     return None
 
 
@@ -572,6 +597,22 @@ class _FusedForward:
         p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
         return self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], p, dropout.training
 
+    def _through_modules(self, adapter: Adapters) -> bool:
+        """Whether the factors come from the LoRA modules' own forwards: modules FSDP shards on their own, which
+        ``_active_adapter`` lets through only as one plain LoRA adapter (``_through_modules_reason``)."""
+        return not isinstance(adapter, tuple) and type(self.lora_A[adapter]) is not nn.Linear
+
+    def _factors_through_modules(self, x: torch.Tensor, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(left, B)``: ``left = lora_A(drop(x))`` and ``B = lora_B(I_r)ᵀ``, each through its module's forward,
+        where FSDP gathers a module sharded on its own and hooks its gradient's reduce-scatter (PEFT's DoRA takes B
+        the same way under FSDP). The input is cast as PEFT's forward casts it for the LoRA branch."""
+        lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
+        if not torch.is_autocast_enabled():
+            x = self._cast_input_dtype(x, lora_A.weight.dtype)
+        left = lora_A(self.lora_dropout[adapter](x))
+        eye = torch.eye(lora_B.in_features, dtype=left.dtype, device=left.device)
+        return left, lora_B(eye).t()
+
     def _bias(self, adapter: Adapters, base_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The bias the kernels add: the base layer's, plus s·b for each lora_B with a bias b (PEFT's ``lora_bias``,
         which adds it after the dropout, once, scaled); the sum carries the gradients of all."""
@@ -634,6 +675,13 @@ if PeftLinear4bit is not None:
         def _fused_forward(
             self, x: torch.Tensor, adapter: Adapters, compute: torch.dtype, base: nn.Module
         ) -> torch.Tensor:
+            if self._through_modules(adapter):
+                left, lora_B = self._factors_through_modules(x, adapter)
+                y = F.lowrank_linear_4bit(
+                    as_dtype(x, compute), base.weight, _quant_state(base), left, lora_B, self.scaling[adapter],
+                    bias=base.bias,
+                )  # fmt: skip
+                return as_dtype(y, x.dtype)
             lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
             if adapter in self.lora_variant:  # DoRA (the only variant _active_adapter lets through)
                 magnitude = self.lora_magnitude_vector[adapter].weight
@@ -685,6 +733,9 @@ class FusedLoraLinear(_FusedForward, PeftLinear):
         self, x: torch.Tensor, adapter: Adapters, compute: torch.dtype, base: nn.Module
     ) -> torch.Tensor:
         weight, bias = _dense_operands(base, compute)
+        if self._through_modules(adapter):
+            left, lora_B = self._factors_through_modules(x, adapter)
+            return F.lowrank_linear(as_dtype(x, compute), weight, left, lora_B, self.scaling[adapter], bias=bias)
         lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
         if adapter in self.lora_variant:  # DoRA, with the dropout rule of FusedLoraLinear4bit's
             magnitude = self.lora_magnitude_vector[adapter].weight

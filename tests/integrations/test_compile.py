@@ -243,6 +243,53 @@ def test_compiled_ia3_matches_eager_without_graph_breaks(scales_input, kernel_de
         torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)
 
 
+def _lowrank_4bit_args(device: str):
+    layer = _layer_4bit(0.0, device)
+    gen = torch.Generator().manual_seed(6)
+    left = torch.randn(3, 5, 8, generator=gen).to(device).requires_grad_()
+    lora_B = (torch.randn(8, 37, generator=gen) * 0.3).to(device).t().requires_grad_()  # lora_B(I)ᵀ's layout
+    bias = torch.randn(37, generator=gen).to(device).requires_grad_()
+    return layer.weight, layer.weight.quant_state, left, lora_B, bias
+
+
+def test_lowrank_op_passes_torch_opcheck(kernel_device):
+    """The adapter op carrying a given left factor (the route of LoRA modules sharded by FSDP, compiled)."""
+    weight, state, left, lora_B, bias = _lowrank_4bit_args(kernel_device)
+    tensors, sizes = custom_ops.weight_parts(packed_4bit(weight, state))
+    x = torch.randn(15, 100, generator=torch.Generator().manual_seed(5)).to(kernel_device).requires_grad_()
+    left2d = left.detach().reshape(15, 8).requires_grad_()
+    args = ("lowrank", x, [left2d, lora_B], [], bias, tensors, sizes, [1.5], 0.0, None, "fused", [True, True])
+    torch.library.opcheck(custom_ops.adapter_linear_fwd, args)
+
+
+def test_compiled_lowrank_matches_eager_without_graph_breaks(kernel_device):
+    weight, state, left, lora_B, bias = _lowrank_4bit_args(kernel_device)
+
+    def layer(x):
+        return torch.relu(lora_engine.lowrank_linear_4bit(x, weight, state, left.tanh(), lora_B, 1.5, bias=bias))
+
+    x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(2)).to(kernel_device).requires_grad_()
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert "lora_engine.adapter_linear_fwd" in explanation.graphs[0].code, "it must run as the registered op"
+    torch._dynamo.reset()
+
+    def run(fn):
+        y = fn(x)
+        y.square().sum().backward()
+        grads = [t.grad.clone() for t in (x, left, lora_B, bias)]
+        for t in (x, left, lora_B, bias):
+            t.grad = None
+        return y.detach(), grads
+
+    eager = run(layer)
+    compiled = run(torch.compile(layer, backend=BACKEND, fullgraph=True))
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=1e-6)
+    for g_c, g_e in zip(compiled[1], eager[1]):
+        assert g_e.abs().max() > 0
+        torch.testing.assert_close(g_c, g_e, rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture
 def dora_calls(monkeypatch):
     """Records each run of DoRA's kernel forward (its dropout) and backward (the saved tensors it got), and counts

@@ -1,0 +1,177 @@
+"""LoRA modules sharded on their own by FSDP2 (what HF Trainer does to a PEFT model, through PEFT's
+``fsdp_auto_wrap_policy``), in one process: a gloo group of one rank, so every parameter is a DTensor gathered by
+its module's forward, as on many ranks.
+
+The fused forward runs ``lora_A`` on the input and ``lora_B`` on the identity through those modules' own forwards,
+then the base product with the low-rank term in one GEMM (``lora_engine.lowrank_linear_4bit``). It must give what
+stock PEFT gives on the same sharded model, gradients included, and leave to PEFT's forward (named in the report)
+what needs A and B whole. Many ranks: ``tests/integrations/test_distributed.py`` (the same wrapping over two gloo
+ranks trains as one process).
+
+Tolerance: both sides compute in fp32 from the same decoded 4-bit weight (bitsandbytes' CPU kernel on the stock
+side, the kernels in the interpreter here); they differ by the fp32 rounding of K-long sums, ~1e-6 relative.
+1e-4 of each tensor's largest value leaves a wide margin, while a missing low-rank term or a gradient share lost
+moves them by tens of percent.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+import torch.distributed as dist
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+import lora_engine
+from lora_engine import functional
+from lora_engine.integrations.peft import FusedLoraLinear, FusedLoraLinear4bit
+
+pytestmark = pytest.mark.interpreter
+
+RTOL = 1e-4  # of each tensor's largest value
+
+
+class Net(nn.Module):
+    """Two 4-bit projections with odd shapes (NF4 nested with a bias; FP4 plain without, K odd) and a dense one."""
+
+    is_loaded_in_4bit = True  # what transformers sets on a 4-bit model; PEFT then wraps Linear4bit as lora.Linear4bit
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = bnb.nn.Linear4bit(100, 37, bias=True, compute_dtype=torch.float32, quant_type="nf4",
+                                   compress_statistics=True)  # fmt: skip
+        self.k = bnb.nn.Linear4bit(37, 45, bias=False, compute_dtype=torch.float32, quant_type="fp4",
+                                   compress_statistics=False)  # fmt: skip
+        self.out = nn.Linear(45, 29)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.k(torch.relu(self.q(x)))))
+
+
+@pytest.fixture(scope="module")
+def one_rank_group(tmp_path_factory):
+    """A gloo process group of one rank for the tests of this module, torn down after them."""
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    store = dist.FileStore(str(tmp_path_factory.mktemp("fsdp") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _peft_net(kernel_device: str, **lora) -> nn.Module:
+    torch.manual_seed(0)
+    net = Net().to(kernel_device)  # bitsandbytes quantizes on the move to a device
+    model = get_peft_model(net, LoraConfig(r=8, lora_alpha=16, target_modules=["q", "k", "out"], **lora))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # fresh lora_B is zero, which hides every mistake in the LoRA term
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name or "lora_magnitude" in name:
+                param.add_(torch.randn(param.shape, generator=gen).to(param.device) * 0.2)
+    return model
+
+
+def _shard_lora_modules(model: nn.Module, root: bool = True) -> nn.Module:
+    """PEFT's fsdp_auto_wrap_policy under FSDP2: every leaf module with a trainable parameter, then the root
+    (which shards the base weights, gathered in its forward)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in list(model.modules()):
+        if not any(module.children()) and any(p.requires_grad for p in module.parameters()):
+            fully_shard(module)
+    if root:
+        fully_shard(model)
+    return model
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _train_step(model: nn.Module, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Output and every trainable parameter's gradient for one batch (dropout drawn from ``seed``)."""
+    x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(2)).to(next(model.parameters()).device)
+    torch.manual_seed(seed)
+    y = model(x)
+    (y.square() * torch.linspace(-1, 1, y.shape[-1], device=y.device)).sum().backward()
+    grads = {name: _full(p.grad).clone() for name, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return y.detach(), grads
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    worst = (got - want).abs().max().item()
+    bound = RTOL * want.abs().max().item()
+    assert want.abs().max() > 0, f"{what}: degenerate case, all zero"
+    assert worst <= bound, f"{what}: max |difference| {worst:.3g} > {bound:.3g} (1e-4 of max |value|)"
+
+
+def _count(monkeypatch, name: str) -> list:
+    calls = []
+    original = getattr(functional, name)
+    monkeypatch.setattr(functional, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_sharded_lora_modules_run_the_fused_forward_as_stock_peft(dropout, one_rank_group, monkeypatch, kernel_device):
+    stock = _shard_lora_modules(_peft_net(kernel_device, lora_dropout=dropout)).train()
+    patched = _peft_net(kernel_device, lora_dropout=dropout)
+    report = lora_engine.patch_peft_model(patched)
+    patched = _shard_lora_modules(patched).train()
+    lowrank_4bit, lowrank_dense = _count(monkeypatch, "lowrank_linear_4bit"), _count(monkeypatch, "lowrank_linear")
+
+    for step in range(2):  # a second step: the modules resharded after the first and gathered again
+        y, grads = _train_step(patched, seed=10 + step)
+        y_stock, grads_stock = _train_step(stock, seed=10 + step)
+        _assert_close(y, y_stock, f"step {step} output")
+        assert sorted(grads) == sorted(grads_stock) and len(grads) == 6, sorted(grads)
+        for name, grad in grads.items():
+            _assert_close(grad, grads_stock[name], f"step {step} {name}")
+    assert len(lowrank_4bit) == 4 and len(lowrank_dense) == 2, "each layer, each step, through the module forwards"
+    assert report.num_fused == 3 and not report.fallbacks, report.summary()
+
+
+@pytest.mark.parametrize("lora, count", [({"use_dora": True}, 3), ({"lora_bias": True}, 3)], ids=["dora", "lora_bias"])
+def test_what_needs_the_factors_whole_runs_peft_forward_and_says_why(
+    lora, count, one_rank_group, monkeypatch, kernel_device
+):
+    """DoRA's weight norm and lora_B's bias need the factors whole, which only a module's forward gathers: PEFT's
+    forward there, with the reason and the wrapping that serves them. (The root stays unsharded: PEFT's DoRA
+    decodes the base weight through the quant state on the weight, which a gathered weight lacks.)"""
+    stock = _shard_lora_modules(_peft_net(kernel_device, **lora), root=False).train()
+    patched = _peft_net(kernel_device, **lora)
+    report = lora_engine.patch_peft_model(patched)
+    patched = _shard_lora_modules(patched, root=False).train()
+    lowrank = _count(monkeypatch, "lowrank_linear_4bit")
+    y, grads = _train_step(patched, seed=3)
+    y_stock, grads_stock = _train_step(stock, seed=3)
+    _assert_close(y, y_stock, "output")
+    for name, grad in grads.items():
+        _assert_close(grad, grads_stock[name], name)
+    assert not lowrank and report.num_fused == 0 and len(report.fallbacks) == count, report.summary()
+    for reasons in report.fallbacks.values():
+        assert "FSDP shards the LoRA modules on their own" in reasons[0], reasons
+        assert "Shard whole decoder layers" in reasons[0]
+
+
+def test_grouped_projections_run_per_layer_over_sharded_lora_modules(
+    one_rank_group, make_peft_llama, tokens, monkeypatch
+):
+    """The grouped forward reads the stacked factors directly: over sharded LoRA modules each projection runs
+    its own fused forward (reported), and the model gives what it gives ungrouped."""
+    ungrouped, grouped = make_peft_llama(), make_peft_llama()  # the same weights
+    lora_engine.patch_peft_model(ungrouped)
+    report = lora_engine.patch_peft_model(grouped, group_projections=True)
+    assert report.grouped
+    ungrouped, grouped = _shard_lora_modules(ungrouped), _shard_lora_modules(grouped)
+    ids = tokens(0)
+    with torch.no_grad():
+        want, got = ungrouped(input_ids=ids).logits, grouped(input_ids=ids).logits
+    _assert_close(got, want, "logits")
+    assert report.group_fallbacks and not report.fallbacks, report.summary()
+    for reasons in report.group_fallbacks.values():
+        assert any("sharded on their own by FSDP" in reason for reason in reasons), reasons
+    assert all(type(m) in (FusedLoraLinear4bit, FusedLoraLinear) for n, m in grouped.named_modules()
+               if n.endswith(("q_proj", "v_proj")))  # fmt: skip
