@@ -7,7 +7,8 @@ Steps, in this order, each in a process of its own with a time budget, none stop
     demo          examples/sentiment_qlora.py on a small subset, patched (Triton kernels), then stock PEFT
     bench         python -m bench on a few M per regime (decode, middle, training) of the anchor shapes, and
                   python -m bench.host: host µs per call per path with real launches
-    distributed   examples/distributed_qlora.py under FSDP2 over NCCL (one rank) and unwrapped: peak memory
+    distributed   examples/distributed_qlora.py under FSDP2 over NCCL (one rank; decoder layers sharded, then each
+                  LoRA module too, as HF Trainer wraps a PEFT model) and unwrapped: peak memory
 DIR receives each step's full log, the tests' JUnit XML and the bench's results; the summary (each step's outcome,
 failed tests by name, the demo's accuracy and samples/s, our time against the best anchor per case) is printed
 last and written to DIR/summary.md. Needs CUDA and bitsandbytes, checked first; without the demo's packages that
@@ -32,7 +33,7 @@ from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 # seconds per step: about 7.5 minutes in all on an H100, leaving room for the start and the summary
-BUDGETS = {"gpu-tests": 130, "integrations": 140, "demo": 80, "bench": 75, "distributed": 30}
+BUDGETS = {"gpu-tests": 130, "integrations": 140, "demo": 80, "bench": 75, "distributed": 40}
 DEMO_ARGS = ["--train-size", "300", "--eval-size", "150", "--epochs", "1", "--batch-size", "16"]
 BENCH_ARGS = [
     "--modes", "decode", "fwd", "fwdbwd", "--m-decode", "1", "16", "--m-train", "256", "2048", "8192",
@@ -93,6 +94,10 @@ def plan(out: Path, budgets: dict[str, float]) -> list[Step]:
             ("distributed-fsdp", [python, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                                   "examples/distributed_qlora.py", "--strategy", "fsdp", "--quant-storage", "bfloat16",
                                   "--out", str(out / "distributed-fsdp")]),
+            ("distributed-fsdp-lora-modules", [python, "-m", "torch.distributed.run", "--standalone",
+                                               "--nproc_per_node=1", "examples/distributed_qlora.py", "--strategy",
+                                               "fsdp", "--shard-lora-modules", "--quant-storage", "bfloat16", "--out",
+                                               str(out / "distributed-fsdp-lora-modules")]),
             ("distributed-none", [python, "examples/distributed_qlora.py", "--strategy", "none", "--quant-storage",
                                   "bfloat16", "--out", str(out / "distributed-none")]),
         ], lambda d: distributed_summary(d), budgets["distributed"]),
@@ -223,16 +228,16 @@ def host_summary(log: Path) -> list[str]:
 
 
 def distributed_summary(out: Path) -> list[str]:
-    """Layers on the kernels, final loss and peak memory of the FSDP2 run and of the unwrapped one."""
+    """Layers on the kernels, final loss and peak memory of the FSDP2 runs and of the unwrapped one."""
     lines = []
-    for name in ("distributed-fsdp", "distributed-none"):
+    for name in ("distributed-fsdp", "distributed-fsdp-lora-modules", "distributed-none"):
         path = out / name / "run.json"
         if not path.exists():
             lines.append(f"{name}: no result (see {name}.log)")
             continue
         r = json.loads(path.read_text())
-        lines.append(f"{r['strategy']}: {r['fused']}/{r['layers']} layers on the kernels, final loss "
-                     f"{r['losses'][-1]:.4f}, peak {r.get('peak_mib', '?')} MiB")  # fmt: skip
+        lines.append(f"{name.removeprefix('distributed-')}: {r['fused']}/{r['layers']} layers on the kernels, "
+                     f"final loss {r['losses'][-1]:.4f}, peak {r.get('peak_mib', '?')} MiB")  # fmt: skip
     return lines
 
 

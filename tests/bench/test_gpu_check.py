@@ -106,7 +106,8 @@ def test_distributed_summary_reads_the_example_results(tmp_path):
     (tmp_path / "distributed-fsdp" / "run.json").write_text(__import__("json").dumps(run))
     lines = gpu_check.distributed_summary(tmp_path)
     assert lines[0] == "fsdp: 14/14 layers on the kernels, final loss 4.7000, peak 812.5 MiB"
-    assert lines[1].startswith("distributed-none: no result")
+    assert lines[1].startswith("distributed-fsdp-lora-modules: no result")
+    assert lines[2].startswith("distributed-none: no result")
 
 
 def test_host_summary_keeps_the_table(tmp_path):
