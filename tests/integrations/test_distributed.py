@@ -120,12 +120,14 @@ def test_a_cast_of_the_packed_bytes_is_a_clear_error(runs):
     assert "bnb_4bit_quant_storage=torch.bfloat16" in output
 
 
-def test_mixed_precision_with_matching_storage_runs_the_fused_layers(runs):
-    """param_dtype = quant storage = bf16: the bytes arrive as stored. (On CPU the bf16 math takes the torch
-    reference, the interpreter being unable to compute bf16; the layers still go through the fused forward.)"""
+@pytest.mark.parametrize("lora_modules", [[], ["--shard-lora-modules"]], ids=["layers", "lora-modules"])
+def test_mixed_precision_with_matching_storage_runs_the_fused_layers(runs, lora_modules):
+    """param_dtype = quant storage = bf16: the bytes arrive as stored, and LoRA modules sharded on their own give
+    their factors in bf16. (On CPU the bf16 math takes the torch reference, the interpreter being unable to compute
+    bf16; the layers still go through the fused forward.)"""
     tmp, (_, single_result), _ = runs
-    adapter, result = _run(tmp, "mp-bf16", "fsdp", "--quant-storage", "bfloat16", "--param-dtype", "bfloat16",
-                           "--backend", "torch")  # fmt: skip
+    adapter, result = _run(tmp, f"mp-bf16-{len(lora_modules)}", "fsdp", "--quant-storage", "bfloat16",
+                           "--param-dtype", "bfloat16", "--backend", "torch", *lora_modules)  # fmt: skip
     _assert_all_fused(result)
     # bf16 LoRA factors and gradients (eps 2**-8) against the fp32 run: measured 5e-5 relative on the loss;
     # 1e-3 leaves 20x, and a garbled weight moves the loss by whole units
