@@ -45,11 +45,8 @@ def check_lora_linear_args(
 ) -> None:
     """Validate ``y = x·Wᵀ + scaling·(drop(x)·Aᵀ)·Bᵀ + bias`` for W of shape [out_features, in_features]."""
     _check_input(x, in_features)
+    _check_float_tensors(lora_A=lora_A, lora_B=lora_B)
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be floating point, got {t.dtype}")
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
     rank = lora_A.shape[0]
@@ -86,11 +83,7 @@ def check_lowrank_linear_args(
     """Validate ``y = x·Wᵀ + scaling·left·Bᵀ + bias`` for W of shape [out_features, in_features], left [..., r]
     with x's leading shape."""
     _check_input(x, in_features)
-    for name, t in (("left", left), ("lora_B", lora_B)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    _check_float_tensors(left=left, lora_B=lora_B)
     if lora_B.dim() != 2 or lora_B.shape[0] != out_features or lora_B.shape[1] == 0:
         raise ValueError(f"lora_B must be (out_features, r) = ({out_features}, r >= 1), got {tuple(lora_B.shape)}")
     rank = lora_B.shape[1]
@@ -120,6 +113,14 @@ def _check_input(x: torch.Tensor, in_features: int) -> None:
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"x's last dimension must be in_features={in_features}, got x of shape {tuple(x.shape)}")
+
+
+def _check_float_tensors(**named: Any) -> None:
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
 
 
 def _check_bias(bias: Optional[torch.Tensor], out_features: int) -> None:
