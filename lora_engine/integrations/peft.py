@@ -607,8 +607,8 @@ class _FusedForward:
         where FSDP gathers a module sharded on its own and hooks its gradient's reduce-scatter (PEFT's DoRA takes B
         the same way under FSDP). The input is cast as PEFT's forward casts it for the LoRA branch."""
         lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
-        if not torch.is_autocast_enabled():
-            x = self._cast_input_dtype(x, lora_A.weight.dtype)
+        if not torch.is_autocast_enabled() and getattr(self, "cast_input_dtype_enabled", True):
+            x = as_dtype(x, lora_A.weight.dtype)
         left = lora_A(self.lora_dropout[adapter](x))
         eye = torch.eye(lora_B.in_features, dtype=left.dtype, device=left.device)
         return left, lora_B(eye).t()
