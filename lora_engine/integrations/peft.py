@@ -14,14 +14,15 @@ The fused forward covers one active vanilla LoRA adapter (any scaling, rsLoRA in
 branch drawn in-kernel; base bias frozen or not; ``lora_bias``, its term joining the bias), one active DoRA adapter
 over either base (magnitude, A and B trained through the kernels, the weight norm detached as PEFT does; with
 dropout in training PEFT's rule, the DoRA term of the dropped input beside the base product of x, the mask drawn
-in-kernel), several active LoRA adapters (PEFT adds up their terms: one call over their stacked factors, when none
-draws dropout), or one active IA3 adapter (the input scale of feed-forward layers fused into the GEMM's prologue,
+in-kernel), several active LoRA adapters (PEFT adds up their terms: one call over their stacked factors; where one
+draws dropout in training, each adapter's left factor drawn by its own dropout module and lora_A, as PEFT draws
+them, then one call over those side by side), or one active IA3 adapter (the input scale of feed-forward layers fused into the GEMM's prologue,
 the output scale of the others into its epilogue, with PEFT's dtypes: its 4-bit IA3 layer returns float32 for a
 16-bit input outside autocast). PEFT's mixed batches (``adapter_names``, one name per sample, "__base__" for none)
 over a 4-bit base run ``multi_lora_linear_4bit`` (the base product once, each row's low-rank term from its own
 adapter) when every named adapter of the layer is a plain LoRA adapter without ``lora_bias`` (gradients included).
 Merging stays PEFT's. Anything else runs PEFT's forward for that call: other LoRA variants, the mixed batches the
-kernels do not serve, several active adapters with DoRA or dropout in training among them, merged or disabled
+kernels do not serve, several active adapters with DoRA among them, merged or disabled
 adapters, layouts or devices the kernels do not read, and a LoRA layer stacked on another tuner layer (a
 ``PeftMixedModel`` with LoHa, LoKr, AdaLoRA... under LoRA), whose delta only PEFT's forward adds. The
 ``PatchReport`` lists those layers and why; each reason is logged once.
@@ -30,9 +31,9 @@ Under FSDP2 the fused 4-bit layers read the gathered packed bytes with the quant
 the module (the gathered weight is a plain tensor without it). Packed bytes that arrive in another dtype than
 their storage (FSDP's ``MixedPrecisionPolicy(param_dtype=...)`` casts them value by value) raise, naming the fix.
 LoRA modules FSDP2 shards on their own (PEFT's ``fsdp_auto_wrap_policy``, which HF Trainer applies) are gathered only
-by their own forwards: for one plain adapter the fused forward runs ``lora_A(drop(x))`` and ``lora_B(I)`` through
-them and the base product with that low-rank term in one GEMM (``lowrank_linear_4bit``); DoRA, ``lora_bias`` and
-several adapters need A and B whole and run PEFT's forward there.
+by their own forwards: for plain LoRA adapters the fused forward runs ``lora_A(drop(x))`` and ``lora_B(I)`` through
+them and the base product with that low-rank term in one GEMM (``lowrank_linear_4bit``); DoRA and ``lora_bias``
+need A and B whole and run PEFT's forward there.
 
 The bitsandbytes 4-bit layers without a fused adapter get the same treatment: ``FusedLinear4bit``, a
 ``bnb.nn.Linear4bit`` subclass overriding ``forward`` only (named ``Linear4bit`` in the repr), runs
@@ -283,13 +284,20 @@ def _active_adapter(layer: nn.Module) -> tuple[Optional[Adapters], Optional[str]
 
 
 def _several_adapters(layer: LoraLayer, names: list[str]) -> tuple[Optional[Adapters], Optional[str]]:
-    """Several active LoRA adapters, whose terms PEFT adds up: one fused call over their stacked factors (see
-    ``_FusedForward._lora_args``) when each is plain LoRA with factors of one dtype and no dropout drawn."""
+    """Several active LoRA adapters, whose terms PEFT adds up, each plain LoRA with factors of one dtype: one fused
+    call over their stacked factors (``_FusedForward._lora_args``), or, where one draws dropout in training or has
+    its modules sharded on their own by FSDP, over their left factors made by their own modules
+    (``_FusedForward._factors_through_modules``)."""
     dtypes = set()
     for name in names:
-        reason = _not_plain_lora(layer, name)
+        if name in layer.lora_variant:
+            variant = type(layer.lora_variant[name]).__name__
+            return None, f"several active adapters with LoRA variant {variant} ({name!r})"
+        reason = _factors_reason(layer, name)
+        if reason is not None and _lora_modules_sharded(layer, name):
+            reason = _through_modules_reason(layer, name)
         if reason is not None:
-            return None, f"several active adapters{reason} ({name!r})"
+            return None, f"several active adapters: {reason} ({name!r})"
         dtypes.update((layer.lora_A[name].weight.dtype, layer.lora_B[name].weight.dtype))
     if len(dtypes) > 1:
         return None, f"several active adapters with factors in {sorted(str(dtype) for dtype in dtypes)}"
@@ -305,8 +313,7 @@ def _not_plain_lora(layer: LoraLayer, name: str) -> Optional[str]:
     reason = _factors_reason(layer, name)
     if reason is not None:
         return f": {reason}"
-    dropout = layer.lora_dropout[name]
-    if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+    if _draws_dropout(layer, name):
         return " with lora_dropout in training"
     return None
 
@@ -332,9 +339,9 @@ def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
 
 _SHARDED_LORA_MODULES = (
     "FSDP shards the LoRA modules on their own (PEFT's fsdp_auto_wrap_policy, which HF Trainer applies under FSDP): "
-    "only their own forwards gather them, which the fused forward runs for one active LoRA adapter without DoRA or "
-    "lora_bias over FSDP2 modules; the base still runs lora_engine's path. Shard whole decoder layers (fully_shard "
-    "on each, then the model) for the fused forward here"
+    "only their own forwards gather them, which the fused forward runs for LoRA adapters without DoRA or lora_bias "
+    "over FSDP2 modules; the base still runs lora_engine's path. Shard whole decoder layers (fully_shard on each, "
+    "then the model) for the fused forward here"
 )
 
 
@@ -351,6 +358,11 @@ def _through_modules_reason(layer: LoraLayer, name: str) -> Optional[str]:
     if not linear or name in layer.lora_variant or not _is_number(layer.scaling[name]):
         return _SHARDED_LORA_MODULES
     return None
+
+
+def _draws_dropout(layer: LoraLayer, name: str) -> bool:
+    dropout = layer.lora_dropout[name]
+    return dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0
 
 
 def _sharded_by_fsdp(module: nn.Module) -> bool:
@@ -598,20 +610,40 @@ class _FusedForward:
         return self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], p, dropout.training
 
     def _through_modules(self, adapter: Adapters) -> bool:
-        """Whether the factors come from the LoRA modules' own forwards: modules FSDP shards on their own, which
-        ``_active_adapter`` lets through only as one plain LoRA adapter (``_through_modules_reason``)."""
-        return not isinstance(adapter, tuple) and type(self.lora_A[adapter]) is not nn.Linear
+        """Whether the left factors come from the LoRA modules' own forwards: for modules FSDP shards on their own
+        (plain LoRA only: ``_through_modules_reason``), and for several adapters of which one draws dropout in
+        training (a mask per adapter, drawn by its dropout module as in PEFT's forward)."""
+        if isinstance(adapter, tuple):
+            return any(type(self.lora_A[name]) is not nn.Linear or _draws_dropout(self, name) for name in adapter)
+        return type(self.lora_A[adapter]) is not nn.Linear
 
-    def _factors_through_modules(self, x: torch.Tensor, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(left, B)``: ``left = lora_A(drop(x))`` and ``B = lora_B(I_r)ᵀ``, each through its module's forward,
-        where FSDP gathers a module sharded on its own and hooks its gradient's reduce-scatter (PEFT's DoRA takes B
-        the same way under FSDP). The input is cast as PEFT's forward casts it for the LoRA branch."""
-        lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
-        if not torch.is_autocast_enabled() and getattr(self, "cast_input_dtype_enabled", True):
-            x = as_dtype(x, lora_A.weight.dtype)
-        left = lora_A(self.lora_dropout[adapter](x))
-        eye = torch.eye(lora_B.in_features, dtype=left.dtype, device=left.device)
-        return left, lora_B(eye).t()
+    def _factors_through_modules(
+        self, x: torch.Tensor, adapter: Adapters
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(left, B, scaling)`` of the LoRA term ``scaling·left·Bᵀ``: ``left = lora_A(drop(x))`` through the
+        modules' own forwards, where FSDP gathers a module sharded on its own and hooks its gradient's reduce-scatter,
+        and B the weight of ``lora_B``, or ``lora_B(I_r)ᵀ`` for a sharded one (PEFT's DoRA takes it so under FSDP).
+        The input is cast as PEFT's forward casts it for the LoRA branch. Several adapters: their left factors side
+        by side and their scaled B factors likewise, scaling 1 (as ``_lora_args`` stacks them)."""
+        names = adapter if isinstance(adapter, tuple) else (adapter,)
+        lefts, rights = [], []
+        for name in names:
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            x_lora = x
+            if not torch.is_autocast_enabled() and getattr(self, "cast_input_dtype_enabled", True):
+                x_lora = as_dtype(x, lora_A.weight.dtype)
+            left = lora_A(self.lora_dropout[name](x_lora))
+            if type(lora_B) is nn.Linear:
+                right = lora_B.weight
+            else:
+                right = lora_B(torch.eye(lora_B.in_features, dtype=left.dtype, device=left.device)).t()
+            lefts.append(left)
+            rights.append(right)
+        if len(names) == 1:
+            return lefts[0], rights[0], self.scaling[adapter]
+        left = torch.cat(lefts, dim=-1)  # one dtype: _several_adapters checked the factors have one
+        right = torch.cat([self.scaling[name] * b for name, b in zip(names, rights)], dim=1)
+        return left, right, 1.0
 
     def _bias(self, adapter: Adapters, base_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The bias the kernels add: the base layer's, plus s·b for each lora_B with a bias b (PEFT's ``lora_bias``,
@@ -676,10 +708,10 @@ if PeftLinear4bit is not None:
             self, x: torch.Tensor, adapter: Adapters, compute: torch.dtype, base: nn.Module
         ) -> torch.Tensor:
             if self._through_modules(adapter):
-                left, lora_B = self._factors_through_modules(x, adapter)
+                left, lora_B, scaling = self._factors_through_modules(x, adapter)
                 y = F.lowrank_linear_4bit(
-                    as_dtype(x, compute), base.weight, _quant_state(base), left, lora_B, self.scaling[adapter],
-                    bias=base.bias,
+                    as_dtype(x, compute), base.weight, _quant_state(base), left, lora_B, scaling,
+                    bias=self._bias(adapter, base.bias),
                 )  # fmt: skip
                 return as_dtype(y, x.dtype)
             lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
@@ -734,8 +766,9 @@ class FusedLoraLinear(_FusedForward, PeftLinear):
     ) -> torch.Tensor:
         weight, bias = _dense_operands(base, compute)
         if self._through_modules(adapter):
-            left, lora_B = self._factors_through_modules(x, adapter)
-            return F.lowrank_linear(as_dtype(x, compute), weight, left, lora_B, self.scaling[adapter], bias=bias)
+            left, lora_B, scaling = self._factors_through_modules(x, adapter)
+            bias = self._bias(adapter, bias)
+            return F.lowrank_linear(as_dtype(x, compute), weight, left, lora_B, scaling, bias=bias)
         lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
         if adapter in self.lora_variant:  # DoRA, with the dropout rule of FusedLoraLinear4bit's
             magnitude = self.lora_magnitude_vector[adapter].weight

@@ -148,6 +148,35 @@ def test_sharded_lora_modules_run_the_fused_forward_as_stock_peft(
     assert report.num_fused == 3 and not report.fallbacks, report.summary()
 
 
+def test_several_adapters_over_sharded_lora_modules(one_rank_group, monkeypatch, kernel_device):
+    """Two active adapters (ranks 8 and 4, dropout on one): both left factors and B factors through their sharded
+    modules, one call with their terms side by side; stock PEFT's output and gradients under the same seed."""
+
+    def two_adapters(model: nn.Module) -> nn.Module:
+        torch.manual_seed(2)
+        model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "out"]))
+        model.base_model.set_adapter(["default", "other"])
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, param in sorted(model.named_parameters()):
+                if "lora_B.other" in name:
+                    param.add_(torch.randn(param.shape, generator=gen).to(param.device) * 0.2)
+        return model
+
+    stock = _shard_lora_modules(two_adapters(_peft_net(kernel_device, lora_dropout=0.1))).train()
+    patched = two_adapters(_peft_net(kernel_device, lora_dropout=0.1))
+    report = lora_engine.patch_peft_model(patched)
+    patched = _shard_lora_modules(patched).train()
+    lowrank_4bit = _count(monkeypatch, "lowrank_linear_4bit")
+    y, grads = _train_step(patched, seed=7)
+    y_stock, grads_stock = _train_step(stock, seed=7)
+    _assert_close(y, y_stock, "output")
+    assert sorted(grads) == sorted(grads_stock) and len(grads) == 12, sorted(grads)
+    for name, grad in grads.items():
+        _assert_close(grad, grads_stock[name], name)
+    assert len(lowrank_4bit) == 2 and report.num_fused == 3 and not report.fallbacks, report.summary()
+
+
 @pytest.mark.parametrize("lora, count", [({"use_dora": True}, 3), ({"lora_bias": True}, 3)], ids=["dora", "lora_bias"])
 def test_what_needs_the_factors_whole_runs_peft_forward_and_says_why(
     lora, count, one_rank_group, monkeypatch, kernel_device

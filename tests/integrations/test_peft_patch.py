@@ -200,11 +200,15 @@ def test_patched_model_matches_stock_peft_and_keeps_its_state(lora, kernel_devic
 
 
 def _assert_gradients_as_stock(patched: PeftModel, stock: PeftModel, device: str) -> list[str]:
-    """One forward and backward of both: the same output and gradients (x and every trained parameter, none zero).
-    Returns the names of the trained parameters."""
+    """One forward and backward of both: the same output and gradients (x and every trained parameter, none zero),
+    each forward after the same torch seed (PEFT's dropout modules draw their masks from it). Returns the names of
+    the trained parameters."""
     x = _x(device, requires_grad=True)
     x_stock = x.detach().clone().requires_grad_()
-    y, y_stock = patched(x), stock(x_stock)
+    torch.manual_seed(11)
+    y = patched(x)
+    torch.manual_seed(11)
+    y_stock = stock(x_stock)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(device)
     y.backward(dy)
     y_stock.backward(dy)
@@ -249,8 +253,7 @@ FALLBACKS = {
 @pytest.mark.parametrize("lora_bias", [False, True], ids=["lora", "lora_bias"])
 def test_several_active_adapters_run_as_one_adapter_of_their_summed_rank(lora_bias, kernel_device):
     """PEFT adds up the terms of every active adapter (ranks 8 and 4 here, ``lora_bias`` on one): the kernels run
-    them as one call over the stacked factors, each factor getting its own gradient. With lora_dropout in training
-    (a mask per adapter) PEFT's forward runs, named in the report."""
+    them as one call over the stacked factors, each factor getting its own gradient."""
     stock, patched = (_peft_net(kernel_device, lora_bias=lora_bias) for _ in range(2))
     for model in (stock, patched):
         _two_adapters(model)
@@ -268,11 +271,29 @@ def test_several_active_adapters_run_as_one_adapter_of_their_summed_rank(lora_bi
     assert not report.fallbacks and stacked == [8 + 4, 8 + 4], (str(report), stacked)
     assert sum(".other." in name for name in trained) == sum(".default." in name for name in trained) - lora_bias * 3
 
-    dropping = _peft_net(kernel_device, lora_bias=lora_bias, lora_dropout=0.1)
-    _two_adapters(dropping)
-    report = lora_engine.patch_peft_model(dropping)
-    dropping.train()(_x(kernel_device))
-    assert "several active adapters with lora_dropout in training ('default')" in str(report), str(report)
+
+@pytest.mark.parametrize("lora_bias", [False, True], ids=["lora", "lora_bias"])
+def test_several_active_adapters_with_dropout_in_training_draw_pefts_masks(lora_bias, kernel_device):
+    """One adapter of two draws dropout in training (a mask per adapter): each left factor comes from the
+    adapter's own dropout module and lora_A, as PEFT draws them, and one call runs the base product with both
+    low-rank terms side by side (rank 8 + 4): PEFT's output and gradients under the same seed."""
+    stock, patched = (_peft_net(kernel_device, lora_bias=lora_bias, lora_dropout=0.1) for _ in range(2))
+    for model in (stock, patched):
+        _two_adapters(model)
+        model.train()
+    report = lora_engine.patch_peft_model(patched)
+    ranks = []
+    real = lora_engine.functional.lowrank_linear_4bit
+
+    def recording(x, weight, quant_state, left, lora_B, *args, **kwargs):
+        ranks.append(left.shape[-1])
+        return real(x, weight, quant_state, left, lora_B, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(lora_engine.functional, "lowrank_linear_4bit", recording)
+        trained = _assert_gradients_as_stock(patched, stock, kernel_device)
+    assert not report.fallbacks and ranks == [8 + 4, 8 + 4], (str(report), ranks)
+    assert sum(".other." in name for name in trained) == sum(".default." in name for name in trained) - lora_bias * 3
 
 
 @pytest.mark.parametrize("case", FALLBACKS, ids=list(FALLBACKS))
