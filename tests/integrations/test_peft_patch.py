@@ -251,46 +251,29 @@ FALLBACKS = {
 
 
 @pytest.mark.parametrize("lora_bias", [False, True], ids=["lora", "lora_bias"])
-def test_several_active_adapters_run_as_one_adapter_of_their_summed_rank(lora_bias, kernel_device):
-    """PEFT adds up the terms of every active adapter (ranks 8 and 4 here, ``lora_bias`` on one): the kernels run
-    them as one call over the stacked factors, each factor getting its own gradient."""
-    stock, patched = (_peft_net(kernel_device, lora_bias=lora_bias) for _ in range(2))
-    for model in (stock, patched):
-        _two_adapters(model)
-    report = lora_engine.patch_peft_model(patched)
-    stacked = []
-    real = lora_engine.functional.lora_linear_4bit
-
-    def recording(x, weight, quant_state, lora_A, lora_B, *args, **kwargs):
-        stacked.append(lora_A.shape[0])
-        return real(x, weight, quant_state, lora_A, lora_B, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(lora_engine.functional, "lora_linear_4bit", recording)
-        trained = _assert_gradients_as_stock(patched, stock, kernel_device)
-    assert not report.fallbacks and stacked == [8 + 4, 8 + 4], (str(report), stacked)
-    assert sum(".other." in name for name in trained) == sum(".default." in name for name in trained) - lora_bias * 3
-
-
-@pytest.mark.parametrize("lora_bias", [False, True], ids=["lora", "lora_bias"])
-def test_several_active_adapters_with_dropout_in_training_draw_pefts_masks(lora_bias, kernel_device):
-    """One adapter of two draws dropout in training (a mask per adapter): each left factor comes from the
-    adapter's own dropout module and lora_A, as PEFT draws them, and one call runs the base product with both
-    low-rank terms side by side (rank 8 + 4): PEFT's output and gradients under the same seed."""
-    stock, patched = (_peft_net(kernel_device, lora_bias=lora_bias, lora_dropout=0.1) for _ in range(2))
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_several_active_adapters_run_as_one_adapter_of_their_summed_rank(lora_bias, dropout, kernel_device):
+    """PEFT adds up the terms of every active adapter (ranks 8 and 4 here, ``lora_bias`` on one): one fused call,
+    each factor getting its own gradient. Without dropout over the stacked factors; where one adapter draws dropout
+    in training (a mask per adapter), each left factor comes from the adapter's own dropout module and lora_A, as
+    PEFT draws them, beside the others: PEFT's output and gradients under the same seed."""
+    stock, patched = (_peft_net(kernel_device, lora_bias=lora_bias, lora_dropout=dropout) for _ in range(2))
     for model in (stock, patched):
         _two_adapters(model)
         model.train()
     report = lora_engine.patch_peft_model(patched)
+    # the call's rank: lora_A's rows (stacked factors), or the left factor's columns (made by the modules)
+    function, rank_of = ("lowrank_linear_4bit", lambda left: left.shape[-1]) if dropout else (
+        "lora_linear_4bit", lambda lora_A: lora_A.shape[0])  # fmt: skip
     ranks = []
-    real = lora_engine.functional.lowrank_linear_4bit
+    real = getattr(lora_engine.functional, function)
 
-    def recording(x, weight, quant_state, left, lora_B, *args, **kwargs):
-        ranks.append(left.shape[-1])
-        return real(x, weight, quant_state, left, lora_B, *args, **kwargs)
+    def recording(x, weight, quant_state, factor, *args, **kwargs):
+        ranks.append(rank_of(factor))
+        return real(x, weight, quant_state, factor, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(lora_engine.functional, "lowrank_linear_4bit", recording)
+        monkeypatch.setattr(lora_engine.functional, function, recording)
         trained = _assert_gradients_as_stock(patched, stock, kernel_device)
     assert not report.fallbacks and ranks == [8 + 4, 8 + 4], (str(report), ranks)
     assert sum(".other." in name for name in trained) == sum(".default." in name for name in trained) - lora_bias * 3
