@@ -142,6 +142,16 @@ def forward_with_left(
     return lora_matmul(x, gemm_weight, weight_out_by_in=True, right=lora_B, left=left, scaling=scaling, bias=bias)
 
 
+def _dy_pass(
+    dy: torch.Tensor, lora_B: torch.Tensor, left: Optional[torch.Tensor], scaling: float, need_B: bool,
+    need_dyb: bool,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``(dy·B, s·dyᵀ·left)`` in fp32, each None unless wanted: one pass over dy for both where dB is wanted."""
+    if need_B:
+        return lora_dy_pass(dy, lora_B, left, scaling)
+    return (lora_down(dy, lora_B) if need_dyb else None), None
+
+
 def lora_backward(
     adapter: Lora, dy: torch.Tensor, x: torch.Tensor, left: Optional[torch.Tensor], weight: Weight, path: str,
     needs: tuple[bool, bool, bool],
@@ -152,12 +162,10 @@ def lora_backward(
     """
     lora_A, lora_B, scaling, dropout = adapter
     need_x, need_A, need_B = needs
-    dx = d_lora_A = d_lora_B = None
+    dx = d_lora_A = None
+    dyb, d_lora_B = _dy_pass(dy, lora_B, left, scaling, need_B, need_x or need_A)
     if need_B:
-        dyb, d_lora_B = lora_dy_pass(dy, lora_B, left, scaling)
         d_lora_B = as_dtype(d_lora_B, lora_B.dtype)
-    elif need_x or need_A:
-        dyb = lora_down(dy, lora_B)
     if need_x:
         gemm_weight = _gemm_weight(weight, path, dy.dtype)
         if path == "dequant_cublas":
@@ -205,13 +213,8 @@ def _lowrank_kind_backward(
 ) -> tuple[Optional[torch.Tensor], tuple[Optional[torch.Tensor], ...], Optional[torch.Tensor]]:
     left, lora_B, scaling = adapter
     need_left, need_B = needs
-    d_left = d_lora_B = None
-    if need_B:
-        dyb, d_lora_B = lora_dy_pass(dy, lora_B, left, scaling)
-    elif need_left:
-        dyb = lora_down(dy, lora_B)
-    if need_left:
-        d_left = dyb.mul_(scaling)
+    dyb, d_lora_B = _dy_pass(dy, lora_B, left, scaling, need_B, need_left)
+    d_left = dyb.mul_(scaling) if need_left else None
     dx = linear_backward_input(dy, weight, path) if need_x else None
     d_bias = dy.sum(0, dtype=torch.float32) if need_bias else None
     return dx, (d_left, d_lora_B), d_bias
@@ -383,12 +386,10 @@ def _dora_dropout_backward(
     dropout, scaling = adapter.dropout, adapter.scaling
     gemm_weight = _gemm_weight(weight, path, dy.dtype) if need_x or need_m else None  # one decode for both
     scaled_B = adapter.lora_B.detach().float() * scale[:, None]
-    dyb = d_lora_A = d_lora_B = d_m = dx = None
+    d_lora_A = d_m = dx = None
+    dyb, d_lora_B = _dy_pass(dy, scaled_B, left, scaling, need_B, need_x or need_A)
     if need_B:
-        dyb, d_lora_B = lora_dy_pass(dy, scaled_B, left, scaling)
         d_lora_B = d_lora_B * scale[:, None]
-    elif need_x or need_A:
-        dyb = lora_down(dy, scaled_B)
     if need_m:
         x_drop = dropout_scale_(x.clone(memory_format=torch.contiguous_format), dropout)
         z = lora_matmul(

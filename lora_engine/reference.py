@@ -119,6 +119,23 @@ def dequantize_4bit(weight: torch.Tensor, quant_state: Any, dtype: torch.dtype =
     return (code[codes] * scale[flat_block]).reshape(n, k).to(dtype)
 
 
+def _lowrank_linear(
+    x: torch.Tensor,
+    dense_weight: torch.Tensor,
+    left: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``x·Wᵀ + scaling·left·Bᵀ + bias`` in fp32 (left: [..., r] or [M, r]), returned in x's dtype and shape."""
+    n, k = dense_weight.shape
+    y = x.reshape(-1, k).to(torch.float32) @ dense_weight.to(torch.float32).t()
+    y = y + scaling * (left.reshape(-1, lora_B.shape[1]).to(torch.float32) @ lora_B.to(torch.float32).t())
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
 def _lora_linear(
     x: torch.Tensor,
     dense_weight: torch.Tensor,
@@ -131,16 +148,11 @@ def _lora_linear(
     dropout_seed: Optional[int],
 ) -> torch.Tensor:
     in_features = x.shape[-1]
-    x32 = x.reshape(-1, in_features).to(torch.float32)
-    x_lora = x32
+    x_lora = x.reshape(-1, in_features).to(torch.float32)
     if training and dropout_p > 0:
         seed = draw_dropout_seed() if dropout_seed is None else dropout_seed
-        x_lora = x32 * dropout_keep_scale(seed, x32.shape[0], in_features, dropout_p, x.device)
-    y = x32 @ dense_weight.to(torch.float32).t()
-    y = y + scaling * ((x_lora @ lora_A.to(torch.float32).t()) @ lora_B.to(torch.float32).t())
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*x.shape[:-1], dense_weight.shape[0])
+        x_lora = x_lora * dropout_keep_scale(seed, x_lora.shape[0], in_features, dropout_p, x.device)
+    return _lowrank_linear(x, dense_weight, x_lora @ lora_A.to(torch.float32).t(), lora_B, scaling, bias)
 
 
 def lora_linear_4bit(
@@ -194,22 +206,6 @@ def lora_linear(
     n, k = check_dense_weight(weight, "lora_linear")
     check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
     return _lora_linear(x, weight, lora_A, lora_B, scaling, bias, dropout_p, training, dropout_seed)
-
-
-def _lowrank_linear(
-    x: torch.Tensor,
-    dense_weight: torch.Tensor,
-    left: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: float,
-    bias: Optional[torch.Tensor],
-) -> torch.Tensor:
-    n, k = dense_weight.shape
-    y = x.reshape(-1, k).to(torch.float32) @ dense_weight.to(torch.float32).t()
-    y = y + scaling * (left.reshape(-1, lora_B.shape[1]).to(torch.float32) @ lora_B.to(torch.float32).t())
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 def lowrank_linear_4bit(

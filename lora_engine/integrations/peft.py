@@ -10,19 +10,19 @@ and ``merge_and_unload()`` run PEFT's code as before. The subclasses keep "Linea
 PEFT's ``target_modules="all-linear"`` matches adapter layers by class name, and they give PEFT's own names
 (``lora.Linear``, ``lora.Linear4bit``) to the module repr and to ``get_layer_status`` (which reads the repr).
 
-The fused forward covers one active vanilla LoRA adapter (any scaling, rsLoRA included; dropout on the LoRA
-branch drawn in-kernel; base bias frozen or not; ``lora_bias``, its term joining the bias), one active DoRA adapter
-over either base (magnitude, A and B trained through the kernels, the weight norm detached as PEFT does; with
-dropout in training PEFT's rule, the DoRA term of the dropped input beside the base product of x, the mask drawn
-in-kernel), several active LoRA adapters (PEFT adds up their terms: one call over their stacked factors; where one
-draws dropout in training, each adapter's left factor drawn by its own dropout module and lora_A, as PEFT draws
-them, then one call over those side by side), or one active IA3 adapter (the input scale of feed-forward layers fused into the GEMM's prologue,
-the output scale of the others into its epilogue, with PEFT's dtypes: its 4-bit IA3 layer returns float32 for a
-16-bit input outside autocast). PEFT's mixed batches (``adapter_names``, one name per sample, "__base__" for none)
-over a 4-bit base run ``multi_lora_linear_4bit`` (the base product once, each row's low-rank term from its own
-adapter) when every named adapter of the layer is a plain LoRA adapter without ``lora_bias`` (gradients included).
-Merging stays PEFT's. Anything else runs PEFT's forward for that call: other LoRA variants, the mixed batches the
-kernels do not serve, several active adapters with DoRA among them, merged or disabled
+The fused forward covers one active vanilla LoRA adapter (any scaling, rsLoRA included; dropout on the LoRA branch
+drawn in-kernel; base bias frozen or not; ``lora_bias``, its term joining the bias), one active DoRA adapter over
+either base (magnitude, A and B trained through the kernels, the weight norm detached as PEFT does; with dropout in
+training PEFT's rule, the DoRA term of the dropped input beside the base product of x, the mask drawn in-kernel),
+several active LoRA adapters (PEFT adds up their terms: one call over their stacked factors; where one draws dropout
+in training, each adapter's left factor drawn by its own dropout module and lora_A, as PEFT draws them, then one
+call over those side by side), or one active IA3 adapter (the input scale of feed-forward layers fused into the
+GEMM's prologue, the output scale of the others into its epilogue, with PEFT's dtypes: its 4-bit IA3 layer returns
+float32 for a 16-bit input outside autocast). PEFT's mixed batches (``adapter_names``, one name per sample,
+"__base__" for none) over a 4-bit base run ``multi_lora_linear_4bit`` (the base product once, each row's low-rank
+term from its own adapter) when every named adapter of the layer is a plain LoRA adapter without ``lora_bias``
+(gradients included). Merging stays PEFT's. Anything else runs PEFT's forward for that call: other LoRA variants,
+the mixed batches the kernels do not serve, several active adapters with DoRA among them, merged or disabled
 adapters, layouts or devices the kernels do not read, and a LoRA layer stacked on another tuner layer (a
 ``PeftMixedModel`` with LoHa, LoKr, AdaLoRA... under LoRA), whose delta only PEFT's forward adds. The
 ``PatchReport`` lists those layers and why; each reason is logged once.
@@ -277,9 +277,7 @@ def _active_adapter(layer: nn.Module) -> tuple[Optional[Adapters], Optional[str]
     if name in layer.lora_variant:
         if not getattr(layer, "use_dora", {}).get(name, False):
             return None, f"LoRA variant {type(layer.lora_variant[name]).__name__}"
-    reason = _factors_reason(layer, name)
-    if reason is not None and _lora_modules_sharded(layer, name):
-        reason = _through_modules_reason(layer, name)
+    reason = _fused_factors_reason(layer, name)
     return (None, reason) if reason is not None else (name, None)
 
 
@@ -293,9 +291,7 @@ def _several_adapters(layer: LoraLayer, names: list[str]) -> tuple[Optional[Adap
         if name in layer.lora_variant:
             variant = type(layer.lora_variant[name]).__name__
             return None, f"several active adapters with LoRA variant {variant} ({name!r})"
-        reason = _factors_reason(layer, name)
-        if reason is not None and _lora_modules_sharded(layer, name):
-            reason = _through_modules_reason(layer, name)
+        reason = _fused_factors_reason(layer, name)
         if reason is not None:
             return None, f"several active adapters: {reason} ({name!r})"
         dtypes.update((layer.lora_A[name].weight.dtype, layer.lora_B[name].weight.dtype))
@@ -345,15 +341,15 @@ _SHARDED_LORA_MODULES = (
 )
 
 
-def _lora_modules_sharded(layer: LoraLayer, name: str) -> bool:
-    return _sharded_by_fsdp(layer.lora_A[name]) or _sharded_by_fsdp(layer.lora_B[name])
-
-
-def _through_modules_reason(layer: LoraLayer, name: str) -> Optional[str]:
-    """Why adapter ``name``, its LoRA modules sharded on their own by FSDP, cannot run the fused forward through
-    those modules' own forwards (``_FusedForward._factors_through_modules``); None when it can: both are FSDP2
-    ``nn.Linear`` modules without a bias, and the adapter is plain LoRA (DoRA's norm needs A and B whole)."""
+def _fused_factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
+    """Why the fused forward cannot read adapter ``name``'s factors (None when it can): directly
+    (``_factors_reason``), or, for LoRA modules FSDP shards on their own, through those modules' own forwards
+    (``_FusedForward._factors_through_modules``): both FSDP2 ``nn.Linear`` modules without a bias, the adapter plain
+    LoRA (DoRA's norm needs A and B whole)."""
+    reason = _factors_reason(layer, name)
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+    if reason is None or not (_sharded_by_fsdp(lora_A) or _sharded_by_fsdp(lora_B)):
+        return reason
     linear = all(isinstance(m, nn.Linear) and _sharded_by_fsdp(m) and m.bias is None for m in (lora_A, lora_B))
     if not linear or name in layer.lora_variant or not _is_number(layer.scaling[name]):
         return _SHARDED_LORA_MODULES
@@ -611,7 +607,7 @@ class _FusedForward:
 
     def _through_modules(self, adapter: Adapters) -> bool:
         """Whether the left factors come from the LoRA modules' own forwards: for modules FSDP shards on their own
-        (plain LoRA only: ``_through_modules_reason``), and for several adapters of which one draws dropout in
+        (plain LoRA only: ``_fused_factors_reason``), and for several adapters of which one draws dropout in
         training (a mask per adapter, drawn by its dropout module as in PEFT's forward)."""
         if isinstance(adapter, tuple):
             return any(type(self.lora_A[name]) is not nn.Linear or _draws_dropout(self, name) for name in adapter)
