@@ -31,9 +31,9 @@ Under FSDP2 the fused 4-bit layers read the gathered packed bytes with the quant
 the module (the gathered weight is a plain tensor without it). Packed bytes that arrive in another dtype than
 their storage (FSDP's ``MixedPrecisionPolicy(param_dtype=...)`` casts them value by value) raise, naming the fix.
 LoRA modules FSDP2 shards on their own (PEFT's ``fsdp_auto_wrap_policy``, which HF Trainer applies) are gathered only
-by their own forwards: for plain LoRA adapters the fused forward runs ``lora_A(drop(x))`` and ``lora_B(I)`` through
-them and the base product with that low-rank term in one GEMM (``lowrank_linear_4bit``); DoRA and ``lora_bias``
-need A and B whole and run PEFT's forward there.
+by their own forwards: for plain LoRA adapters (``lora_bias`` too) the fused forward runs ``lora_A(drop(x))`` and
+``lora_B`` on the identity through them and the base product with that low-rank term in one GEMM
+(``lowrank_linear_4bit``); DoRA needs A, B and its magnitude whole and runs PEFT's forward there.
 
 The bitsandbytes 4-bit layers without a fused adapter get the same treatment: ``FusedLinear4bit``, a
 ``bnb.nn.Linear4bit`` subclass overriding ``forward`` only (named ``Linear4bit`` in the repr), runs
@@ -335,8 +335,8 @@ def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
 
 _SHARDED_LORA_MODULES = (
     "FSDP shards the LoRA modules on their own (PEFT's fsdp_auto_wrap_policy, which HF Trainer applies under FSDP): "
-    "only their own forwards gather them, which the fused forward runs for LoRA adapters without DoRA or lora_bias "
-    "over FSDP2 modules; the base still runs lora_engine's path. Shard whole decoder layers (fully_shard on each, "
+    "only their own forwards gather them, which the fused forward runs for plain LoRA adapters (DoRA not) over "
+    "FSDP2 modules; the base still runs lora_engine's path. Shard whole decoder layers (fully_shard on each, "
     "then the model) for the fused forward here"
 )
 
@@ -344,14 +344,16 @@ _SHARDED_LORA_MODULES = (
 def _fused_factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
     """Why the fused forward cannot read adapter ``name``'s factors (None when it can): directly
     (``_factors_reason``), or, for LoRA modules FSDP shards on their own, through those modules' own forwards
-    (``_FusedForward._factors_through_modules``): both FSDP2 ``nn.Linear`` modules without a bias, the adapter plain
-    LoRA (DoRA's norm needs A and B whole)."""
+    (``_FusedForward._factors_through_modules``): both FSDP2 ``nn.Linear`` modules, lora_B with a bias where PEFT's
+    ``lora_bias`` gives it one, the adapter plain LoRA (DoRA's norm needs A and B whole)."""
     reason = _factors_reason(layer, name)
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
     if reason is None or not (_sharded_by_fsdp(lora_A) or _sharded_by_fsdp(lora_B)):
         return reason
-    linear = all(isinstance(m, nn.Linear) and _sharded_by_fsdp(m) and m.bias is None for m in (lora_A, lora_B))
-    if not linear or name in layer.lora_variant or not _is_number(layer.scaling[name]):
+    lora_bias = bool(layer.lora_bias.get(name, False))
+    linear = all(isinstance(m, nn.Linear) and _sharded_by_fsdp(m) for m in (lora_A, lora_B))
+    if (not linear or lora_A.bias is not None or (lora_B.bias is not None) != lora_bias or name in layer.lora_variant
+            or not _is_number(layer.scaling[name])):  # fmt: skip
         return _SHARDED_LORA_MODULES
     return None
 
@@ -359,6 +361,21 @@ def _fused_factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
 def _draws_dropout(layer: LoraLayer, name: str) -> bool:
     dropout = layer.lora_dropout[name]
     return dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0
+
+
+def _linear_through_forward(
+    module: nn.Module, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(W, b) of a linear module FSDP shards on its own, read through its forward, which gathers them and hooks
+    their gradients' reduce-scatter: one call on the identity and a zero row, ``[I; 0]·Wᵀ + b = [Wᵀ + b; b]``
+    (PEFT's DoRA reads lora_B through ``lora_B(I)`` under FSDP as well). With a bias, W is recovered as
+    ``(Wᵀ + b) - b``: exact up to one rounding of the sum, in the module's dtype."""
+    r = module.in_features
+    if module.bias is None:
+        return module(torch.eye(r, dtype=dtype, device=device)).t(), None
+    probe = torch.eye(r + 1, r, dtype=dtype, device=device)  # its last row is zero
+    out = module(probe)
+    return (out[:r] - out[r]).t(), out[r]
 
 
 def _sharded_by_fsdp(module: nn.Module) -> bool:
@@ -614,32 +631,35 @@ class _FusedForward:
         return type(self.lora_A[adapter]) is not nn.Linear
 
     def _factors_through_modules(
-        self, x: torch.Tensor, adapter: Adapters
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """``(left, B, scaling)`` of the LoRA term ``scaling·left·Bᵀ``: ``left = lora_A(drop(x))`` through the
+        self, x: torch.Tensor, adapter: Adapters, base_bias: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, float, Optional[torch.Tensor]]:
+        """``(left, B, scaling, bias)`` of ``scaling·left·Bᵀ + bias``: ``left = lora_A(drop(x))`` through the
         modules' own forwards, where FSDP gathers a module sharded on its own and hooks its gradient's reduce-scatter,
-        and B the weight of ``lora_B``, or ``lora_B(I_r)ᵀ`` for a sharded one (PEFT's DoRA takes it so under FSDP).
-        The input is cast as PEFT's forward casts it for the LoRA branch. Several adapters: their left factors side
-        by side and their scaled B factors likewise, scaling 1 (as ``_lora_args`` stacks them)."""
+        and B the weight of ``lora_B``, or for a sharded one read through its forward (``_linear_through_forward``).
+        The input is cast as PEFT's forward casts it for the LoRA branch. ``bias``: ``base_bias`` plus s·b for each
+        lora_B with a bias b (PEFT's ``lora_bias``), as ``_bias``. Several adapters: their left factors side by side
+        and their scaled B factors likewise, scaling 1 (as ``_lora_args`` stacks them)."""
         names = adapter if isinstance(adapter, tuple) else (adapter,)
-        lefts, rights = [], []
+        lefts, rights, bias = [], [], base_bias
         for name in names:
-            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            lora_A, lora_B, scaling = self.lora_A[name], self.lora_B[name], self.scaling[name]
             x_lora = x
             if not torch.is_autocast_enabled() and getattr(self, "cast_input_dtype_enabled", True):
                 x_lora = as_dtype(x, lora_A.weight.dtype)
             left = lora_A(self.lora_dropout[name](x_lora))
             if type(lora_B) is nn.Linear:
-                right = lora_B.weight
+                right, lora_bias = lora_B.weight, lora_B.bias
             else:
-                right = lora_B(torch.eye(lora_B.in_features, dtype=left.dtype, device=left.device)).t()
+                right, lora_bias = _linear_through_forward(lora_B, left.dtype, left.device)
+            if lora_bias is not None:
+                bias = scaling * lora_bias if bias is None else bias + scaling * lora_bias
             lefts.append(left)
             rights.append(right)
         if len(names) == 1:
-            return lefts[0], rights[0], self.scaling[adapter]
+            return lefts[0], rights[0], self.scaling[adapter], bias
         left = torch.cat(lefts, dim=-1)  # one dtype: _several_adapters checked the factors have one
         right = torch.cat([self.scaling[name] * b for name, b in zip(names, rights)], dim=1)
-        return left, right, 1.0
+        return left, right, 1.0, bias
 
     def _bias(self, adapter: Adapters, base_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The bias the kernels add: the base layer's, plus s·b for each lora_B with a bias b (PEFT's ``lora_bias``,
@@ -704,10 +724,9 @@ if PeftLinear4bit is not None:
             self, x: torch.Tensor, adapter: Adapters, compute: torch.dtype, base: nn.Module
         ) -> torch.Tensor:
             if self._through_modules(adapter):
-                left, lora_B, scaling = self._factors_through_modules(x, adapter)
+                left, lora_B, scaling, bias = self._factors_through_modules(x, adapter, base.bias)
                 y = F.lowrank_linear_4bit(
-                    as_dtype(x, compute), base.weight, _quant_state(base), left, lora_B, scaling,
-                    bias=self._bias(adapter, base.bias),
+                    as_dtype(x, compute), base.weight, _quant_state(base), left, lora_B, scaling, bias=bias
                 )  # fmt: skip
                 return as_dtype(y, x.dtype)
             lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
@@ -762,8 +781,7 @@ class FusedLoraLinear(_FusedForward, PeftLinear):
     ) -> torch.Tensor:
         weight, bias = _dense_operands(base, compute)
         if self._through_modules(adapter):
-            left, lora_B, scaling = self._factors_through_modules(x, adapter)
-            bias = self._bias(adapter, bias)
+            left, lora_B, scaling, bias = self._factors_through_modules(x, adapter, bias)
             return F.lowrank_linear(as_dtype(x, compute), weight, left, lora_B, scaling, bias=bias)
         lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
         if adapter in self.lora_variant:  # DoRA, with the dropout rule of FusedLoraLinear4bit's

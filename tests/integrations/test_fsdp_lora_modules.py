@@ -119,18 +119,25 @@ def _count(monkeypatch, name: str) -> list:
 
 
 @pytest.mark.parametrize(
-    "dtype, dropout",
-    [(torch.float32, 0.0), (torch.float32, 0.1), (torch.float16, 0.1)],
-    ids=["fp32-no-dropout", "fp32-dropout", "fp16-dropout"],
+    "dtype, lora",
+    [
+        (torch.float32, {}),
+        (torch.float32, {"lora_dropout": 0.1}),
+        (torch.float32, {"lora_dropout": 0.1, "lora_bias": True}),
+        (torch.float16, {"lora_dropout": 0.1, "lora_bias": True}),
+    ],
+    ids=["fp32-no-dropout", "fp32-dropout", "fp32-dropout-lora_bias", "fp16-dropout-lora_bias"],
 )
 def test_sharded_lora_modules_run_the_fused_forward_as_stock_peft(
-    dtype, dropout, one_rank_group, monkeypatch, kernel_device
+    dtype, lora, one_rank_group, monkeypatch, kernel_device
 ):
     """fp16 activations over fp32 factors (PEFT's upcast): the LoRA branch's input cast as PEFT casts it. The fp16
-    run differs from stock PEFT by fp16 rounding of each layer's output (measured 1.1e-3 of the largest value): 1e-2."""
+    run differs from stock PEFT by fp16 rounding of each layer's output (measured 1.1e-3 of the largest value): 1e-2.
+    ``lora_bias``: lora_B's bias read through its forward with its weight, on the layers with a base bias (q, out)
+    and without one (k)."""
     rtol = RTOL if dtype == torch.float32 else 1e-2
-    stock = _shard_lora_modules(_peft_net(kernel_device, dtype, lora_dropout=dropout)).train()
-    patched = _peft_net(kernel_device, dtype, lora_dropout=dropout)
+    stock = _shard_lora_modules(_peft_net(kernel_device, dtype, **lora)).train()
+    patched = _peft_net(kernel_device, dtype, **lora)
     report = lora_engine.patch_peft_model(patched)
     patched = _shard_lora_modules(patched).train()
     lowrank_4bit, lowrank_dense = _count(monkeypatch, "lowrank_linear_4bit"), _count(monkeypatch, "lowrank_linear")
@@ -140,7 +147,8 @@ def test_sharded_lora_modules_run_the_fused_forward_as_stock_peft(
         y_stock, grads_stock = _train_step(stock, seed=10 + step, dtype=dtype)
         assert y.dtype == dtype
         _assert_close(y, y_stock, f"step {step} output", rtol)
-        assert sorted(grads) == sorted(grads_stock) and len(grads) == 6, sorted(grads)
+        expected = 9 if lora.get("lora_bias") else 6
+        assert sorted(grads) == sorted(grads_stock) and len(grads) == expected, sorted(grads)
         for name, grad in grads.items():
             assert grad.dtype == torch.float32, name
             _assert_close(grad, grads_stock[name], f"step {step} {name}", rtol)
@@ -149,12 +157,13 @@ def test_sharded_lora_modules_run_the_fused_forward_as_stock_peft(
 
 
 def test_several_adapters_over_sharded_lora_modules(one_rank_group, monkeypatch, kernel_device):
-    """Two active adapters (ranks 8 and 4, dropout on one): both left factors and B factors through their sharded
-    modules, one call with their terms side by side; stock PEFT's output and gradients under the same seed."""
+    """Two active adapters (ranks 8 and 4, dropout and lora_bias on one each): both left factors and B factors
+    through their sharded modules, one call with their terms side by side; stock PEFT's output and gradients under
+    the same seed."""
 
     def two_adapters(model: nn.Module) -> nn.Module:
         torch.manual_seed(2)
-        model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "out"]))
+        model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "out"], lora_bias=True))
         model.base_model.set_adapter(["default", "other"])
         gen = torch.Generator().manual_seed(5)
         with torch.no_grad():
@@ -171,21 +180,18 @@ def test_several_adapters_over_sharded_lora_modules(one_rank_group, monkeypatch,
     y, grads = _train_step(patched, seed=7)
     y_stock, grads_stock = _train_step(stock, seed=7)
     _assert_close(y, y_stock, "output")
-    assert sorted(grads) == sorted(grads_stock) and len(grads) == 12, sorted(grads)
+    assert sorted(grads) == sorted(grads_stock) and len(grads) == 15, sorted(grads)
     for name, grad in grads.items():
         _assert_close(grad, grads_stock[name], name)
     assert len(lowrank_4bit) == 2 and report.num_fused == 3 and not report.fallbacks, report.summary()
 
 
-@pytest.mark.parametrize("lora, count", [({"use_dora": True}, 3), ({"lora_bias": True}, 3)], ids=["dora", "lora_bias"])
-def test_what_needs_the_factors_whole_runs_peft_forward_and_says_why(
-    lora, count, one_rank_group, monkeypatch, kernel_device
-):
-    """DoRA's weight norm and lora_B's bias need the factors whole, which only a module's forward gathers: PEFT's
-    forward there, with the reason and the wrapping that serves them. (The root stays unsharded: PEFT's DoRA
-    decodes the base weight through the quant state on the weight, which a gathered weight lacks.)"""
-    stock = _shard_lora_modules(_peft_net(kernel_device, **lora), root=False).train()
-    patched = _peft_net(kernel_device, **lora)
+def test_dora_runs_peft_forward_and_says_why(one_rank_group, monkeypatch, kernel_device):
+    """DoRA's weight norm needs A, B and the magnitude whole, which only their modules' forwards gather: PEFT's
+    forward there, with the reason and the wrapping that serves it. (The root stays unsharded: PEFT's DoRA decodes
+    the base weight through the quant state on the weight, which a gathered weight lacks.)"""
+    stock = _shard_lora_modules(_peft_net(kernel_device, use_dora=True), root=False).train()
+    patched = _peft_net(kernel_device, use_dora=True)
     report = lora_engine.patch_peft_model(patched)
     patched = _shard_lora_modules(patched, root=False).train()
     lowrank = _count(monkeypatch, "lowrank_linear_4bit")
@@ -194,7 +200,7 @@ def test_what_needs_the_factors_whole_runs_peft_forward_and_says_why(
     _assert_close(y, y_stock, "output")
     for name, grad in grads.items():
         _assert_close(grad, grads_stock[name], name)
-    assert not lowrank and report.num_fused == 0 and len(report.fallbacks) == count, report.summary()
+    assert not lowrank and report.num_fused == 0 and len(report.fallbacks) == 3, report.summary()
     for reasons in report.fallbacks.values():
         assert "FSDP shards the LoRA modules on their own" in reasons[0], reasons
         assert "Shard whole decoder layers" in reasons[0]
