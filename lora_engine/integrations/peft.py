@@ -369,7 +369,8 @@ def _linear_through_forward(
     """(W, b) of a linear module FSDP shards on its own, read through its forward, which gathers them and hooks
     their gradients' reduce-scatter: one call on the identity and a zero row, ``[I; 0]·Wᵀ + b = [Wᵀ + b; b]``
     (PEFT's DoRA reads lora_B through ``lora_B(I)`` under FSDP as well). With a bias, W is recovered as
-    ``(Wᵀ + b) - b``: exact up to one rounding of the sum, in the module's dtype."""
+    ``(Wᵀ + b) - b``: exact up to one rounding of the sum in the dtype the forward computes in (the factors' dtype,
+    the autocast dtype under autocast, which rounds PEFT's own ``lora_B(left) + b`` likewise)."""
     r = module.in_features
     if module.bias is None:
         return module(torch.eye(r, dtype=dtype, device=device)).t(), None
