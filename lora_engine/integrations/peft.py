@@ -379,6 +379,12 @@ def _linear_through_forward(
     return (out[:r] - out[r]).t(), out[r]
 
 
+def _plus_scaled(bias: Optional[torch.Tensor], scaling: float, lora_bias: torch.Tensor) -> torch.Tensor:
+    """``bias + scaling·lora_bias`` (no bias: the term alone): PEFT's ``lora_bias`` adds s·b once, after the dropout."""
+    term = scaling * lora_bias
+    return term if bias is None else bias + term
+
+
 def _sharded_by_fsdp(module: nn.Module) -> bool:
     """``module`` is sharded on its own: FSDP2's ``fully_shard`` made it an ``FSDPModule``, or FSDP1 wrapped it."""
     return any(kind.__name__ in ("FSDPModule", "FullyShardedDataParallel") for kind in type(module).__mro__)
@@ -653,7 +659,7 @@ class _FusedForward:
             else:
                 right, lora_bias = _linear_through_forward(lora_B, left.dtype, left.device)
             if lora_bias is not None:
-                bias = scaling * lora_bias if bias is None else bias + scaling * lora_bias
+                bias = _plus_scaled(bias, scaling, lora_bias)
             lefts.append(left)
             rights.append(right)
         if len(names) == 1:
@@ -668,8 +674,7 @@ class _FusedForward:
         bias = base_bias
         for name in adapter if isinstance(adapter, tuple) else (adapter,):
             if self.lora_bias.get(name, False):  # a plain dict lookup; _factors_reason checked lora_B has the bias
-                term = self.scaling[name] * self.lora_B[name].bias
-                bias = term if bias is None else bias + term
+                bias = _plus_scaled(bias, self.scaling[name], self.lora_B[name].bias)
         return bias
 
     def _fused_forward(
