@@ -51,6 +51,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--shard-lora-modules", action="store_true",
                    help="with --strategy fsdp, also shard each LoRA module on its own, as HF Trainer does with PEFT's "
                         "fsdp_auto_wrap_policy (the fused forward then runs those modules' own forwards)")  # fmt: skip
+    p.add_argument("--dora", action="store_true", help="DoRA adapters (PEFT's use_dora=True) instead of plain LoRA")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="lora_engine backend")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: one GPU per rank (NCCL) where there are GPUs, else CPU processes (gloo)")  # fmt: skip
@@ -105,7 +106,8 @@ def build_model(args: argparse.Namespace, path: str, device: torch.device, compu
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=compute,
                                                  device_map={"": device})  # fmt: skip
     torch.manual_seed(args.seed + 1)
-    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear"))
+    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear",
+                                                  use_dora=args.dora))  # fmt: skip
     gen = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():  # PEFT starts lora_B at zero, which would make every lora_A gradient zero
         for name, param in sorted(model.named_parameters()):

@@ -33,7 +33,9 @@ their storage (FSDP's ``MixedPrecisionPolicy(param_dtype=...)`` casts them value
 LoRA modules FSDP2 shards on their own (PEFT's ``fsdp_auto_wrap_policy``, which HF Trainer applies) are gathered only
 by their own forwards: for plain LoRA adapters (``lora_bias`` too) the fused forward runs ``lora_A(drop(x))`` and
 ``lora_B`` on the identity through them and the base product with that low-rank term in one GEMM
-(``lowrank_linear_4bit``); DoRA needs A, B and its magnitude whole and runs PEFT's forward there.
+(``lowrank_linear_4bit``). DoRA needs A, B and its magnitude whole: each is copied by a method registered as a forward
+of its module (FSDP2's ``register_fsdp_forward_method``), which FSDP gathers around the call and whose gradient it
+reduce-scatters, then the fused DoRA forward runs as over unsharded modules.
 
 The bitsandbytes 4-bit layers without a fused adapter get the same treatment: ``FusedLinear4bit``, a
 ``bnb.nn.Linear4bit`` subclass overriding ``forward`` only (named ``Linear4bit`` in the repr), runs
@@ -56,6 +58,8 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import sys
+import threading
+import types
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -79,6 +83,11 @@ try:  # PEFT defines its 4-bit layer only when bitsandbytes can run 4-bit on thi
 except ImportError:  # pragma: no cover - bitsandbytes is a dependency; kept for partial installs
     bnb = None
     PeftLinear4bit = PeftIA3Linear4bit = None
+
+try:
+    from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+except ImportError:  # pragma: no cover - a torch built without torch.distributed
+    FSDPModule, register_fsdp_forward_method = (), None  # isinstance(m, ()) is False
 
 _BNB_4BIT_LAYERS = tuple(kind for kind in (PeftLinear4bit, PeftIA3Linear4bit) if kind is not None)
 # What the fused forward serves in one call: an adapter's name, or the names of several active LoRA adapters
@@ -335,27 +344,43 @@ def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
 
 _SHARDED_LORA_MODULES = (
     "FSDP shards the LoRA modules on their own (PEFT's fsdp_auto_wrap_policy, which HF Trainer applies under FSDP): "
-    "only their own forwards gather them, which the fused forward runs for plain LoRA adapters (DoRA not) over "
-    "FSDP2 modules; the base still runs lora_engine's path. Shard whole decoder layers (fully_shard on each, "
-    "then the model) for the fused forward here"
+    "the fused forward reads plain LoRA and DoRA adapters through FSDP2 nn.Linear factors, not these. Shard whole "
+    "decoder layers (fully_shard on each, then the model) for the fused forward here"
 )
 
 
 def _fused_factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
     """Why the fused forward cannot read adapter ``name``'s factors (None when it can): directly
-    (``_factors_reason``), or, for LoRA modules FSDP shards on their own, through those modules' own forwards
-    (``_FusedForward._factors_through_modules``): both FSDP2 ``nn.Linear`` modules, lora_B with a bias where PEFT's
-    ``lora_bias`` gives it one, the adapter plain LoRA (DoRA's norm needs A and B whole)."""
+    (``_factors_reason``), or, for LoRA modules FSDP2 shards on their own, through FSDP's gather: both ``nn.Linear``,
+    lora_B with a bias where PEFT's ``lora_bias`` gives it one, read by those modules' own forwards for plain LoRA
+    (``_FusedForward._factors_through_modules``) or whole, with DoRA's magnitude, for DoRA (``_whole_weight``).
+    FSDP1 wrappers only gather inside their own forward, which DoRA cannot use: PEFT's forward for them."""
     reason = _factors_reason(layer, name)
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
-    if reason is None or not (_sharded_by_fsdp(lora_A) or _sharded_by_fsdp(lora_B)):
+    dora = name in layer.lora_variant  # DoRA, the only variant _active_adapter lets through
+    magnitude = layer.lora_magnitude_vector[name] if dora else None
+    if not (_sharded_by_fsdp(lora_A) or _sharded_by_fsdp(lora_B)):
+        if reason is None and magnitude is not None and _sharded_by_fsdp(magnitude) and not _fsdp2(magnitude):
+            return _SHARDED_LORA_MODULES
         return reason
     lora_bias = bool(layer.lora_bias.get(name, False))
-    linear = all(isinstance(m, nn.Linear) and _sharded_by_fsdp(m) for m in (lora_A, lora_B))
-    if (not linear or lora_A.bias is not None or (lora_B.bias is not None) != lora_bias or name in layer.lora_variant
+    linear = all(isinstance(m, nn.Linear) and (_fsdp2(m) or not _sharded_by_fsdp(m)) for m in (lora_A, lora_B))
+    if (not linear or lora_A.bias is not None or (lora_B.bias is not None) != lora_bias
             or not _is_number(layer.scaling[name])):  # fmt: skip
         return _SHARDED_LORA_MODULES
+    if dora:
+        if _sharded_by_fsdp(magnitude) and not _fsdp2(magnitude):
+            return _SHARDED_LORA_MODULES
+        dropout = layer.lora_dropout[name]
+        if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+            return f"dropout module {type(dropout).__name__}"
     return None
+
+
+def _sharded_factors(layer: LoraLayer, name: str) -> bool:
+    """lora_A or lora_B of adapter ``name`` is sharded on its own (a plain ``nn.Linear`` otherwise: the fused
+    forward's checks passed)."""
+    return type(layer.lora_A[name]) is not nn.Linear or type(layer.lora_B[name]) is not nn.Linear
 
 
 def _draws_dropout(layer: LoraLayer, name: str) -> bool:
@@ -388,6 +413,43 @@ def _plus_scaled(bias: Optional[torch.Tensor], scaling: float, lora_bias: torch.
 def _sharded_by_fsdp(module: nn.Module) -> bool:
     """``module`` is sharded on its own: FSDP2's ``fully_shard`` made it an ``FSDPModule``, or FSDP1 wrapped it."""
     return any(kind.__name__ in ("FSDPModule", "FullyShardedDataParallel") for kind in type(module).__mro__)
+
+
+def _fsdp2(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
+
+
+# The method FSDP2 runs as a forward of a module it shards on its own, so that it gathers the module's weight
+# around the call (``_whole_weight``); published under the first name once registered under the second.
+_WHOLE_WEIGHT, _WHOLE_WEIGHT_UNPUBLISHED = "_lora_engine_whole_weight", "_lora_engine_whole_weight_registering"
+_REGISTERING = threading.Lock()
+
+
+def _copy_of_weight(module: nn.Module) -> torch.Tensor:
+    # a copy: FSDP frees the gathered weight after the call (reshard_after_forward), the copy stays
+    return module.weight.clone()
+
+
+def _whole_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` whole, with its gradient reaching the parameter. For a module FSDP2 shards on its own, a copy
+    made by a method registered as a forward of the module (``register_fsdp_forward_method``): FSDP gathers the weight
+    around the call, casts it as its ``MixedPrecisionPolicy`` says, gathers it again for the copy's backward and
+    reduce-scatters the gradient into the shard's, as for the module's own forward. The method is registered on the
+    first read, under a lock, and published only once FSDP wraps it."""
+    if not isinstance(module, FSDPModule):
+        if _sharded_by_fsdp(module):  # _fused_factors_reason sends FSDP1 wrappers to PEFT's forward
+            raise RuntimeError(f"{type(module).__name__}: only FSDP2 gathers a module's weight outside its forward")
+        return module.weight
+    state = vars(module)
+    read = state.get(_WHOLE_WEIGHT)
+    if read is None:
+        with _REGISTERING:
+            read = state.get(_WHOLE_WEIGHT)
+            if read is None:
+                state[_WHOLE_WEIGHT_UNPUBLISHED] = types.MethodType(_copy_of_weight, module)
+                register_fsdp_forward_method(module, _WHOLE_WEIGHT_UNPUBLISHED)
+                read = state[_WHOLE_WEIGHT] = state.pop(_WHOLE_WEIGHT_UNPUBLISHED)
+    return read()
 
 
 def _mixed_batch_reason(layer: LoraLayer, x: Any, names: Any) -> Optional[str]:
@@ -630,12 +692,13 @@ class _FusedForward:
         return self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], p, dropout.training
 
     def _through_modules(self, adapter: Adapters) -> bool:
-        """Whether the left factors come from the LoRA modules' own forwards: for modules FSDP shards on their own
-        (plain LoRA only: ``_fused_factors_reason``), and for several adapters of which one draws dropout in
-        training (a mask per adapter, drawn by its dropout module as in PEFT's forward)."""
+        """Whether the left factors come from the LoRA modules' own forwards: for plain LoRA adapters over modules
+        FSDP shards on their own (``_fused_factors_reason``; DoRA reads its factors whole instead), and for several
+        adapters of which one draws dropout in training (a mask per adapter, drawn by its dropout module as in PEFT's
+        forward)."""
         if isinstance(adapter, tuple):
-            return any(type(self.lora_A[name]) is not nn.Linear or _draws_dropout(self, name) for name in adapter)
-        return type(self.lora_A[adapter]) is not nn.Linear
+            return any(_sharded_factors(self, name) or _draws_dropout(self, name) for name in adapter)
+        return adapter not in self.lora_variant and _sharded_factors(self, adapter)
 
     def _factors_through_modules(
         self, x: torch.Tensor, adapter: Adapters, base_bias: Optional[torch.Tensor]
@@ -667,6 +730,12 @@ class _FusedForward:
         left = torch.cat(lefts, dim=-1)  # one dtype: _several_adapters checked the factors have one
         right = torch.cat([self.scaling[name] * b for name, b in zip(names, rights)], dim=1)
         return left, right, 1.0, bias
+
+    def _dora_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DoRA's A, B and magnitude, whole: its weight norm needs all three (``_whole_weight`` for modules FSDP2
+        shards on their own)."""
+        modules = self.lora_A[adapter], self.lora_B[adapter], self.lora_magnitude_vector[adapter]
+        return tuple(_whole_weight(module) for module in modules)
 
     def _bias(self, adapter: Adapters, base_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """The bias the kernels add: the base layer's, plus s·b for each lora_B with a bias b (PEFT's ``lora_bias``,
@@ -737,7 +806,7 @@ if PeftLinear4bit is not None:
                 return as_dtype(y, x.dtype)
             lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
             if adapter in self.lora_variant:  # DoRA (the only variant _active_adapter lets through)
-                magnitude = self.lora_magnitude_vector[adapter].weight
+                lora_A, lora_B, magnitude = self._dora_weights(adapter)
                 # PEFT's DoRA takes its dropout route when the layer trains and applies the dropout module as it
                 # is; with that module in eval mode the route gives what the dropout-free one gives
                 y = F.dora_linear_4bit(
@@ -791,7 +860,7 @@ class FusedLoraLinear(_FusedForward, PeftLinear):
             return F.lowrank_linear(as_dtype(x, compute), weight, left, lora_B, scaling, bias=bias)
         lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
         if adapter in self.lora_variant:  # DoRA, with the dropout rule of FusedLoraLinear4bit's
-            magnitude = self.lora_magnitude_vector[adapter].weight
+            lora_A, lora_B, magnitude = self._dora_weights(adapter)
             return F.dora_linear(
                 as_dtype(x, compute), weight, lora_A, lora_B, magnitude, scaling, bias=bias, dropout_p=p,
                 training=self.training and training,

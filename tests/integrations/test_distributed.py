@@ -56,8 +56,11 @@ def runs(tmp_path_factory):
     return tmp, _run(tmp, "single", "none"), _run(tmp, "untrained", "none", "--steps", "0")[0]
 
 
-def _assert_same_adapter(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], untrained: dict) -> None:
-    assert sorted(got) == sorted(want) and len(want) == 28, sorted(got)
+def _assert_same_adapter(
+    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], untrained: dict, tensors: int = 28
+) -> None:
+    """``tensors``: A and B of the 14 linear layers (with DoRA, the magnitude too)."""
+    assert sorted(got) == sorted(want) and len(want) == tensors, sorted(got)
     worst = max((got[k] - want[k]).abs().max().item() for k in want)
     moved = max((want[k] - untrained[k]).abs().max().item() for k in want)
     assert moved > MIN_TRAINING_MOVE, "training must move the weights far beyond the tolerance, or this proves nothing"
@@ -90,6 +93,17 @@ def test_lora_modules_sharded_on_their_own_train_the_same_through_the_fused_forw
     adapter, result = _run(tmp, "fsdp-lora-modules", "fsdp", "--shard-lora-modules")
     _assert_all_fused(result)
     _assert_same_adapter(adapter, single, untrained)
+
+
+def test_dora_over_lora_modules_sharded_on_their_own_trains_as_one_process(runs):
+    """DoRA under the same wrapping: A, B and the magnitude read whole inside FSDP's gather (each rank holds half
+    of each), their gradients reduce-scattered back; the same training as one process, every layer fused."""
+    tmp, _, _ = runs
+    single, _ = _run(tmp, "dora-single", "none", "--dora")
+    untrained, _ = _run(tmp, "dora-untrained", "none", "--dora", "--steps", "0")
+    adapter, result = _run(tmp, "dora-fsdp-lora-modules", "fsdp", "--shard-lora-modules", "--dora")
+    _assert_all_fused(result)
+    _assert_same_adapter(adapter, single, untrained, tensors=42)
 
 
 def test_adapter_saved_from_a_sharded_run_loads_in_stock_peft(runs):

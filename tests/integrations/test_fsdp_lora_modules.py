@@ -3,10 +3,10 @@
 its module's forward, as on many ranks.
 
 The fused forward runs ``lora_A`` on the input and ``lora_B`` on the identity through those modules' own forwards,
-then the base product with the low-rank term in one GEMM (``lora_engine.lowrank_linear_4bit``). It must give what
-stock PEFT gives on the same sharded model, gradients included, and leave to PEFT's forward (named in the report)
-what needs A and B whole. Many ranks: ``tests/integrations/test_distributed.py`` (the same wrapping over two gloo
-ranks trains as one process).
+then the base product with the low-rank term in one GEMM (``lora_engine.lowrank_linear_4bit``); DoRA, which needs
+A, B and the magnitude whole, reads each inside FSDP's gather through a method FSDP runs as a forward. Both must
+give what stock PEFT gives, gradients included. Many ranks: ``tests/integrations/test_distributed.py`` (the same
+wrapping over two gloo ranks trains as one process).
 
 Tolerance: both sides compute in fp32 from the same decoded 4-bit weight (bitsandbytes' CPU kernel on the stock
 side, the kernels in the interpreter here); they differ by the fp32 rounding of K-long sums, ~1e-6 relative.
@@ -186,24 +186,44 @@ def test_several_adapters_over_sharded_lora_modules(one_rank_group, monkeypatch,
     assert len(lowrank_4bit) == 2 and report.num_fused == 3 and not report.fallbacks, report.summary()
 
 
-def test_dora_runs_peft_forward_and_says_why(one_rank_group, monkeypatch, kernel_device):
-    """DoRA's weight norm needs A, B and the magnitude whole, which only their modules' forwards gather: PEFT's
-    forward there, with the reason and the wrapping that serves it. (The root stays unsharded: PEFT's DoRA decodes
-    the base weight through the quant state on the weight, which a gathered weight lacks.)"""
-    stock = _shard_lora_modules(_peft_net(kernel_device, use_dora=True), root=False).train()
+@pytest.mark.parametrize("sharded", ["every-lora-module", "magnitude-only"])
+def test_dora_over_sharded_lora_modules_reads_its_weights_whole(sharded, one_rank_group, monkeypatch, kernel_device):
+    """DoRA's weight norm needs A, B and the magnitude whole: each copied inside FSDP's gather by a method registered
+    as a forward of its module, once per module, then the fused DoRA forward; stock PEFT's under the same wrapping,
+    the root sharded too (HF Trainer's)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from lora_engine.integrations import peft as integration
+
+    def shard(model: nn.Module) -> nn.Module:
+        if sharded == "every-lora-module":
+            return _shard_lora_modules(model).train()
+        for name, module in model.named_modules():
+            if name.split(".")[-2:-1] == ["lora_magnitude_vector"]:
+                fully_shard(module)
+        return fully_shard(model).train()
+
+    stock = shard(_peft_net(kernel_device, use_dora=True))
     patched = _peft_net(kernel_device, use_dora=True)
     report = lora_engine.patch_peft_model(patched)
-    patched = _shard_lora_modules(patched, root=False).train()
-    lowrank = _count(monkeypatch, "lowrank_linear_4bit")
-    y, grads = _train_step(patched, seed=3)
-    y_stock, grads_stock = _train_step(stock, seed=3)
-    _assert_close(y, y_stock, "output")
-    for name, grad in grads.items():
-        _assert_close(grad, grads_stock[name], name)
-    assert not lowrank and report.num_fused == 0 and len(report.fallbacks) == 3, report.summary()
-    for reasons in report.fallbacks.values():
-        assert "FSDP shards the LoRA modules on their own" in reasons[0], reasons
-        assert "Shard whole decoder layers" in reasons[0]
+    patched = shard(patched)
+    registered = []
+    register = integration.register_fsdp_forward_method
+    monkeypatch.setattr(integration, "register_fsdp_forward_method",
+                        lambda module, name: registered.append(module) or register(module, name))  # fmt: skip
+    dora_4bit, dora_dense = _count(monkeypatch, "dora_linear_4bit"), _count(monkeypatch, "dora_linear")
+
+    for step in range(2):  # a second step: the modules resharded after the first and gathered again
+        y, grads = _train_step(patched, seed=3)
+        y_stock, grads_stock = _train_step(stock, seed=3)
+        _assert_close(y, y_stock, f"step {step} output")
+        assert sorted(grads) == sorted(grads_stock) and len(grads) == 9, sorted(grads)
+        for name, grad in grads.items():
+            _assert_close(grad, grads_stock[name], f"step {step} {name}")
+    assert len(dora_4bit) == 4 and len(dora_dense) == 2, "each layer, each step, fused"
+    assert report.num_fused == 3 and not report.fallbacks, report.summary()
+    expected = 9 if sharded == "every-lora-module" else 3
+    assert len(registered) == len({id(m) for m in registered}) == expected, "one registration per sharded module"
 
 
 def test_grouped_projections_run_per_layer_over_sharded_lora_modules(
