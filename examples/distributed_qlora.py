@@ -50,7 +50,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="FSDP2 MixedPrecisionPolicy param_dtype (default: none)")  # fmt: skip
     p.add_argument("--shard-lora-modules", action="store_true",
                    help="with --strategy fsdp, also shard each LoRA module on its own, as HF Trainer does with PEFT's "
-                        "fsdp_auto_wrap_policy (the fused forward then runs those modules' own forwards)")  # fmt: skip
+                        "fsdp_auto_wrap_policy (the fused forward reads them whole inside FSDP's gather)")  # fmt: skip
     p.add_argument("--dora", action="store_true", help="DoRA adapters (PEFT's use_dora=True) instead of plain LoRA")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="lora_engine backend")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",

@@ -8,8 +8,8 @@
            xd = drop(x)                                     trainable: A, B, m [out]
     MultiLora  y[m] = x[m]·Wᵀ + s_i·(x[m]·A_iᵀ)·B_iᵀ + bias,  i = idx[m]  (idx[m] = -1: the base alone)
                                                             trainable: every A_i, B_i (no dropout)
-    LowRank    y = x·Wᵀ + s·left·Bᵀ + bias,  left [M, r] computed by the caller (LoRA's drop(x)·Aᵀ through
-               modules the kernels cannot read, e.g. sharded on their own by FSDP)
+    LowRank    y = x·Wᵀ + s·left·Bᵀ + bias,  left [M, r] computed by the caller (LoRA's drop(x)·Aᵀ made by
+               the LoRA modules themselves, e.g. a mask per adapter drawn as PEFT draws it)
                                                             differentiable: left, B (x gets dy·W only)
 
 A bundle says which of its tensors are trained (``trainables``, in the order their gradients come back),

@@ -91,13 +91,10 @@ def _member_plan(layer: nn.Module, x: torch.Tensor) -> tuple[Optional[GroupMembe
         if layer.use_dora.get(adapter, False):
             return None, None, "a DoRA adapter (its output is scaled row by row, layer by layer)"
         if layer._through_modules(adapter):
-            return None, None, (
-                "its left factors come from the LoRA modules' own forwards (modules sharded on their own by FSDP, "
-                "or several adapters drawing dropout)"
-            )
-        lora_A, lora_B, scaling, p, training = layer._lora_args(adapter)
-        member = GroupMember(base.weight, _peft._quant_state(base), lora_A, lora_B, scaling,
-                             layer._bias(adapter, base.bias), dropout_p=p if training else 0.0)  # fmt: skip
+            return None, None, "several adapters drawing dropout, each left factor from its own LoRA modules"
+        lora_A, lora_B, scaling, p, training, bias = layer._lora_args(adapter, base.bias)
+        member = GroupMember(base.weight, _peft._quant_state(base), lora_A, lora_B, scaling, bias,
+                             dropout_p=p if training else 0.0)  # fmt: skip
         return member, compute, ""
     if type(layer) is _peft.FusedLinear4bit:
         compute, reason = layer._plan(x)  # the checks of its own forward

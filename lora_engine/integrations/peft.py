@@ -30,12 +30,11 @@ adapters, layouts or devices the kernels do not read, and a LoRA layer stacked o
 Under FSDP2 the fused 4-bit layers read the gathered packed bytes with the quant state bitsandbytes also keeps on
 the module (the gathered weight is a plain tensor without it). Packed bytes that arrive in another dtype than
 their storage (FSDP's ``MixedPrecisionPolicy(param_dtype=...)`` casts them value by value) raise, naming the fix.
-LoRA modules FSDP2 shards on their own (PEFT's ``fsdp_auto_wrap_policy``, which HF Trainer applies) are gathered only
-by their own forwards: for plain LoRA adapters (``lora_bias`` too) the fused forward runs ``lora_A(drop(x))`` and
-``lora_B`` on the identity through them and the base product with that low-rank term in one GEMM
-(``lowrank_linear_4bit``). DoRA needs A, B and its magnitude whole: each is copied by a method registered as a forward
-of its module (FSDP2's ``register_fsdp_forward_method``), which FSDP gathers around the call and whose gradient it
-reduce-scatters, then the fused DoRA forward runs as over unsharded modules.
+LoRA modules FSDP2 shards on their own (PEFT's ``fsdp_auto_wrap_policy``, which HF Trainer applies) are gathered by
+FSDP only around a forward of theirs: each factor (and DoRA's magnitude) is copied whole by a method registered as a
+forward of its module (FSDP2's ``register_fsdp_forward_method``), which FSDP gathers around the call and whose
+gradient it reduce-scatters; everything above then runs as over unsharded modules, grouped projections and mixed
+batches included. FSDP1 wraps modules that only their own forward gathers: PEFT's forward for those layers.
 
 The bitsandbytes 4-bit layers without a fused adapter get the same treatment: ``FusedLinear4bit``, a
 ``bnb.nn.Linear4bit`` subclass overriding ``forward`` only (named ``Linear4bit`` in the repr), runs
@@ -286,21 +285,20 @@ def _active_adapter(layer: nn.Module) -> tuple[Optional[Adapters], Optional[str]
     if name in layer.lora_variant:
         if not getattr(layer, "use_dora", {}).get(name, False):
             return None, f"LoRA variant {type(layer.lora_variant[name]).__name__}"
-    reason = _fused_factors_reason(layer, name)
+    reason = _factors_reason(layer, name)
     return (None, reason) if reason is not None else (name, None)
 
 
 def _several_adapters(layer: LoraLayer, names: list[str]) -> tuple[Optional[Adapters], Optional[str]]:
     """Several active LoRA adapters, whose terms PEFT adds up, each plain LoRA with factors of one dtype: one fused
-    call over their stacked factors (``_FusedForward._lora_args``), or, where one draws dropout in training or has
-    its modules sharded on their own by FSDP, over their left factors made by their own modules
-    (``_FusedForward._factors_through_modules``)."""
+    call over their stacked factors (``_FusedForward._lora_args``), or, where one draws dropout in training, over
+    their left factors made by their own modules (``_FusedForward._factors_through_modules``)."""
     dtypes = set()
     for name in names:
         if name in layer.lora_variant:
             variant = type(layer.lora_variant[name]).__name__
             return None, f"several active adapters with LoRA variant {variant} ({name!r})"
-        reason = _fused_factors_reason(layer, name)
+        reason = _factors_reason(layer, name)
         if reason is not None:
             return None, f"several active adapters: {reason} ({name!r})"
         dtypes.update((layer.lora_A[name].weight.dtype, layer.lora_B[name].weight.dtype))
@@ -324,14 +322,15 @@ def _not_plain_lora(layer: LoraLayer, name: str) -> Optional[str]:
 
 
 def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
-    """Why adapter ``name``'s factors are not what the kernels read as A and B (None when they are). A bias of
-    lora_B (PEFT's ``lora_bias``) is read too: it joins the layer's bias (``_FusedForward._bias``)."""
+    """Why adapter ``name``'s factors are not what the kernels read as A and B (None when they are): ``nn.Linear``
+    modules, plain or sharded on their own by FSDP2 (read whole inside its gather: ``_whole_parameters``). A bias of
+    lora_B (PEFT's ``lora_bias``) is read too: it joins the layer's bias (``_FusedForward._lora_args``)."""
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+    modules = (lora_A, lora_B, layer.lora_magnitude_vector[name]) if name in layer.lora_variant else (lora_A, lora_B)
+    if any(type(module) is not nn.Linear and _fsdp1(module) for module in modules):
+        return _FSDP1_LORA_MODULES
     lora_bias = bool(layer.lora_bias.get(name, False))
-    if not (type(lora_A) is nn.Linear and type(lora_B) is nn.Linear and lora_A.bias is None
-            and (lora_B.bias is not None) == lora_bias):  # fmt: skip
-        if _sharded_by_fsdp(lora_A) or _sharded_by_fsdp(lora_B):
-            return _SHARDED_LORA_MODULES
+    if not (_linear(lora_A) and _linear(lora_B) and lora_A.bias is None and (lora_B.bias is not None) == lora_bias):
         return "LoRA factors are not nn.Linear modules with the biases PEFT gives them"
     if _has_hooks(lora_A) or _has_hooks(lora_B):
         return "the LoRA modules have forward hooks (e.g. accelerate offloading)"
@@ -342,66 +341,21 @@ def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
     return None
 
 
-_SHARDED_LORA_MODULES = (
-    "FSDP shards the LoRA modules on their own (PEFT's fsdp_auto_wrap_policy, which HF Trainer applies under FSDP): "
-    "the fused forward reads plain LoRA and DoRA adapters through FSDP2 nn.Linear factors, not these. Shard whole "
-    "decoder layers (fully_shard on each, then the model) for the fused forward here"
+_FSDP1_LORA_MODULES = (
+    "FSDP1 wraps the LoRA modules on their own (PEFT's fsdp_auto_wrap_policy, which HF Trainer applies under FSDP): "
+    "only their own forwards gather them. Use FSDP2 (fully_shard; fsdp_version 2 in HF Trainer / accelerate), or "
+    "wrap whole decoder layers, for the fused forward here"
 )
 
 
-def _fused_factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
-    """Why the fused forward cannot read adapter ``name``'s factors (None when it can): directly
-    (``_factors_reason``), or, for LoRA modules FSDP2 shards on their own, through FSDP's gather: both ``nn.Linear``,
-    lora_B with a bias where PEFT's ``lora_bias`` gives it one, read by those modules' own forwards for plain LoRA
-    (``_FusedForward._factors_through_modules``) or whole, with DoRA's magnitude, for DoRA (``_whole_weight``).
-    FSDP1 wrappers only gather inside their own forward, which DoRA cannot use: PEFT's forward for them."""
-    reason = _factors_reason(layer, name)
-    lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
-    dora = name in layer.lora_variant  # DoRA, the only variant _active_adapter lets through
-    magnitude = layer.lora_magnitude_vector[name] if dora else None
-    if not (_sharded_by_fsdp(lora_A) or _sharded_by_fsdp(lora_B)):
-        if reason is None and magnitude is not None and _sharded_by_fsdp(magnitude) and not _fsdp2(magnitude):
-            return _SHARDED_LORA_MODULES
-        return reason
-    lora_bias = bool(layer.lora_bias.get(name, False))
-    linear = all(isinstance(m, nn.Linear) and (_fsdp2(m) or not _sharded_by_fsdp(m)) for m in (lora_A, lora_B))
-    if (not linear or lora_A.bias is not None or (lora_B.bias is not None) != lora_bias
-            or not _is_number(layer.scaling[name])):  # fmt: skip
-        return _SHARDED_LORA_MODULES
-    if dora:
-        if _sharded_by_fsdp(magnitude) and not _fsdp2(magnitude):
-            return _SHARDED_LORA_MODULES
-        dropout = layer.lora_dropout[name]
-        if not isinstance(dropout, (nn.Dropout, nn.Identity)):
-            return f"dropout module {type(dropout).__name__}"
-    return None
-
-
-def _sharded_factors(layer: LoraLayer, name: str) -> bool:
-    """lora_A or lora_B of adapter ``name`` is sharded on its own (a plain ``nn.Linear`` otherwise: the fused
-    forward's checks passed)."""
-    return type(layer.lora_A[name]) is not nn.Linear or type(layer.lora_B[name]) is not nn.Linear
+def _linear(module: nn.Module) -> bool:
+    """An ``nn.Linear``, or one FSDP2 shards on its own (``fully_shard`` subclasses its class)."""
+    return type(module) is nn.Linear or (isinstance(module, FSDPModule) and isinstance(module, nn.Linear))
 
 
 def _draws_dropout(layer: LoraLayer, name: str) -> bool:
     dropout = layer.lora_dropout[name]
     return dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0
-
-
-def _linear_through_forward(
-    module: nn.Module, dtype: torch.dtype, device: torch.device
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(W, b) of a linear module FSDP shards on its own, read through its forward, which gathers them and hooks
-    their gradients' reduce-scatter: one call on the identity and a zero row, ``[I; 0]·Wᵀ + b = [Wᵀ + b; b]``
-    (PEFT's DoRA reads lora_B through ``lora_B(I)`` under FSDP as well). With a bias, W is recovered as
-    ``(Wᵀ + b) - b``: exact up to one rounding of the sum in the dtype the forward computes in (the factors' dtype,
-    the autocast dtype under autocast, which rounds PEFT's own ``lora_B(left) + b`` likewise)."""
-    r = module.in_features
-    if module.bias is None:
-        return module(torch.eye(r, dtype=dtype, device=device)).t(), None
-    probe = torch.eye(r + 1, r, dtype=dtype, device=device)  # its last row is zero
-    out = module(probe)
-    return (out[:r] - out[r]).t(), out[r]
 
 
 def _plus_scaled(bias: Optional[torch.Tensor], scaling: float, lora_bias: torch.Tensor) -> torch.Tensor:
@@ -415,41 +369,51 @@ def _sharded_by_fsdp(module: nn.Module) -> bool:
     return any(kind.__name__ in ("FSDPModule", "FullyShardedDataParallel") for kind in type(module).__mro__)
 
 
-def _fsdp2(module: nn.Module) -> bool:
-    return isinstance(module, FSDPModule)
+def _fsdp1(module: nn.Module) -> bool:
+    """``module`` is wrapped by FSDP1, which gathers it only inside its own forward."""
+    return not isinstance(module, FSDPModule) and _sharded_by_fsdp(module)
 
 
-# The method FSDP2 runs as a forward of a module it shards on its own, so that it gathers the module's weight
-# around the call (``_whole_weight``); published under the first name once registered under the second.
-_WHOLE_WEIGHT, _WHOLE_WEIGHT_UNPUBLISHED = "_lora_engine_whole_weight", "_lora_engine_whole_weight_registering"
+# The method FSDP2 runs as a forward of a module it shards on its own, so that it gathers the module's parameters
+# around the call (``_whole_parameters``); published under the first name once registered under the second.
+_WHOLE, _WHOLE_UNPUBLISHED = "_lora_engine_whole_parameters", "_lora_engine_whole_parameters_registering"
 _REGISTERING = threading.Lock()
 
 
-def _copy_of_weight(module: nn.Module) -> torch.Tensor:
-    # a copy: FSDP frees the gathered weight after the call (reshard_after_forward), the copy stays
-    return module.weight.clone()
+def _copy_of_parameters(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    # copies: FSDP frees the gathered parameters after the call (reshard_after_forward), the copies stay
+    bias = getattr(module, "bias", None)
+    return module.weight.clone(), None if bias is None else bias.clone()
+
+
+def _whole_parameters(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``(module.weight, module.bias)`` whole (bias None where it has none), with their gradients reaching the
+    parameters. For a module FSDP2 shards on its own, copies made by a method registered as a forward of the module
+    (``register_fsdp_forward_method``): FSDP gathers the parameters around the call, casts them as its
+    ``MixedPrecisionPolicy`` says, gathers them again for the copies' backward and reduce-scatters their gradients
+    into the shards', as for the module's own forward (one all-gather per call, as the module's forward costs). The
+    method is registered on the first read, under a lock, and published only once FSDP wraps it."""
+    if type(module) is nn.Linear:  # the common case first: one call per factor per forward
+        return module.weight, module.bias
+    if not isinstance(module, FSDPModule):
+        if _sharded_by_fsdp(module):  # _factors_reason sends FSDP1 wrappers to PEFT's forward
+            raise RuntimeError(f"{type(module).__name__}: only FSDP2 gathers a module's weight outside its forward")
+        return module.weight, getattr(module, "bias", None)
+    state = vars(module)
+    read = state.get(_WHOLE)
+    if read is None:
+        with _REGISTERING:
+            read = state.get(_WHOLE)
+            if read is None:
+                state[_WHOLE_UNPUBLISHED] = types.MethodType(_copy_of_parameters, module)
+                register_fsdp_forward_method(module, _WHOLE_UNPUBLISHED)
+                read = state[_WHOLE] = state.pop(_WHOLE_UNPUBLISHED)
+    return read()
 
 
 def _whole_weight(module: nn.Module) -> torch.Tensor:
-    """``module.weight`` whole, with its gradient reaching the parameter. For a module FSDP2 shards on its own, a copy
-    made by a method registered as a forward of the module (``register_fsdp_forward_method``): FSDP gathers the weight
-    around the call, casts it as its ``MixedPrecisionPolicy`` says, gathers it again for the copy's backward and
-    reduce-scatters the gradient into the shard's, as for the module's own forward. The method is registered on the
-    first read, under a lock, and published only once FSDP wraps it."""
-    if not isinstance(module, FSDPModule):
-        if _sharded_by_fsdp(module):  # _fused_factors_reason sends FSDP1 wrappers to PEFT's forward
-            raise RuntimeError(f"{type(module).__name__}: only FSDP2 gathers a module's weight outside its forward")
-        return module.weight
-    state = vars(module)
-    read = state.get(_WHOLE_WEIGHT)
-    if read is None:
-        with _REGISTERING:
-            read = state.get(_WHOLE_WEIGHT)
-            if read is None:
-                state[_WHOLE_WEIGHT_UNPUBLISHED] = types.MethodType(_copy_of_weight, module)
-                register_fsdp_forward_method(module, _WHOLE_WEIGHT_UNPUBLISHED)
-                read = state[_WHOLE_WEIGHT] = state.pop(_WHOLE_WEIGHT_UNPUBLISHED)
-    return read()
+    """``module.weight`` as ``_whole_parameters`` reads it (``_factors_reason`` sent FSDP1 wrappers away)."""
+    return _whole_parameters(module)[0] if isinstance(module, FSDPModule) else module.weight
 
 
 def _mixed_batch_reason(layer: LoraLayer, x: Any, names: Any) -> Optional[str]:
@@ -493,11 +457,21 @@ def _active_ia3_adapter(layer: IA3Layer) -> tuple[Optional[str], Optional[str]]:
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    """Hooks (accelerate's offloading ones included) would run in ``module(x)``, which the fused forward skips.
+    """Hooks (accelerate's offloading ones included) would run in ``module(x)``, which the fused forward skips;
+    FSDP2's own, of a module it shards on its own, run around the read of its parameters (``_whole_parameters``).
 
     accelerate sets ``_hf_hook`` as a plain attribute, which lives in the instance's ``__dict__``: looked up there,
     since ``hasattr`` on a module without it goes through ``nn.Module.__getattr__``, which raises (µs per call)."""
-    return bool(module._forward_hooks) or bool(module._forward_pre_hooks) or "_hf_hook" in vars(module)
+    if "_hf_hook" in vars(module):
+        return True
+    if not (module._forward_hooks or module._forward_pre_hooks):
+        return False
+    hooks = (*module._forward_hooks.values(), *module._forward_pre_hooks.values())
+    return not isinstance(module, FSDPModule) or any(not _fsdp2_hook(hook) for hook in hooks)
+
+
+def _fsdp2_hook(hook: Callable) -> bool:
+    return type(getattr(hook, "__self__", None)).__name__ == "FSDPState"
 
 
 def _stack_reason(layer: BaseTunerLayer, base: nn.Module) -> Optional[str]:
@@ -678,73 +652,55 @@ class _FusedForward:
         return tuple(dtype for name in names for dtype in (self.lora_A[name].weight.dtype,
                                                            self.lora_B[name].weight.dtype))  # fmt: skip
 
-    def _lora_args(self, adapter: Adapters) -> tuple[torch.Tensor, torch.Tensor, float, float, bool]:
-        """lora_A (r, in), lora_B (out, r), scaling, dropout p and whether dropout is on. Several adapters (a tuple,
-        none drawing dropout) are one adapter of their summed rank with scaling 1:
-        Σᵢ sᵢ·(x·Aᵢᵀ)·Bᵢᵀ = (x·[A₁; A₂; ...]ᵀ)·[s₁B₁, s₂B₂, ...]ᵀ; the stacking is differentiable, so each factor gets
-        its own gradient."""
+    def _lora_args(
+        self, adapter: Adapters, base_bias: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, float, float, bool, Optional[torch.Tensor]]:
+        """lora_A (r, in), lora_B (out, r), scaling, dropout p, whether dropout is on, and the bias the kernels add:
+        ``base_bias`` plus s·b for each lora_B with a bias b (PEFT's ``lora_bias``, which adds it after the dropout,
+        once, scaled; the sum carries the gradients of all). Factors FSDP2 shards on their own are read whole
+        (``_whole_parameters``). Several adapters (a tuple, none drawing dropout) are one adapter of their summed rank
+        with scaling 1: Σᵢ sᵢ·(x·Aᵢᵀ)·Bᵢᵀ = (x·[A₁; A₂; ...]ᵀ)·[s₁B₁, s₂B₂, ...]ᵀ; the stacking is differentiable, so
+        each factor gets its own gradient."""
+        names = adapter if isinstance(adapter, tuple) else (adapter,)
+        factors, bias = [], base_bias
+        for name in names:
+            lora_B, lora_bias = _whole_parameters(self.lora_B[name])
+            if lora_bias is not None:  # _factors_reason checked lora_B has a bias where lora_bias says so
+                bias = _plus_scaled(bias, self.scaling[name], lora_bias)
+            factors.append((_whole_weight(self.lora_A[name]), lora_B))
         if isinstance(adapter, tuple):
-            lora_A = torch.cat([self.lora_A[name].weight for name in adapter])
-            lora_B = torch.cat([self.scaling[name] * self.lora_B[name].weight for name in adapter], dim=1)
-            return lora_A, lora_B, 1.0, 0.0, False
+            lora_A = torch.cat([a for a, _ in factors])
+            lora_B = torch.cat([self.scaling[name] * b for name, (_, b) in zip(names, factors)], dim=1)
+            return lora_A, lora_B, 1.0, 0.0, False, bias
         dropout = self.lora_dropout[adapter]
         p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
-        return self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.scaling[adapter], p, dropout.training
+        return *factors[0], self.scaling[adapter], p, dropout.training, bias
 
     def _through_modules(self, adapter: Adapters) -> bool:
-        """Whether the left factors come from the LoRA modules' own forwards: for plain LoRA adapters over modules
-        FSDP shards on their own (``_fused_factors_reason``; DoRA reads its factors whole instead), and for several
-        adapters of which one draws dropout in training (a mask per adapter, drawn by its dropout module as in PEFT's
-        forward)."""
-        if isinstance(adapter, tuple):
-            return any(_sharded_factors(self, name) or _draws_dropout(self, name) for name in adapter)
-        return adapter not in self.lora_variant and _sharded_factors(self, adapter)
+        """Whether the left factors come from the LoRA modules' own forwards: for several adapters of which one draws
+        dropout in training (a mask per adapter, drawn by its dropout module as in PEFT's forward)."""
+        return isinstance(adapter, tuple) and any(_draws_dropout(self, name) for name in adapter)
 
     def _factors_through_modules(
-        self, x: torch.Tensor, adapter: Adapters, base_bias: Optional[torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, float, Optional[torch.Tensor]]:
-        """``(left, B, scaling, bias)`` of ``scaling·left·Bᵀ + bias``: ``left = lora_A(drop(x))`` through the
-        modules' own forwards, where FSDP gathers a module sharded on its own and hooks its gradient's reduce-scatter,
-        and B the weight of ``lora_B``, or for a sharded one read through its forward (``_linear_through_forward``).
-        The input is cast as PEFT's forward casts it for the LoRA branch. ``bias``: ``base_bias`` plus s·b for each
-        lora_B with a bias b (PEFT's ``lora_bias``), as ``_bias``. Several adapters: their left factors side by side
-        and their scaled B factors likewise, scaling 1 (as ``_lora_args`` stacks them)."""
-        names = adapter if isinstance(adapter, tuple) else (adapter,)
+        self, x: torch.Tensor, adapter: tuple[str, ...], base_bias: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """``(left, B, bias)`` of ``left·Bᵀ + bias`` for several adapters: ``[lora_Aᵢ(dropᵢ(x))]`` side by side,
+        through the modules' own forwards (FSDP gathers one sharded on its own), and ``[sᵢBᵢ]`` likewise (as
+        ``_lora_args`` stacks them). The input is cast as PEFT's forward casts it for the LoRA branch. ``bias`` as
+        ``_lora_args`` makes it."""
         lefts, rights, bias = [], [], base_bias
-        for name in names:
-            lora_A, lora_B, scaling = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        for name in adapter:
+            lora_A, scaling = self.lora_A[name], self.scaling[name]
             x_lora = x
             if not torch.is_autocast_enabled() and getattr(self, "cast_input_dtype_enabled", True):
                 x_lora = as_dtype(x, lora_A.weight.dtype)
-            left = lora_A(self.lora_dropout[name](x_lora))
-            if type(lora_B) is nn.Linear:
-                right, lora_bias = lora_B.weight, lora_B.bias
-            else:
-                right, lora_bias = _linear_through_forward(lora_B, left.dtype, left.device)
+            lefts.append(lora_A(self.lora_dropout[name](x_lora)))
+            lora_B, lora_bias = _whole_parameters(self.lora_B[name])
             if lora_bias is not None:
                 bias = _plus_scaled(bias, scaling, lora_bias)
-            lefts.append(left)
-            rights.append(right)
-        if len(names) == 1:
-            return lefts[0], rights[0], self.scaling[adapter], bias
-        left = torch.cat(lefts, dim=-1)  # one dtype: _several_adapters checked the factors have one
-        right = torch.cat([self.scaling[name] * b for name, b in zip(names, rights)], dim=1)
-        return left, right, 1.0, bias
-
-    def _dora_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """DoRA's A, B and magnitude, whole: its weight norm needs all three (``_whole_weight`` for modules FSDP2
-        shards on their own)."""
-        modules = self.lora_A[adapter], self.lora_B[adapter], self.lora_magnitude_vector[adapter]
-        return tuple(_whole_weight(module) for module in modules)
-
-    def _bias(self, adapter: Adapters, base_bias: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The bias the kernels add: the base layer's, plus s·b for each lora_B with a bias b (PEFT's ``lora_bias``,
-        which adds it after the dropout, once, scaled); the sum carries the gradients of all."""
-        bias = base_bias
-        for name in adapter if isinstance(adapter, tuple) else (adapter,):
-            if self.lora_bias.get(name, False):  # a plain dict lookup; _factors_reason checked lora_B has the bias
-                bias = _plus_scaled(bias, self.scaling[name], self.lora_B[name].bias)
-        return bias
+            rights.append(scaling * lora_B)
+        # one dtype: _several_adapters checked the factors have one
+        return torch.cat(lefts, dim=-1), torch.cat(rights, dim=1), bias
 
     def _fused_forward(
         self, x: torch.Tensor, adapter: Adapters, compute: torch.dtype, base: nn.Module
@@ -799,14 +755,14 @@ if PeftLinear4bit is not None:
             self, x: torch.Tensor, adapter: Adapters, compute: torch.dtype, base: nn.Module
         ) -> torch.Tensor:
             if self._through_modules(adapter):
-                left, lora_B, scaling, bias = self._factors_through_modules(x, adapter, base.bias)
+                left, lora_B, bias = self._factors_through_modules(x, adapter, base.bias)
                 y = F.lowrank_linear_4bit(
-                    as_dtype(x, compute), base.weight, _quant_state(base), left, lora_B, scaling, bias=bias
+                    as_dtype(x, compute), base.weight, _quant_state(base), left, lora_B, 1.0, bias=bias
                 )  # fmt: skip
                 return as_dtype(y, x.dtype)
-            lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
+            lora_A, lora_B, scaling, p, training, bias = self._lora_args(adapter, base.bias)
             if adapter in self.lora_variant:  # DoRA (the only variant _active_adapter lets through)
-                lora_A, lora_B, magnitude = self._dora_weights(adapter)
+                magnitude = _whole_weight(self.lora_magnitude_vector[adapter])  # no lora_bias: bias is the base's
                 # PEFT's DoRA takes its dropout route when the layer trains and applies the dropout module as it
                 # is; with that module in eval mode the route gives what the dropout-free one gives
                 y = F.dora_linear_4bit(
@@ -816,7 +772,7 @@ if PeftLinear4bit is not None:
                 return as_dtype(y, x.dtype)
             y = F.lora_linear_4bit(
                 as_dtype(x, compute), base.weight, _quant_state(base), lora_A, lora_B, scaling,
-                bias=self._bias(adapter, base.bias), dropout_p=p, training=training,
+                bias=bias, dropout_p=p, training=training,
             )  # fmt: skip
             return as_dtype(y, x.dtype)  # bitsandbytes returns the input's dtype
 
@@ -835,8 +791,8 @@ if PeftLinear4bit is not None:
             device = x.device if torch.compiler.is_compiling() else None
             indices = torch.tensor([position.get(name, -1) for name in names], dtype=torch.int64, device=device)
             y = F.multi_lora_linear_4bit(
-                x.to(compute), base.weight, _quant_state(base), [self.lora_A[name].weight for name in used],
-                [self.lora_B[name].weight for name in used], [self.scaling[name] for name in used], indices,
+                x.to(compute), base.weight, _quant_state(base), [_whole_weight(self.lora_A[name]) for name in used],
+                [_whole_weight(self.lora_B[name]) for name in used], [self.scaling[name] for name in used], indices,
                 bias=base.bias,
             )  # fmt: skip
             return y.to(x.dtype)
@@ -856,17 +812,17 @@ class FusedLoraLinear(_FusedForward, PeftLinear):
     ) -> torch.Tensor:
         weight, bias = _dense_operands(base, compute)
         if self._through_modules(adapter):
-            left, lora_B, scaling, bias = self._factors_through_modules(x, adapter, bias)
-            return F.lowrank_linear(as_dtype(x, compute), weight, left, lora_B, scaling, bias=bias)
-        lora_A, lora_B, scaling, p, training = self._lora_args(adapter)
+            left, lora_B, bias = self._factors_through_modules(x, adapter, bias)
+            return F.lowrank_linear(as_dtype(x, compute), weight, left, lora_B, 1.0, bias=bias)
+        lora_A, lora_B, scaling, p, training, bias = self._lora_args(adapter, bias)
         if adapter in self.lora_variant:  # DoRA, with the dropout rule of FusedLoraLinear4bit's
-            lora_A, lora_B, magnitude = self._dora_weights(adapter)
+            magnitude = _whole_weight(self.lora_magnitude_vector[adapter])  # no lora_bias: bias is the base's
             return F.dora_linear(
                 as_dtype(x, compute), weight, lora_A, lora_B, magnitude, scaling, bias=bias, dropout_p=p,
                 training=self.training and training,
             )  # fmt: skip
         return F.lora_linear(
-            as_dtype(x, compute), weight, lora_A, lora_B, scaling, bias=self._bias(adapter, bias), dropout_p=p,
+            as_dtype(x, compute), weight, lora_A, lora_B, scaling, bias=bias, dropout_p=p,
             training=training,
         )  # fmt: skip
 

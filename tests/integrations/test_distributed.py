@@ -86,9 +86,9 @@ def test_distributed_training_equals_one_process(runs, strategy, storage):
 
 def test_lora_modules_sharded_on_their_own_train_the_same_through_the_fused_forward(runs):
     """HF Trainer shards each LoRA module of a PEFT model on its own under FSDP (PEFT's fsdp_auto_wrap_policy).
-    Only a module's own forward gathers it: the fused forward runs lora_A on the input and lora_B on the identity
-    through those forwards, and the base product with the low-rank term in one GEMM. The same training as one
-    process, every layer fused."""
+    FSDP gathers a module only around a forward of its own: the fused forward reads each factor whole through a
+    method FSDP runs as one (each rank holds half of each), and FSDP reduce-scatters the factors' gradients. The
+    same training as one process, every layer fused."""
     tmp, (single, _), untrained = runs
     adapter, result = _run(tmp, "fsdp-lora-modules", "fsdp", "--shard-lora-modules")
     _assert_all_fused(result)
@@ -96,8 +96,8 @@ def test_lora_modules_sharded_on_their_own_train_the_same_through_the_fused_forw
 
 
 def test_dora_over_lora_modules_sharded_on_their_own_trains_as_one_process(runs):
-    """DoRA under the same wrapping: A, B and the magnitude read whole inside FSDP's gather (each rank holds half
-    of each), their gradients reduce-scattered back; the same training as one process, every layer fused."""
+    """DoRA under the same wrapping: A, B and the magnitude read whole the same way; the same training as one
+    process, every layer fused."""
     tmp, _, _ = runs
     single, _ = _run(tmp, "dora-single", "none", "--dora")
     untrained, _ = _run(tmp, "dora-untrained", "none", "--dora", "--steps", "0")

@@ -2,10 +2,10 @@
 ``fsdp_auto_wrap_policy``), in one process: a gloo group of one rank, so every parameter is a DTensor gathered by
 its module's forward, as on many ranks.
 
-The fused forward runs ``lora_A`` on the input and ``lora_B`` on the identity through those modules' own forwards,
-then the base product with the low-rank term in one GEMM (``lora_engine.lowrank_linear_4bit``); DoRA, which needs
-A, B and the magnitude whole, reads each inside FSDP's gather through a method FSDP runs as a forward. Both must
-give what stock PEFT gives, gradients included. Many ranks: ``tests/integrations/test_distributed.py`` (the same
+The fused forward reads each sharded factor (and DoRA's magnitude) whole inside FSDP's gather, through a method FSDP
+runs as a forward of its module, then runs the kernels it runs over unsharded modules. It must give what stock PEFT
+gives on the same sharded model, gradients included (with dropout, what it gives unsharded: the kernels draw their
+own mask). Many ranks: ``tests/integrations/test_distributed.py`` (the same
 wrapping over two gloo ranks trains as one process).
 
 Tolerance: both sides compute in fp32 from the same decoded 4-bit weight (bitsandbytes' CPU kernel on the stock
@@ -25,7 +25,6 @@ from torch import nn
 
 import lora_engine
 from lora_engine import functional
-from lora_engine.integrations.peft import FusedLoraLinear, FusedLoraLinear4bit
 
 pytestmark = pytest.mark.interpreter
 
@@ -111,10 +110,10 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float 
     assert worst <= bound, f"{what}: max |difference| {worst:.3g} > {bound:.3g} ({rtol:g} of max |value|)"
 
 
-def _count(monkeypatch, name: str) -> list:
+def _count(monkeypatch, name: str, module=functional) -> list:
     calls = []
-    original = getattr(functional, name)
-    monkeypatch.setattr(functional, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
     return calls
 
 
@@ -122,44 +121,58 @@ def _count(monkeypatch, name: str) -> list:
     "dtype, lora",
     [
         (torch.float32, {}),
+        (torch.float32, {"lora_bias": True}),
+        (torch.float16, {"lora_bias": True}),
         (torch.float32, {"lora_dropout": 0.1}),
         (torch.float32, {"lora_dropout": 0.1, "lora_bias": True}),
-        (torch.float16, {"lora_dropout": 0.1, "lora_bias": True}),
     ],
-    ids=["fp32-no-dropout", "fp32-dropout", "fp32-dropout-lora_bias", "fp16-dropout-lora_bias"],
+    ids=["fp32", "fp32-lora_bias", "fp16-lora_bias", "fp32-dropout", "fp32-dropout-lora_bias"],
 )
-def test_sharded_lora_modules_run_the_fused_forward_as_stock_peft(
-    dtype, lora, one_rank_group, monkeypatch, kernel_device
-):
-    """fp16 activations over fp32 factors (PEFT's upcast): the LoRA branch's input cast as PEFT casts it. The fp16
-    run differs from stock PEFT by fp16 rounding of each layer's output (measured 1.1e-3 of the largest value): 1e-2.
-    ``lora_bias``: lora_B's bias read through its forward with its weight, on the layers with a base bias (q, out)
-    and without one (k)."""
+def test_sharded_lora_modules_run_the_fused_forward(dtype, lora, one_rank_group, monkeypatch, kernel_device):
+    """Against stock PEFT on the same sharded model; with dropout, against the patched model unsharded under the same
+    seed (the kernels draw their own mask). fp16 activations over fp32 factors (PEFT's upcast): the run differs
+    from stock PEFT by fp16 rounding of each layer's output (measured 1.1e-3 of the largest value): 1e-2.
+    ``lora_bias``: lora_B's bias read whole with its weight, on the layers with a base bias (q, out) and without
+    one (k)."""
+    from lora_engine.integrations import peft as integration
+
     rtol = RTOL if dtype == torch.float32 else 1e-2
-    stock = _shard_lora_modules(_peft_net(kernel_device, dtype, **lora)).train()
+    dropout = lora.get("lora_dropout", 0.0) > 0
+    if dropout:
+        reference = _peft_net(kernel_device, dtype, **lora)
+        lora_engine.patch_peft_model(reference)
+        reference.train()
+    else:
+        reference = _shard_lora_modules(_peft_net(kernel_device, dtype, **lora)).train()
     patched = _peft_net(kernel_device, dtype, **lora)
     report = lora_engine.patch_peft_model(patched)
     patched = _shard_lora_modules(patched).train()
-    lowrank_4bit, lowrank_dense = _count(monkeypatch, "lowrank_linear_4bit"), _count(monkeypatch, "lowrank_linear")
+    registered = []
+    register = integration.register_fsdp_forward_method
+    monkeypatch.setattr(integration, "register_fsdp_forward_method",
+                        lambda module, name: registered.append(module) or register(module, name))  # fmt: skip
+    fused_4bit, fused_dense = _count(monkeypatch, "lora_linear_4bit"), _count(monkeypatch, "lora_linear")
 
     for step in range(2):  # a second step: the modules resharded after the first and gathered again
         y, grads = _train_step(patched, seed=10 + step, dtype=dtype)
-        y_stock, grads_stock = _train_step(stock, seed=10 + step, dtype=dtype)
+        y_ref, grads_ref = _train_step(reference, seed=10 + step, dtype=dtype)
         assert y.dtype == dtype
-        _assert_close(y, y_stock, f"step {step} output", rtol)
+        _assert_close(y, y_ref, f"step {step} output", rtol)
         expected = 9 if lora.get("lora_bias") else 6
-        assert sorted(grads) == sorted(grads_stock) and len(grads) == expected, sorted(grads)
+        assert sorted(grads) == sorted(grads_ref) and len(grads) == expected, sorted(grads)
         for name, grad in grads.items():
             assert grad.dtype == torch.float32, name
-            _assert_close(grad, grads_stock[name], f"step {step} {name}", rtol)
-    assert len(lowrank_4bit) == 4 and len(lowrank_dense) == 2, "each layer, each step, through the module forwards"
+            _assert_close(grad, grads_ref[name], f"step {step} {name}", rtol)
+    calls = 2 if dropout else 1  # the unsharded reference calls the kernels too
+    assert len(fused_4bit) == 4 * calls and len(fused_dense) == 2 * calls, "each layer, each step, fused"
     assert report.num_fused == 3 and not report.fallbacks, report.summary()
+    assert len(registered) == len({id(m) for m in registered}) == 6, "one registration per sharded module"
 
 
 def test_several_adapters_over_sharded_lora_modules(one_rank_group, monkeypatch, kernel_device):
-    """Two active adapters (ranks 8 and 4, dropout and lora_bias on one each): both left factors and B factors
-    through their sharded modules, one call with their terms side by side; stock PEFT's output and gradients under
-    the same seed."""
+    """Two active adapters (ranks 8 and 4, dropout and lora_bias on one each): both left factors through their sharded
+    modules (each adapter's mask drawn by its own dropout module, as PEFT draws it), B factors and lora_B's bias read
+    whole, one call with their terms side by side; stock PEFT's output and gradients under the same seed."""
 
     def two_adapters(model: nn.Module) -> nn.Module:
         torch.manual_seed(2)
@@ -184,6 +197,34 @@ def test_several_adapters_over_sharded_lora_modules(one_rank_group, monkeypatch,
     for name, grad in grads.items():
         _assert_close(grad, grads_stock[name], name)
     assert len(lowrank_4bit) == 2 and report.num_fused == 3 and not report.fallbacks, report.summary()
+
+
+def test_mixed_batches_over_sharded_lora_modules(one_rank_group, monkeypatch, kernel_device):
+    """PEFT's adapter_names (inference): each named adapter's factors read whole, one multi-LoRA call per 4-bit layer;
+    stock PEFT's output on the same sharded model."""
+
+    def two_adapters(model: nn.Module) -> nn.Module:
+        torch.manual_seed(2)
+        model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "out"]))
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, param in sorted(model.named_parameters()):
+                if "lora_B.other" in name:
+                    param.add_(torch.randn(param.shape, generator=gen).to(param.device) * 0.2)
+        return model
+
+    stock = _shard_lora_modules(two_adapters(_peft_net(kernel_device))).eval()
+    patched = two_adapters(_peft_net(kernel_device))
+    report = lora_engine.patch_peft_model(patched)
+    patched = _shard_lora_modules(patched).eval()
+    multi_lora = _count(monkeypatch, "multi_lora_linear_4bit")
+    x = torch.randn(3, 5, 100, generator=torch.Generator().manual_seed(2)).to(kernel_device)
+    names = ["other", "__base__", "default"]
+    with torch.no_grad():
+        y, y_stock = patched(x, adapter_names=names), stock(x, adapter_names=names)
+    _assert_close(y, y_stock, "output")
+    assert len(multi_lora) == 2, "both 4-bit layers"
+    assert list(report.fallbacks) == ["base_model.model.out"], report.summary()  # dense: mixed batches over 4-bit only
 
 
 @pytest.mark.parametrize("sharded", ["every-lora-module", "magnitude-only"])
@@ -226,11 +267,12 @@ def test_dora_over_sharded_lora_modules_reads_its_weights_whole(sharded, one_ran
     assert len(registered) == len({id(m) for m in registered}) == expected, "one registration per sharded module"
 
 
-def test_grouped_projections_run_per_layer_over_sharded_lora_modules(
-    one_rank_group, make_peft_llama, tokens, monkeypatch
-):
-    """The grouped forward reads the stacked factors directly: over sharded LoRA modules each projection runs
-    its own fused forward (reported), and the model gives what it gives ungrouped."""
+def test_grouped_projections_over_sharded_lora_modules(one_rank_group, make_peft_llama, tokens, monkeypatch):
+    """The grouped forward reads each projection's factors whole as the per-layer one does: over sharded LoRA modules
+    the q/k/v and gate/up groups still run grouped, and the model gives what it gives ungrouped."""
+    import lora_engine.integrations.grouped as grouped_integration
+
+    calls = _count(monkeypatch, "grouped_lora_linear_4bit", grouped_integration)
     ungrouped, grouped = make_peft_llama(), make_peft_llama()  # the same weights
     lora_engine.patch_peft_model(ungrouped)
     report = lora_engine.patch_peft_model(grouped, group_projections=True)
@@ -240,8 +282,5 @@ def test_grouped_projections_run_per_layer_over_sharded_lora_modules(
     with torch.no_grad():
         want, got = ungrouped(input_ids=ids).logits, grouped(input_ids=ids).logits
     _assert_close(got, want, "logits")
-    assert report.group_fallbacks and not report.fallbacks, report.summary()
-    for reasons in report.group_fallbacks.values():
-        assert any("sharded on their own by FSDP" in reason for reason in reasons), reasons
-    assert all(type(m) in (FusedLoraLinear4bit, FusedLoraLinear) for n, m in grouped.named_modules()
-               if n.endswith(("q_proj", "v_proj")))  # fmt: skip
+    assert not report.group_fallbacks and not report.fallbacks, report.summary()
+    assert len(calls) == 2 * len(grouped.base_model.model.model.layers), "q/k/v and gate/up of every layer, grouped"
