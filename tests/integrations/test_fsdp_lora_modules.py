@@ -111,9 +111,10 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str, rtol: float 
 
 
 def _count(monkeypatch, name: str, module=functional) -> list:
+    """The calls of ``module.name`` from now on, each recorded by its first argument."""
     calls = []
     original = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(a[0] if a else None) or original(*a, **k))
     return calls
 
 
@@ -147,10 +148,7 @@ def test_sharded_lora_modules_run_the_fused_forward(dtype, lora, one_rank_group,
     patched = _peft_net(kernel_device, dtype, **lora)
     report = lora_engine.patch_peft_model(patched)
     patched = _shard_lora_modules(patched).train()
-    registered = []
-    register = integration.register_fsdp_forward_method
-    monkeypatch.setattr(integration, "register_fsdp_forward_method",
-                        lambda module, name: registered.append(module) or register(module, name))  # fmt: skip
+    registered = _count(monkeypatch, "register_fsdp_forward_method", integration)  # by module
     fused_4bit, fused_dense = _count(monkeypatch, "lora_linear_4bit"), _count(monkeypatch, "lora_linear")
 
     for step in range(2):  # a second step: the modules resharded after the first and gathered again
@@ -248,10 +246,7 @@ def test_dora_over_sharded_lora_modules_reads_its_weights_whole(sharded, one_ran
     patched = _peft_net(kernel_device, use_dora=True)
     report = lora_engine.patch_peft_model(patched)
     patched = shard(patched)
-    registered = []
-    register = integration.register_fsdp_forward_method
-    monkeypatch.setattr(integration, "register_fsdp_forward_method",
-                        lambda module, name: registered.append(module) or register(module, name))  # fmt: skip
+    registered = _count(monkeypatch, "register_fsdp_forward_method", integration)  # by module
     dora_4bit, dora_dense = _count(monkeypatch, "dora_linear_4bit"), _count(monkeypatch, "dora_linear")
 
     for step in range(2):  # a second step: the modules resharded after the first and gathered again
