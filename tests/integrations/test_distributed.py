@@ -43,8 +43,17 @@ def _launch(tmp: Path, name: str, strategy: str, *extra: str, ranks: int = 2) ->
     return subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=900, env=env)
 
 
+# What a gloo rank prints when it aborts while tearing its process group down (seen once in CI, on a loaded
+# machine, after the run had finished and saved everything): a race in the C++ teardown, not in the training.
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def _run(tmp: Path, name: str, strategy: str, *extra: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Launch, and relaunch once if a rank aborted in the teardown after the run had written its results."""
     done = _launch(tmp, name, strategy, *extra)
+    if done.returncode != 0 and TEARDOWN_ABORT in done.stderr and (tmp / name / "run.json").exists():
+        (tmp / name / "run.json").unlink()
+        done = _launch(tmp, name, strategy, *extra)
     assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return load_file(str(tmp / name / "adapter_model.safetensors")), json.loads((tmp / name / "run.json").read_text())
 
