@@ -91,7 +91,8 @@ def _member_plan(layer: nn.Module, x: torch.Tensor) -> tuple[Optional[GroupMembe
         if layer.use_dora.get(adapter, False):
             return None, None, "a DoRA adapter (its output is scaled row by row, layer by layer)"
         if layer._through_modules(adapter):
-            return None, None, "several adapters drawing dropout, each left factor from its own LoRA modules"
+            # several adapters drawing dropout, or LoRA modules FSDP1 wraps on their own
+            return None, None, "left factors made by the LoRA modules' own forwards"
         lora_A, lora_B, scaling, p, training, bias = layer._lora_args(adapter, base.bias)
         member = GroupMember(base.weight, _peft._quant_state(base), lora_A, lora_B, scaling, bias,
                              dropout_p=p if training else 0.0)  # fmt: skip

@@ -34,7 +34,9 @@ LoRA modules FSDP2 shards on their own (PEFT's ``fsdp_auto_wrap_policy``, which 
 FSDP only around a forward of theirs: each factor (and DoRA's magnitude) is copied whole by a method registered as a
 forward of its module (FSDP2's ``register_fsdp_forward_method``), which FSDP gathers around the call and whose
 gradient it reduce-scatters; everything above then runs as over unsharded modules, grouped projections and mixed
-batches included. FSDP1 wraps modules that only their own forward gathers: PEFT's forward for those layers.
+batches included. FSDP1 wrappers gather a module only inside its own forward: for plain LoRA the left factor is
+``lora_A(drop(x))`` through that forward and B comes from ``lora_B`` on the identity (``[I; 0]`` with ``lora_bias``),
+then one ``lowrank_linear_4bit`` call adds the base product; DoRA and mixed batches run PEFT's forward there.
 
 The bitsandbytes 4-bit layers without a fused adapter get the same treatment: ``FusedLinear4bit``, a
 ``bnb.nn.Linear4bit`` subclass overriding ``forward`` only (named ``Linear4bit`` in the repr), runs
@@ -323,14 +325,15 @@ def _not_plain_lora(layer: LoraLayer, name: str) -> Optional[str]:
 
 def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
     """Why adapter ``name``'s factors are not what the kernels read as A and B (None when they are): ``nn.Linear``
-    modules, plain or sharded on their own by FSDP2 (read whole inside its gather: ``_whole_parameters``). A bias of
-    lora_B (PEFT's ``lora_bias``) is read too: it joins the layer's bias (``_FusedForward._lora_args``)."""
+    modules, plain, sharded on their own by FSDP2 (read whole inside its gather: ``_whole_parameters``) or wrapped by
+    FSDP1 (read through their forwards: ``_FusedForward._factors_through_modules``; not for DoRA, whose norm needs
+    them whole). A bias of lora_B (PEFT's ``lora_bias``) is read too: it joins the layer's bias."""
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
-    modules = (lora_A, lora_B, layer.lora_magnitude_vector[name]) if name in layer.lora_variant else (lora_A, lora_B)
-    if any(type(module) is not nn.Linear and _fsdp1(module) for module in modules):
-        return _FSDP1_LORA_MODULES
+    if name in layer.lora_variant and _fsdp1_wrapped(lora_A, lora_B, layer.lora_magnitude_vector[name]):
+        return f"DoRA: {_FSDP1_LORA_MODULES}"
     lora_bias = bool(layer.lora_bias.get(name, False))
-    if not (_linear(lora_A) and _linear(lora_B) and lora_A.bias is None and (lora_B.bias is not None) == lora_bias):
+    if not (_linear(lora_A) and _linear(lora_B) and getattr(lora_A, "bias", None) is None
+            and (getattr(lora_B, "bias", None) is not None) == lora_bias):  # fmt: skip
         return "LoRA factors are not nn.Linear modules with the biases PEFT gives them"
     if _has_hooks(lora_A) or _has_hooks(lora_B):
         return "the LoRA modules have forward hooks (e.g. accelerate offloading)"
@@ -342,20 +345,41 @@ def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
 
 
 _FSDP1_LORA_MODULES = (
-    "FSDP1 wraps the LoRA modules on their own (PEFT's fsdp_auto_wrap_policy, which HF Trainer applies under FSDP): "
-    "only their own forwards gather them. Use FSDP2 (fully_shard; fsdp_version 2 in HF Trainer / accelerate), or "
-    "wrap whole decoder layers, for the fused forward here"
+    "FSDP1 wraps the LoRA modules on their own (PEFT's fsdp_auto_wrap_policy under FSDP1, accelerate's default "
+    "version): only their own forwards gather them, and this needs the factors whole. Use FSDP2 (fully_shard; "
+    "fsdp_version 2 in HF Trainer / accelerate), or wrap whole decoder layers, for the fused forward here"
 )
 
 
 def _linear(module: nn.Module) -> bool:
-    """An ``nn.Linear``, or one FSDP2 shards on its own (``fully_shard`` subclasses its class)."""
-    return type(module) is nn.Linear or (isinstance(module, FSDPModule) and isinstance(module, nn.Linear))
+    """An ``nn.Linear``, one FSDP2 shards on its own (``fully_shard`` subclasses its class), or one FSDP1 wraps."""
+    if type(module) is nn.Linear or (isinstance(module, FSDPModule) and isinstance(module, nn.Linear)):
+        return True
+    return _fsdp1(module) and type(getattr(module, "module", None)) is nn.Linear
+
+
+def _fsdp1_wrapped(*modules: nn.Module) -> bool:
+    """One of ``modules`` is an FSDP1 wrapper (the plain ``nn.Linear`` of the unsharded case is ruled out first)."""
+    return any(type(module) is not nn.Linear and _fsdp1(module) for module in modules)
 
 
 def _draws_dropout(layer: LoraLayer, name: str) -> bool:
     dropout = layer.lora_dropout[name]
     return dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0
+
+
+def _linear_through_forward(module: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(W, b) of a linear module that only its own forward gathers (an FSDP1 wrapper), read through that forward,
+    which also hooks their gradients' reduce-scatter: one call on the identity and a zero row in ``like``'s dtype and
+    device, ``[I; 0]·Wᵀ + b = [Wᵀ + b; b]`` (PEFT's DoRA reads lora_B through ``lora_B(I)`` under FSDP as well).
+    With a bias, W is recovered as ``(Wᵀ + b) - b``: exact up to one rounding of the sum in the dtype the forward
+    computes in (the factor's, the autocast dtype under autocast, which rounds PEFT's own ``lora_B(left) + b``
+    likewise)."""
+    r = module.in_features
+    if getattr(module, "bias", None) is None:
+        return module(torch.eye(r, dtype=like.dtype, device=like.device)).t(), None
+    out = module(torch.eye(r + 1, r, dtype=like.dtype, device=like.device))  # its last row is zero
+    return (out[:r] - out[r]).t(), out[r]
 
 
 def _plus_scaled(bias: Optional[torch.Tensor], scaling: float, lora_bias: torch.Tensor) -> torch.Tensor:
@@ -396,7 +420,7 @@ def _whole_parameters(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.T
     if type(module) is nn.Linear:  # the common case first: one call per factor per forward
         return module.weight, module.bias
     if not isinstance(module, FSDPModule):
-        if _sharded_by_fsdp(module):  # _factors_reason sends FSDP1 wrappers to PEFT's forward
+        if _sharded_by_fsdp(module):  # FSDP1 wrappers take _factors_through_modules or PEFT's forward
             raise RuntimeError(f"{type(module).__name__}: only FSDP2 gathers a module's weight outside its forward")
         return module.weight, getattr(module, "bias", None)
     state = vars(module)
@@ -412,7 +436,7 @@ def _whole_parameters(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.T
 
 
 def _whole_weight(module: nn.Module) -> torch.Tensor:
-    """``module.weight`` as ``_whole_parameters`` reads it (``_factors_reason`` sent FSDP1 wrappers away)."""
+    """``module.weight`` as ``_whole_parameters`` reads it (FSDP1 wrappers never come here)."""
     return _whole_parameters(module)[0] if isinstance(module, FSDPModule) else module.weight
 
 
@@ -431,6 +455,8 @@ def _mixed_batch_reason(layer: LoraLayer, x: Any, names: Any) -> Optional[str]:
         return f"{len(names)} adapter_names for an input of shape {tuple(x.shape)}"
     used = [name for name in dict.fromkeys(names) if name in layer.lora_A]  # PEFT skips names this layer lacks
     for name in used:
+        if _fsdp1_wrapped(layer.lora_A[name], layer.lora_B[name]):
+            return f"mixed-batch adapter_names: {_FSDP1_LORA_MODULES} ({name!r})"
         if layer.lora_bias.get(name, False):
             return f"mixed-batch adapter_names: lora_bias ({name!r})"
         reason = _not_plain_lora(layer, name)
@@ -677,25 +703,34 @@ class _FusedForward:
         return *factors[0], self.scaling[adapter], p, dropout.training, bias
 
     def _through_modules(self, adapter: Adapters) -> bool:
-        """Whether the left factors come from the LoRA modules' own forwards: for several adapters of which one draws
-        dropout in training (a mask per adapter, drawn by its dropout module as in PEFT's forward)."""
+        """Whether the left factors come from the LoRA modules' own forwards: for LoRA modules FSDP1 wraps on their
+        own (only their forwards gather them), and for several adapters of which one draws dropout in training (a
+        mask per adapter, drawn by its dropout module as in PEFT's forward)."""
+        names = adapter if isinstance(adapter, tuple) else (adapter,)
+        if any(_fsdp1_wrapped(self.lora_A[name], self.lora_B[name]) for name in names):
+            return True
         return isinstance(adapter, tuple) and any(_draws_dropout(self, name) for name in adapter)
 
     def _factors_through_modules(
-        self, x: torch.Tensor, adapter: tuple[str, ...], base_bias: Optional[torch.Tensor]
+        self, x: torch.Tensor, adapter: Adapters, base_bias: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-        """``(left, B, bias)`` of ``left·Bᵀ + bias`` for several adapters: ``[lora_Aᵢ(dropᵢ(x))]`` side by side,
-        through the modules' own forwards (FSDP gathers one sharded on its own), and ``[sᵢBᵢ]`` likewise (as
-        ``_lora_args`` stacks them). The input is cast as PEFT's forward casts it for the LoRA branch. ``bias`` as
-        ``_lora_args`` makes it."""
+        """``(left, B, bias)`` of ``left·Bᵀ + bias``: ``[lora_Aᵢ(dropᵢ(x))]`` side by side, through the modules' own
+        forwards (FSDP gathers one sharded on its own), and ``[sᵢBᵢ]`` likewise (as ``_lora_args`` stacks them), B
+        read through ``lora_B``'s forward where FSDP1 wraps it (``_linear_through_forward``). The input is cast as
+        PEFT's forward casts it for the LoRA branch. ``bias`` as ``_lora_args`` makes it."""
         lefts, rights, bias = [], [], base_bias
-        for name in adapter:
+        for name in adapter if isinstance(adapter, tuple) else (adapter,):
             lora_A, scaling = self.lora_A[name], self.scaling[name]
             x_lora = x
             if not torch.is_autocast_enabled() and getattr(self, "cast_input_dtype_enabled", True):
                 x_lora = as_dtype(x, lora_A.weight.dtype)
-            lefts.append(lora_A(self.lora_dropout[name](x_lora)))
-            lora_B, lora_bias = _whole_parameters(self.lora_B[name])
+            left = lora_A(self.lora_dropout[name](x_lora))
+            lefts.append(left)
+            module = self.lora_B[name]
+            if _fsdp1_wrapped(module):
+                lora_B, lora_bias = _linear_through_forward(module, left)
+            else:
+                lora_B, lora_bias = _whole_parameters(module)
             if lora_bias is not None:
                 bias = _plus_scaled(bias, scaling, lora_bias)
             rights.append(scaling * lora_B)

@@ -1,12 +1,12 @@
 """LoRA modules sharded on their own by FSDP2 (what HF Trainer does to a PEFT model, through PEFT's
 ``fsdp_auto_wrap_policy``), in one process: a gloo group of one rank, so every parameter is a DTensor gathered by
-its module's forward, as on many ranks.
+its module's forward, as on many ranks. At the end: the same modules wrapped on their own by FSDP1.
 
 The fused forward reads each sharded factor (and DoRA's magnitude) whole inside FSDP's gather, through a method FSDP
 runs as a forward of its module, then runs the kernels it runs over unsharded modules. It must give what stock PEFT
 gives on the same sharded model, gradients included (with dropout, what it gives unsharded: the kernels draw their
-own mask). Many ranks: ``tests/integrations/test_distributed.py`` (the same
-wrapping over two gloo ranks trains as one process).
+own mask). Many ranks: ``tests/integrations/test_distributed.py`` (the same wrapping over two gloo ranks trains as
+one process).
 
 Tolerance: both sides compute in fp32 from the same decoded 4-bit weight (bitsandbytes' CPU kernel on the stock
 side, the kernels in the interpreter here); they differ by the fp32 rounding of K-long sums, ~1e-6 relative.
@@ -36,12 +36,12 @@ class Net(nn.Module):
 
     is_loaded_in_4bit = True  # what transformers sets on a 4-bit model; PEFT then wraps Linear4bit as lora.Linear4bit
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8) -> None:
         super().__init__()
         self.q = bnb.nn.Linear4bit(100, 37, bias=True, compute_dtype=dtype, quant_type="nf4",
-                                   compress_statistics=True)  # fmt: skip
+                                   compress_statistics=True, quant_storage=quant_storage)  # fmt: skip
         self.k = bnb.nn.Linear4bit(37, 45, bias=False, compute_dtype=dtype, quant_type="fp4",
-                                   compress_statistics=False)  # fmt: skip
+                                   compress_statistics=False, quant_storage=quant_storage)  # fmt: skip
         self.out = nn.Linear(45, 29, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,10 +59,12 @@ def one_rank_group(tmp_path_factory):
     dist.destroy_process_group()
 
 
-def _peft_net(kernel_device: str, dtype: torch.dtype = torch.float32, **lora) -> nn.Module:
+def _peft_net(
+    kernel_device: str, dtype: torch.dtype = torch.float32, quant_storage: torch.dtype = torch.uint8, **lora
+) -> nn.Module:
     """The Net with PEFT LoRA on its three layers, its factors in fp32 (PEFT upcasts 16-bit ones)."""
     torch.manual_seed(0)
-    net = Net(dtype).to(kernel_device)  # bitsandbytes quantizes on the move to a device
+    net = Net(dtype, quant_storage).to(kernel_device)  # bitsandbytes quantizes on the move to a device
     model = get_peft_model(net, LoraConfig(r=8, lora_alpha=16, target_modules=["q", "k", "out"], **lora))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # fresh lora_B is zero, which hides every mistake in the LoRA term
@@ -279,3 +281,233 @@ def test_grouped_projections_over_sharded_lora_modules(one_rank_group, make_peft
     _assert_close(got, want, "logits")
     assert not report.group_fallbacks and not report.fallbacks, report.summary()
     assert len(calls) == 2 * len(grouped.base_model.model.model.layers), "q/k/v and gate/up of every layer, grouped"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FSDP1 (PEFT's fsdp_auto_wrap_policy under FSDP1, the version accelerate picks unless told otherwise) gathers a wrapped
+# module only inside the wrapper's forward: the fused forward makes the left factor with lora_A(drop(x)) through it and
+# reads B from lora_B on the identity, then one lowrank_linear_4bit call; DoRA and mixed batches run PEFT's forward.
+# FSDP1 refuses to run without an accelerator, so on the CPU the wrapper is the stand-in below: FSDP1's contract, the
+# parameters whole only inside the wrapper's forward and freed outside it (a read there raises). Both sides draw the
+# dropout mask with torch's dropout module, so patched and stock PEFT agree under one seed, dropout included. On a GPU
+# the last test runs FSDP1 itself (one rank: FSDP1 keeps the parameters unsharded there, which checks the integration
+# with its wrapper classes and, with the root wrapped, the base weights flattened into FSDP1's flat parameter).
+
+
+class _Freed(torch.Tensor):
+    """A parameter outside its FSDP1 wrapper's forward: FSDP1 leaves a tensor of its shape and dtype whose storage it
+    freed (reading it is undefined behaviour); this one answers for its metadata and raises on any computation."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) == "__get__" or func in (torch.Tensor.size, torch.Tensor.dim):
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+        raise RuntimeError(f"{getattr(func, '__name__', func)}: a read of a parameter FSDP1 freed")
+
+
+def _freed(like: torch.Tensor) -> torch.Tensor:
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device).as_subclass(_Freed)
+
+
+class FullyShardedDataParallel(nn.Module):
+    """FSDP1's wrapper of one module, as the fused forward meets it: the wrapper owns the parameters (FSDP1's flat
+    parameter), the wrapped module sees them whole only inside the wrapper's forward and freed tensors of their
+    shapes outside it; other attributes are read through to the wrapped module, which ``.module`` returns."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self._fsdp_wrapped_module = module
+        self.flat = nn.ParameterDict()
+        for name, param in list(module.named_parameters(recurse=False)):
+            del module._parameters[name]
+            self.flat[name] = param
+            vars(module)[name] = _freed(param)
+
+    @property
+    def module(self) -> nn.Module:
+        return self._fsdp_wrapped_module
+
+    def forward(self, *args, **kwargs):
+        module = self._fsdp_wrapped_module
+        vars(module).update(self.flat.items())
+        try:
+            return module(*args, **kwargs)
+        finally:
+            vars(module).update((name, _freed(param)) for name, param in self.flat.items())
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._fsdp_wrapped_module, name)
+
+
+def _wrap_lora_modules(model: nn.Module, wrapper=FullyShardedDataParallel) -> nn.Module:
+    """PEFT's fsdp_auto_wrap_policy's choice: every leaf module with a trainable parameter, wrapped on its own."""
+    leaves = [(name, module) for name, module in model.named_modules()
+              if not any(module.children()) and any(p.requires_grad for p in module.parameters())]  # fmt: skip
+    for name, module in leaves:
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attr, wrapper(module))
+    return model
+
+
+def test_the_stand_in_frees_the_parameters_outside_its_forward():
+    """The premise of the tests below: a read of a wrapped factor outside the wrapper's forward fails."""
+    wrapped = FullyShardedDataParallel(nn.Linear(4, 3))
+    x = torch.randn(2, 4)
+    assert wrapped(x).shape == (2, 3)
+    assert wrapped.weight.shape == (3, 4) and wrapped.weight.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="FSDP1 freed"):
+        torch.nn.functional.linear(x, wrapped.weight)
+
+
+LORA_CASES = [
+    (torch.float32, {}),
+    (torch.float32, {"lora_bias": True}),
+    (torch.float16, {"lora_bias": True}),
+    (torch.float32, {"lora_dropout": 0.1}),
+    (torch.float32, {"lora_dropout": 0.1, "lora_bias": True}),
+]
+LORA_IDS = ["fp32", "fp32-lora_bias", "fp16-lora_bias", "fp32-dropout", "fp32-dropout-lora_bias"]
+
+
+@pytest.mark.parametrize("dtype, lora", LORA_CASES, ids=LORA_IDS)
+def test_fsdp1_lora_modules_run_the_fused_forward(dtype, lora, monkeypatch, kernel_device):
+    """Against stock PEFT on the same wrapping over two steps, every gradient; each layer fused each step, through the
+    left factor its wrapped lora_A makes. fp16 activations over fp32 factors (PEFT's upcast): 1e-2."""
+    rtol = RTOL if dtype == torch.float32 else 1e-2
+    stock = _wrap_lora_modules(_peft_net(kernel_device, dtype, **lora)).train()
+    patched = _peft_net(kernel_device, dtype, **lora)
+    report = lora_engine.patch_peft_model(patched)
+    patched = _wrap_lora_modules(patched).train()
+    lowrank_4bit, lowrank_dense = _count(monkeypatch, "lowrank_linear_4bit"), _count(monkeypatch, "lowrank_linear")
+
+    for step in range(2):
+        y, grads = _train_step(patched, seed=10 + step, dtype=dtype)
+        y_stock, grads_stock = _train_step(stock, seed=10 + step, dtype=dtype)
+        assert y.dtype == dtype
+        _assert_close(y, y_stock, f"step {step} output", rtol)
+        expected = 9 if lora.get("lora_bias") else 6
+        assert sorted(grads) == sorted(grads_stock) and len(grads) == expected, sorted(grads)
+        for name, grad in grads.items():
+            _assert_close(grad, grads_stock[name], f"step {step} {name}", rtol)
+    assert len(lowrank_4bit) == 4 and len(lowrank_dense) == 2, "each layer, each step, fused"
+    assert report.num_fused == 3 and not report.fallbacks, report.summary()
+
+
+def test_several_adapters_over_fsdp1_lora_modules(monkeypatch, kernel_device):
+    """Two active adapters (ranks 8 and 4, lora_bias on the second) over wrapped modules: both left factors through
+    their wrappers, one call with their terms side by side; stock PEFT's output and gradients."""
+
+    def two_adapters(model: nn.Module) -> nn.Module:
+        torch.manual_seed(2)
+        model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "out"], lora_bias=True))
+        model.base_model.set_adapter(["default", "other"])
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for name, param in sorted(model.named_parameters()):
+                if "lora_B.other" in name:
+                    param.add_(torch.randn(param.shape, generator=gen).to(param.device) * 0.2)
+        return model
+
+    stock = _wrap_lora_modules(two_adapters(_peft_net(kernel_device))).train()
+    patched = two_adapters(_peft_net(kernel_device))
+    report = lora_engine.patch_peft_model(patched)
+    patched = _wrap_lora_modules(patched).train()
+    lowrank_4bit = _count(monkeypatch, "lowrank_linear_4bit")
+    y, grads = _train_step(patched, seed=7)
+    y_stock, grads_stock = _train_step(stock, seed=7)
+    _assert_close(y, y_stock, "output")
+    assert sorted(grads) == sorted(grads_stock) and len(grads) == 15, sorted(grads)
+    for name, grad in grads.items():
+        _assert_close(grad, grads_stock[name], name)
+    assert len(lowrank_4bit) == 2 and report.num_fused == 3 and not report.fallbacks, report.summary()
+
+
+def test_dora_and_mixed_batches_over_fsdp1_lora_modules_run_peft_forward(monkeypatch, kernel_device):
+    """They need the factors whole, which FSDP1 gathers only inside the modules' forwards: PEFT's forward, the
+    report naming FSDP1 and the fix, and stock PEFT's results."""
+    from lora_engine.integrations import peft as integration
+
+    messages = []
+    monkeypatch.setattr(integration, "_note_fallback", lambda layer, reason: messages.append(reason))
+    stock = _wrap_lora_modules(_peft_net(kernel_device, use_dora=True)).train()
+    patched = _peft_net(kernel_device, use_dora=True)
+    lora_engine.patch_peft_model(patched)
+    patched = _wrap_lora_modules(patched).train()
+    y, grads = _train_step(patched, seed=3)
+    y_stock, grads_stock = _train_step(stock, seed=3)
+    _assert_close(y, y_stock, "DoRA output")
+    for name, grad in grads.items():
+        _assert_close(grad, grads_stock[name], f"DoRA {name}")
+    assert len(messages) == 3 and all("DoRA: FSDP1 wraps the LoRA modules" in m for m in messages), messages
+
+    messages.clear()
+    stock = _wrap_lora_modules(_peft_net(kernel_device)).eval()
+    patched = _peft_net(kernel_device)
+    lora_engine.patch_peft_model(patched)
+    patched = _wrap_lora_modules(patched).eval()
+    x = torch.randn(2, 5, 100, generator=torch.Generator().manual_seed(2)).to(kernel_device)
+    with torch.no_grad():
+        y, y_stock = patched(x, adapter_names=["default", "__base__"]), stock(x, adapter_names=["default", "__base__"])
+    _assert_close(y, y_stock, "mixed-batch output")
+    assert any("mixed-batch adapter_names: FSDP1 wraps" in m for m in messages), messages
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("root", [False, True], ids=["lora-modules", "lora-modules-and-root"])
+def test_real_fsdp1_wrappers_run_the_fused_forward(root, tmp_path, monkeypatch, kernel_device):
+    """FSDP1 itself (one NCCL rank) around the LoRA modules, and around the whole model too as HF Trainer wraps it
+    (the packed bytes stored in float32, since FSDP1 flattens the root's frozen parameters into one tensor of one
+    dtype): stock PEFT's outputs and gradients on the same wrapping, every layer fused."""
+    import functools
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if not torch.cuda.is_available():
+        pytest.skip("FSDP1 needs an accelerator")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        wrap_leaf = functools.partial(FSDP, device_id=torch.cuda.current_device(), use_orig_params=False)
+
+        def wrap(model: nn.Module) -> nn.Module:
+            model = _wrap_lora_modules(model, wrapper=wrap_leaf)
+            return (wrap_leaf(model) if root else model).train()
+
+        storage = torch.float32 if root else torch.uint8
+        stock = wrap(_peft_net(kernel_device, quant_storage=storage))
+        patched = _peft_net(kernel_device, quant_storage=storage)
+        report = lora_engine.patch_peft_model(patched)
+        patched = wrap(patched)
+        lowrank_4bit = _count(monkeypatch, "lowrank_linear_4bit")
+        y, grads = _train_step(patched, seed=4)
+        y_stock, grads_stock = _train_step(stock, seed=4)
+        _assert_close(y, y_stock, "output")
+        assert sorted(grads) == sorted(grads_stock) and grads, sorted(grads)
+        for name, grad in grads.items():
+            _assert_close(grad, grads_stock[name], name)
+        assert len(lowrank_4bit) == 2 and report.num_fused == 3 and not report.fallbacks, report.summary()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_grouped_projections_over_fsdp1_lora_modules_run_per_layer(make_peft_llama, tokens):
+    """A group needs every member's factors whole: over FSDP1 wrappers its projections run per layer (reported), each
+    through its wrapped modules, and the model gives what it gives ungrouped."""
+    ungrouped, grouped = make_peft_llama(), make_peft_llama()  # the same weights
+    lora_engine.patch_peft_model(ungrouped)
+    report = lora_engine.patch_peft_model(grouped, group_projections=True)
+    assert report.grouped
+    ungrouped, grouped = _wrap_lora_modules(ungrouped), _wrap_lora_modules(grouped)
+    ids = tokens(0)
+    with torch.no_grad():
+        want, got = ungrouped(input_ids=ids).logits, grouped(input_ids=ids).logits
+    _assert_close(got, want, "logits")
+    assert not report.fallbacks, report.summary()
+    reasons = [reason for reasons in report.group_fallbacks.values() for reason in reasons]
+    assert len(report.group_fallbacks) == 2 * len(grouped.base_model.model.model.layers), report.summary()
+    assert all("left factors made by the LoRA modules' own forwards" in reason for reason in reasons), reasons
