@@ -34,7 +34,9 @@ LoRA modules FSDP2 shards on their own (PEFT's ``fsdp_auto_wrap_policy``, which 
 FSDP only around a forward of theirs: each factor (and DoRA's magnitude) is copied whole by a method registered as a
 forward of its module (FSDP2's ``register_fsdp_forward_method``), which FSDP gathers around the call and whose
 gradient it reduce-scatters; everything above then runs as over unsharded modules, grouped projections and mixed
-batches included. FSDP1 wrappers gather a module only inside its own forward: for plain LoRA the left factor is
+batches included. The same policy shards each IA3 layer's ``ia3_l`` ParameterDict on its own, and nothing calls a
+forward of it (PEFT's own forward fails on the shard): the fused IA3 forward reads each vector whole the same way.
+FSDP1 wrappers gather a module only inside its own forward: for plain LoRA the left factor is
 ``lora_A(drop(x))`` through that forward and B comes from ``lora_B`` on the identity (``[I; 0]`` with ``lora_bias``),
 then one ``lowrank_linear_4bit`` call adds the base product; DoRA and mixed batches run PEFT's forward there.
 
@@ -399,30 +401,43 @@ def _fsdp1(module: nn.Module) -> bool:
 
 
 # The method FSDP2 runs as a forward of a module it shards on its own, so that it gathers the module's parameters
-# around the call (``_whole_parameters``); published under the first name once registered under the second.
+# around the call (``_whole``); published under the first name once registered under the second.
 _WHOLE, _WHOLE_UNPUBLISHED = "_lora_engine_whole_parameters", "_lora_engine_whole_parameters_registering"
 _REGISTERING = threading.Lock()
 
 
-def _copy_of_parameters(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _copy_of_parameters(module: nn.Module, names: tuple[str, ...]) -> tuple[Optional[torch.Tensor], ...]:
     # copies: FSDP frees the gathered parameters after the call (reshard_after_forward), the copies stay
-    bias = getattr(module, "bias", None)
-    return module.weight.clone(), None if bias is None else bias.clone()
+    return tuple(None if (param := getattr(module, name, None)) is None else param.clone() for name in names)
 
 
 def _whole_parameters(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``(module.weight, module.bias)`` whole (bias None where it has none), with their gradients reaching the
-    parameters. For a module FSDP2 shards on its own, copies made by a method registered as a forward of the module
-    (``register_fsdp_forward_method``): FSDP gathers the parameters around the call, casts them as its
-    ``MixedPrecisionPolicy`` says, gathers them again for the copies' backward and reduce-scatters their gradients
-    into the shards', as for the module's own forward (one all-gather per call, as the module's forward costs). The
-    method is registered on the first read, under a lock, and published only once FSDP wraps it."""
+    parameters; for a module FSDP2 shards on its own, copies (``_whole``)."""
     if type(module) is nn.Linear:  # the common case first: one call per factor per forward
         return module.weight, module.bias
     if not isinstance(module, FSDPModule):
         if _sharded_by_fsdp(module):  # FSDP1 wrappers take _factors_through_modules or PEFT's forward
             raise RuntimeError(f"{type(module).__name__}: only FSDP2 gathers a module's weight outside its forward")
         return module.weight, getattr(module, "bias", None)
+    return _whole(module, ("weight", "bias"))
+
+
+def _ia3_vector(layer: IA3Layer, adapter: str) -> torch.Tensor:
+    """Adapter ``adapter``'s IA3 vector whole: PEFT's ``fsdp_auto_wrap_policy`` makes FSDP2 shard the layer's
+    ``ia3_l`` ParameterDict on its own, and nothing calls a forward of it (PEFT's own forward then fails on the
+    shard): read through ``_whole``."""
+    vectors = layer.ia3_l
+    return _whole(vectors, (adapter,))[0] if isinstance(vectors, FSDPModule) else vectors[adapter]
+
+
+def _whole(module: nn.Module, names: tuple[str, ...]) -> tuple[Optional[torch.Tensor], ...]:
+    """The parameters ``names`` of a module FSDP2 shards on its own (None for a name that is None), copied whole by a
+    method registered as a forward of the module (``register_fsdp_forward_method``): FSDP gathers the parameters
+    around the call, casts them as its ``MixedPrecisionPolicy`` says, gathers them again for the copies' backward and
+    reduce-scatters their gradients into the shards', as for the module's own forward (one all-gather per call, as
+    the module's forward costs). The method is registered on the first read, under a lock, and published only once
+    FSDP wraps it."""
     state = vars(module)
     read = state.get(_WHOLE)
     if read is None:
@@ -432,7 +447,7 @@ def _whole_parameters(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.T
                 state[_WHOLE_UNPUBLISHED] = types.MethodType(_copy_of_parameters, module)
                 register_fsdp_forward_method(module, _WHOLE_UNPUBLISHED)
                 read = state[_WHOLE] = state.pop(_WHOLE_UNPUBLISHED)
-    return read()
+    return read(names)
 
 
 def _whole_weight(module: nn.Module) -> torch.Tensor:
@@ -470,6 +485,8 @@ def _active_ia3_adapter(layer: IA3Layer) -> tuple[Optional[str], Optional[str]]:
         return None, "adapters disabled"
     if layer.merged:
         return None, "adapter merged into the base weight"
+    if _fsdp1_wrapped(layer.ia3_l):
+        return None, _FSDP1_IA3_VECTORS
     active = [name for name in layer.active_adapters if name in layer.ia3_l]
     if not active:
         return None, "no active adapter in this layer"
@@ -480,6 +497,12 @@ def _active_ia3_adapter(layer: IA3Layer) -> tuple[Optional[str], Optional[str]]:
     if scale.numel() != features:
         return None, f"IA3 vector of shape {tuple(scale.shape)} for {features} features"
     return active[0], None
+
+
+_FSDP1_IA3_VECTORS = (
+    "FSDP1 wraps the IA3 vectors on their own (PEFT's fsdp_auto_wrap_policy under FSDP1), and nothing gathers them: "
+    "PEFT's forward cannot read them either. Use FSDP2 (fsdp_version 2), or wrap whole decoder layers"
+)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -891,8 +914,8 @@ if PeftIA3Linear4bit is not None:
 
         def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype, base: nn.Module) -> torch.Tensor:
             y = F.ia3_linear_4bit(
-                x.to(compute), base.weight, _quant_state(base), self.ia3_l[adapter].flatten(), self.is_feedforward,
-                bias=base.bias,
+                x.to(compute), base.weight, _quant_state(base), _ia3_vector(self, adapter).flatten(),
+                self.is_feedforward, bias=base.bias,
             )  # fmt: skip
             return y.to(self._peft_dtype(x, adapter))
 
@@ -909,7 +932,8 @@ class FusedIA3Linear(_FusedIA3Forward, PeftIA3Linear):
     def _fused_forward(self, x: torch.Tensor, adapter: str, compute: torch.dtype, base: nn.Module) -> torch.Tensor:
         weight, bias = _dense_operands(base, compute)
         # PEFT's result keeps the base layer's dtype (it casts the scaled input or output back)
-        return F.ia3_linear(x.to(compute), weight, self.ia3_l[adapter].flatten(), self.is_feedforward, bias=bias)
+        vector = _ia3_vector(self, adapter).flatten()
+        return F.ia3_linear(x.to(compute), weight, vector, self.is_feedforward, bias=bias)
 
 
 def _linear4bit_reason(layer: nn.Module, sharded_ok: bool = False) -> Optional[str]:

@@ -264,6 +264,44 @@ def test_dora_over_sharded_lora_modules_reads_its_weights_whole(sharded, one_ran
     assert len(registered) == len({id(m) for m in registered}) == expected, "one registration per sharded module"
 
 
+def test_ia3_vectors_sharded_on_their_own_run_the_fused_forward(one_rank_group, monkeypatch, kernel_device):
+    """PEFT's wrap policy shards each IA3 layer's ``ia3_l`` ParameterDict on its own, and nothing calls a forward of it
+    (stock PEFT's forward fails on the shard there): each vector is read whole by a method registered as a forward of
+    its ParameterDict, once per dict. Against the patched model unsharded (same weights) over two steps, the input
+    scale of the feed-forward layer k and the output scale of q and out, every gradient."""
+    from peft import IA3Config
+
+    from lora_engine.integrations import peft as integration
+
+    def ia3_net() -> nn.Module:
+        torch.manual_seed(0)
+        model = get_peft_model(Net(torch.float32).to(kernel_device),
+                               IA3Config(target_modules=["q", "k", "out"], feedforward_modules=["k"]))  # fmt: skip
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # fresh vectors are ones: move them off, so a lost scale shows
+            for _, param in sorted(model.named_parameters()):
+                if param.requires_grad:
+                    param.add_(torch.randn(param.shape, generator=gen).to(param.device) * 0.3)
+        return model
+
+    reference, patched = ia3_net(), ia3_net()
+    lora_engine.patch_peft_model(reference)
+    report = lora_engine.patch_peft_model(patched)
+    patched = _shard_lora_modules(patched).train()
+    registered = _count(monkeypatch, "register_fsdp_forward_method", integration)  # by module
+    fused_4bit, fused_dense = _count(monkeypatch, "ia3_linear_4bit"), _count(monkeypatch, "ia3_linear")
+    for step in range(2):
+        y, grads = _train_step(patched, seed=step)
+        y_ref, grads_ref = _train_step(reference.train(), seed=step)
+        _assert_close(y, y_ref, f"step {step} output")
+        assert sorted(grads) == sorted(grads_ref) and len(grads) == 3, sorted(grads)
+        for name, grad in grads.items():
+            _assert_close(grad, grads_ref[name], f"step {step} {name}")
+    assert len(fused_4bit) == 2 * 2 * 2 and len(fused_dense) == 2 * 2, "each layer, each step, both models"
+    assert report.num_fused == 3 and not report.fallbacks, report.summary()
+    assert len(registered) == len({id(m) for m in registered}) == 3, "one registration per ParameterDict"
+
+
 def test_grouped_projections_over_sharded_lora_modules(one_rank_group, make_peft_llama, tokens, monkeypatch):
     """The grouped forward reads each projection's factors whole as the per-layer one does: over sharded LoRA modules
     the q/k/v and gate/up groups still run grouped, and the model gives what it gives ungrouped."""
@@ -341,6 +379,9 @@ class FullyShardedDataParallel(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._fsdp_wrapped_module, name)
+
+    def __getitem__(self, key):  # FSDP1 forwards indexing to the wrapped module too
+        return self._fsdp_wrapped_module[key]
 
 
 def _wrap_lora_modules(model: nn.Module, wrapper=FullyShardedDataParallel) -> nn.Module:
@@ -511,3 +552,22 @@ def test_grouped_projections_over_fsdp1_lora_modules_run_per_layer(make_peft_lla
     reasons = [reason for reasons in report.group_fallbacks.values() for reason in reasons]
     assert len(report.group_fallbacks) == 2 * len(grouped.base_model.model.model.layers), report.summary()
     assert all("left factors made by the LoRA modules' own forwards" in reason for reason in reasons), reasons
+
+
+def test_ia3_vectors_fsdp1_wraps_are_reported(monkeypatch, kernel_device):
+    """FSDP1 wraps each ``ia3_l`` ParameterDict on its own and nothing gathers it (no forward of it runs): the
+    report names FSDP1 and the fix before PEFT's forward runs, which cannot read the vector either."""
+    from peft import IA3Config
+
+    from lora_engine.integrations import peft as integration
+
+    messages = []
+    monkeypatch.setattr(integration, "_note_fallback", lambda layer, reason: messages.append(reason))
+    torch.manual_seed(0)
+    model = get_peft_model(Net(torch.float32).to(kernel_device),
+                           IA3Config(target_modules=["q", "k", "out"], feedforward_modules=["k"]))  # fmt: skip
+    lora_engine.patch_peft_model(model)
+    model = _wrap_lora_modules(model)
+    with pytest.raises(RuntimeError, match="FSDP1 freed"):
+        model(torch.randn(2, 100).to(kernel_device))
+    assert messages and "FSDP1 wraps the IA3 vectors" in messages[0], messages
