@@ -1,5 +1,6 @@
-"""QLoRA on several GPUs (or CPU processes): a 4-bit Llama with PEFT LoRA, patched by lora_engine, trained with
-DDP or FSDP2 (``fully_shard``), and its adapter saved in PEFT's format from rank 0.
+"""QLoRA on several GPUs (or CPU processes): a 4-bit Llama with PEFT LoRA (or DoRA, IA3: ``--dora``, ``--ia3``),
+patched by lora_engine, trained with DDP or FSDP2 (``fully_shard``), and its adapter saved in PEFT's format from
+rank 0.
 
     torchrun --standalone --nproc_per_node 2 examples/distributed_qlora.py --strategy fsdp --out adapter/
     accelerate launch --multi_gpu --num_processes 2 examples/distributed_qlora.py --strategy fsdp --out adapter/
@@ -49,9 +50,13 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--param-dtype", choices=("float16", "bfloat16", "float32"), default=None,
                    help="FSDP2 MixedPrecisionPolicy param_dtype (default: none)")  # fmt: skip
     p.add_argument("--shard-lora-modules", action="store_true",
-                   help="with --strategy fsdp, also shard each LoRA module on its own, as HF Trainer does with PEFT's "
-                        "fsdp_auto_wrap_policy (the fused forward reads them whole inside FSDP's gather)")  # fmt: skip
-    p.add_argument("--dora", action="store_true", help="DoRA adapters (PEFT's use_dora=True) instead of plain LoRA")
+                   help="with --strategy fsdp, also shard each LoRA module (IA3: each layer's vectors) on its "
+                        "own, as HF Trainer does with PEFT's fsdp_auto_wrap_policy (the fused forward reads them "
+                        "whole inside FSDP's gather)")  # fmt: skip
+    method = p.add_mutually_exclusive_group()
+    method.add_argument("--dora", action="store_true", help="DoRA (PEFT's use_dora=True) instead of plain LoRA")
+    method.add_argument("--ia3", action="store_true",
+                        help="IA3 (PEFT's IA3Config: down_proj's input scaled, the others' output)")  # fmt: skip
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto", help="lora_engine backend")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: one GPU per rank (NCCL) where there are GPUs, else CPU processes (gloo)")  # fmt: skip
@@ -96,8 +101,8 @@ def _model_dir(args: argparse.Namespace, rank: int) -> str:
 
 
 def build_model(args: argparse.Namespace, path: str, device: torch.device, compute: torch.dtype):
-    """The 4-bit model with PEFT LoRA on every linear layer, lora_B randomized (as after some training)."""
-    from peft import LoraConfig, get_peft_model
+    """The 4-bit model with PEFT LoRA (or IA3) on every linear layer, lora_B randomized (as after some training)."""
+    from peft import IA3Config, LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -106,8 +111,12 @@ def build_model(args: argparse.Namespace, path: str, device: torch.device, compu
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, dtype=compute,
                                                  device_map={"": device})  # fmt: skip
     torch.manual_seed(args.seed + 1)
-    model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear",
-                                                  use_dora=args.dora))  # fmt: skip
+    if args.ia3:
+        projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        config = IA3Config(target_modules=projections, feedforward_modules=["down_proj"])
+    else:
+        config = LoraConfig(r=args.r, lora_alpha=2 * args.r, target_modules="all-linear", use_dora=args.dora)
+    model = get_peft_model(model, config)
     gen = torch.Generator().manual_seed(args.seed)
     with torch.no_grad():  # PEFT starts lora_B at zero, which would make every lora_A gradient zero
         for name, param in sorted(model.named_parameters()):

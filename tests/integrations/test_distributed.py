@@ -68,7 +68,7 @@ def runs(tmp_path_factory):
 def _assert_same_adapter(
     got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], untrained: dict, tensors: int = 28
 ) -> None:
-    """``tensors``: A and B of the 14 linear layers (with DoRA, the magnitude too)."""
+    """``tensors``: A and B of the 14 linear layers (with DoRA, the magnitude too; with IA3, one vector each)."""
     assert sorted(got) == sorted(want) and len(want) == tensors, sorted(got)
     worst = max((got[k] - want[k]).abs().max().item() for k in want)
     moved = max((want[k] - untrained[k]).abs().max().item() for k in want)
@@ -113,6 +113,18 @@ def test_dora_over_lora_modules_sharded_on_their_own_trains_as_one_process(runs)
     adapter, result = _run(tmp, "dora-fsdp-lora-modules", "fsdp", "--shard-lora-modules", "--dora")
     _assert_all_fused(result)
     _assert_same_adapter(adapter, single, untrained, tensors=42)
+
+
+def test_ia3_vectors_sharded_on_their_own_train_as_one_process(runs):
+    """IA3 under the same wrapping: each layer's ia3_l ParameterDict sharded on its own, which no forward gathers
+    (stock PEFT's IA3 forward fails on the shard); the fused forward reads each vector whole through a method FSDP
+    runs as a forward of the dict. The same training as one process, every layer fused."""
+    tmp, _, _ = runs
+    single, _ = _run(tmp, "ia3-single", "none", "--ia3")
+    untrained, _ = _run(tmp, "ia3-untrained", "none", "--ia3", "--steps", "0")
+    adapter, result = _run(tmp, "ia3-fsdp-lora-modules", "fsdp", "--shard-lora-modules", "--ia3")
+    _assert_all_fused(result)
+    _assert_same_adapter(adapter, single, untrained, tensors=14)
 
 
 def test_adapter_saved_from_a_sharded_run_loads_in_stock_peft(runs):
