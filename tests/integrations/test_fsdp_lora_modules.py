@@ -499,41 +499,36 @@ def test_dora_and_mixed_batches_over_fsdp1_lora_modules_run_peft_forward(monkeyp
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("root", [False, True], ids=["lora-modules", "lora-modules-and-root"])
-def test_real_fsdp1_wrappers_run_the_fused_forward(root, tmp_path, monkeypatch, kernel_device):
-    """FSDP1 itself (one NCCL rank) around the LoRA modules, and around the whole model too as HF Trainer wraps it
-    (the packed bytes stored in float32, since FSDP1 flattens the root's frozen parameters into one tensor of one
-    dtype): stock PEFT's outputs and gradients on the same wrapping, every layer fused."""
+def test_real_fsdp1_wrappers_run_the_fused_forward(root, one_rank_group, monkeypatch, kernel_device):
+    """FSDP1 itself around the LoRA modules, and around the whole model too as HF Trainer wraps it (the packed bytes
+    stored in float32, since FSDP1 flattens the root's frozen parameters into one tensor of one dtype): stock PEFT's
+    outputs and gradients on the same wrapping, every layer fused. One rank (gloo, which reduces CUDA gradients too):
+    FSDP1 keeps the parameters unsharded there (NO_SHARD)."""
     import functools
 
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     if not torch.cuda.is_available():
         pytest.skip("FSDP1 needs an accelerator")
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
-    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        wrap_leaf = functools.partial(FSDP, device_id=torch.cuda.current_device(), use_orig_params=False)
+    wrap_one = functools.partial(FSDP, device_id=torch.cuda.current_device(), use_orig_params=False)
 
-        def wrap(model: nn.Module) -> nn.Module:
-            model = _wrap_lora_modules(model, wrapper=wrap_leaf)
-            return (wrap_leaf(model) if root else model).train()
+    def wrap(model: nn.Module) -> nn.Module:
+        model = _wrap_lora_modules(model, wrapper=wrap_one)
+        return (wrap_one(model) if root else model).train()
 
-        storage = torch.float32 if root else torch.uint8
-        stock = wrap(_peft_net(kernel_device, quant_storage=storage))
-        patched = _peft_net(kernel_device, quant_storage=storage)
-        report = lora_engine.patch_peft_model(patched)
-        patched = wrap(patched)
-        lowrank_4bit = _count(monkeypatch, "lowrank_linear_4bit")
-        y, grads = _train_step(patched, seed=4)
-        y_stock, grads_stock = _train_step(stock, seed=4)
-        _assert_close(y, y_stock, "output")
-        assert sorted(grads) == sorted(grads_stock) and grads, sorted(grads)
-        for name, grad in grads.items():
-            _assert_close(grad, grads_stock[name], name)
-        assert len(lowrank_4bit) == 2 and report.num_fused == 3 and not report.fallbacks, report.summary()
-    finally:
-        dist.destroy_process_group()
+    storage = torch.float32 if root else torch.uint8
+    stock = wrap(_peft_net(kernel_device, quant_storage=storage))
+    patched = _peft_net(kernel_device, quant_storage=storage)
+    report = lora_engine.patch_peft_model(patched)
+    patched = wrap(patched)
+    lowrank_4bit = _count(monkeypatch, "lowrank_linear_4bit")
+    y, grads = _train_step(patched, seed=4)
+    y_stock, grads_stock = _train_step(stock, seed=4)
+    _assert_close(y, y_stock, "output")
+    assert sorted(grads) == sorted(grads_stock) and grads, sorted(grads)
+    for name, grad in grads.items():
+        _assert_close(grad, grads_stock[name], name)
+    assert len(lowrank_4bit) == 2 and report.num_fused == 3 and not report.fallbacks, report.summary()
 
 
 def test_grouped_projections_over_fsdp1_lora_modules_run_per_layer(make_peft_llama, tokens):
