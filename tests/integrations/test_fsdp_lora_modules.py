@@ -169,26 +169,31 @@ def test_sharded_lora_modules_run_the_fused_forward(dtype, lora, one_rank_group,
     assert len(registered) == len({id(m) for m in registered}) == 6, "one registration per sharded module"
 
 
-def test_several_adapters_over_sharded_lora_modules(one_rank_group, monkeypatch, kernel_device):
-    """Two active adapters (ranks 8 and 4, dropout and lora_bias on one each): both left factors through their sharded
-    modules (each adapter's mask drawn by its own dropout module, as PEFT draws it), B factors and lora_B's bias read
-    whole, one call with their terms side by side; stock PEFT's output and gradients under the same seed."""
-
-    def two_adapters(model: nn.Module) -> nn.Module:
-        torch.manual_seed(2)
-        model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "out"], lora_bias=True))
+def _with_other_adapter(model: nn.Module, lora_bias: bool = False, both_active: bool = False) -> nn.Module:
+    """``model`` with a second adapter "other" (rank 4) on the three layers, its lora_B off zero."""
+    torch.manual_seed(2)
+    model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "out"], lora_bias=lora_bias))
+    if both_active:
         model.base_model.set_adapter(["default", "other"])
-        gen = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for name, param in sorted(model.named_parameters()):
-                if "lora_B.other" in name:
-                    param.add_(torch.randn(param.shape, generator=gen).to(param.device) * 0.2)
-        return model
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B.other" in name:
+                param.add_(torch.randn(param.shape, generator=gen).to(param.device) * 0.2)
+    return model
 
-    stock = _shard_lora_modules(two_adapters(_peft_net(kernel_device, lora_dropout=0.1))).train()
-    patched = two_adapters(_peft_net(kernel_device, lora_dropout=0.1))
+
+@pytest.mark.parametrize("wrapping", ["fsdp2", "fsdp1"])
+def test_several_adapters_over_sharded_lora_modules(wrapping, one_rank_group, monkeypatch, kernel_device):
+    """Two active adapters (ranks 8 and 4, dropout and lora_bias on one each): both left factors through their sharded
+    or wrapped modules (each adapter's mask drawn by its own dropout module, as PEFT draws it), B factors and
+    lora_B's bias read whole (FSDP2) or through lora_B's forward (FSDP1), one call with their terms side by side;
+    stock PEFT's output and gradients under the same seed."""
+    wrap = {"fsdp2": _shard_lora_modules, "fsdp1": _wrap_lora_modules}[wrapping]
+    stock = wrap(_with_other_adapter(_peft_net(kernel_device, lora_dropout=0.1), True, True)).train()
+    patched = _with_other_adapter(_peft_net(kernel_device, lora_dropout=0.1), True, True)
     report = lora_engine.patch_peft_model(patched)
-    patched = _shard_lora_modules(patched).train()
+    patched = wrap(patched).train()
     lowrank_4bit = _count(monkeypatch, "lowrank_linear_4bit")
     y, grads = _train_step(patched, seed=7)
     y_stock, grads_stock = _train_step(stock, seed=7)
@@ -202,19 +207,8 @@ def test_several_adapters_over_sharded_lora_modules(one_rank_group, monkeypatch,
 def test_mixed_batches_over_sharded_lora_modules(one_rank_group, monkeypatch, kernel_device):
     """PEFT's adapter_names (inference): each named adapter's factors read whole, one multi-LoRA call per 4-bit layer;
     stock PEFT's output on the same sharded model."""
-
-    def two_adapters(model: nn.Module) -> nn.Module:
-        torch.manual_seed(2)
-        model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "out"]))
-        gen = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for name, param in sorted(model.named_parameters()):
-                if "lora_B.other" in name:
-                    param.add_(torch.randn(param.shape, generator=gen).to(param.device) * 0.2)
-        return model
-
-    stock = _shard_lora_modules(two_adapters(_peft_net(kernel_device))).eval()
-    patched = two_adapters(_peft_net(kernel_device))
+    stock = _shard_lora_modules(_with_other_adapter(_peft_net(kernel_device))).eval()
+    patched = _with_other_adapter(_peft_net(kernel_device))
     report = lora_engine.patch_peft_model(patched)
     patched = _shard_lora_modules(patched).eval()
     multi_lora = _count(monkeypatch, "multi_lora_linear_4bit")
@@ -302,23 +296,35 @@ def test_ia3_vectors_sharded_on_their_own_run_the_fused_forward(one_rank_group, 
     assert len(registered) == len({id(m) for m in registered}) == 3, "one registration per ParameterDict"
 
 
-def test_grouped_projections_over_sharded_lora_modules(one_rank_group, make_peft_llama, tokens, monkeypatch):
-    """The grouped forward reads each projection's factors whole as the per-layer one does: over sharded LoRA modules
-    the q/k/v and gate/up groups still run grouped, and the model gives what it gives ungrouped."""
+@pytest.mark.parametrize("wrapping", ["fsdp2", "fsdp1"])
+def test_grouped_projections_over_sharded_lora_modules(
+    wrapping, one_rank_group, make_peft_llama, tokens, monkeypatch
+):
+    """The grouped forward reads each projection's factors whole as the per-layer one does: over LoRA modules FSDP2
+    shards on their own the q/k/v and gate/up groups still run grouped; over FSDP1 wrappers, which hand the factors
+    whole to nothing but their own forwards, per layer (reported). Either way the model gives what it gives
+    ungrouped."""
     import lora_engine.integrations.grouped as grouped_integration
 
+    wrap = {"fsdp2": _shard_lora_modules, "fsdp1": _wrap_lora_modules}[wrapping]
     calls = _count(monkeypatch, "grouped_lora_linear_4bit", grouped_integration)
     ungrouped, grouped = make_peft_llama(), make_peft_llama()  # the same weights
     lora_engine.patch_peft_model(ungrouped)
     report = lora_engine.patch_peft_model(grouped, group_projections=True)
     assert report.grouped
-    ungrouped, grouped = _shard_lora_modules(ungrouped), _shard_lora_modules(grouped)
+    ungrouped, grouped = wrap(ungrouped), wrap(grouped)
     ids = tokens(0)
     with torch.no_grad():
         want, got = ungrouped(input_ids=ids).logits, grouped(input_ids=ids).logits
     _assert_close(got, want, "logits")
-    assert not report.group_fallbacks and not report.fallbacks, report.summary()
-    assert len(calls) == 2 * len(grouped.base_model.model.model.layers), "q/k/v and gate/up of every layer, grouped"
+    assert not report.fallbacks, report.summary()
+    groups = 2 * len(grouped.base_model.model.model.layers)  # q/k/v and gate/up of every layer
+    if wrapping == "fsdp2":
+        assert not report.group_fallbacks and len(calls) == groups, report.summary()
+    else:
+        reasons = [reason for reasons in report.group_fallbacks.values() for reason in reasons]
+        assert not calls and len(report.group_fallbacks) == groups, report.summary()
+        assert all("left factors made by the LoRA modules' own forwards" in reason for reason in reasons), reasons
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -438,35 +444,6 @@ def test_fsdp1_lora_modules_run_the_fused_forward(dtype, lora, monkeypatch, kern
     assert report.num_fused == 3 and not report.fallbacks, report.summary()
 
 
-def test_several_adapters_over_fsdp1_lora_modules(monkeypatch, kernel_device):
-    """Two active adapters (ranks 8 and 4, lora_bias on the second) over wrapped modules: both left factors through
-    their wrappers, one call with their terms side by side; stock PEFT's output and gradients."""
-
-    def two_adapters(model: nn.Module) -> nn.Module:
-        torch.manual_seed(2)
-        model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k", "out"], lora_bias=True))
-        model.base_model.set_adapter(["default", "other"])
-        gen = torch.Generator().manual_seed(5)
-        with torch.no_grad():
-            for name, param in sorted(model.named_parameters()):
-                if "lora_B.other" in name:
-                    param.add_(torch.randn(param.shape, generator=gen).to(param.device) * 0.2)
-        return model
-
-    stock = _wrap_lora_modules(two_adapters(_peft_net(kernel_device))).train()
-    patched = two_adapters(_peft_net(kernel_device))
-    report = lora_engine.patch_peft_model(patched)
-    patched = _wrap_lora_modules(patched).train()
-    lowrank_4bit = _count(monkeypatch, "lowrank_linear_4bit")
-    y, grads = _train_step(patched, seed=7)
-    y_stock, grads_stock = _train_step(stock, seed=7)
-    _assert_close(y, y_stock, "output")
-    assert sorted(grads) == sorted(grads_stock) and len(grads) == 15, sorted(grads)
-    for name, grad in grads.items():
-        _assert_close(grad, grads_stock[name], name)
-    assert len(lowrank_4bit) == 2 and report.num_fused == 3 and not report.fallbacks, report.summary()
-
-
 def test_dora_and_mixed_batches_over_fsdp1_lora_modules_run_peft_forward(monkeypatch, kernel_device):
     """They need the factors whole, which FSDP1 gathers only inside the modules' forwards: PEFT's forward, the
     report naming FSDP1 and the fix, and stock PEFT's results."""
@@ -529,24 +506,6 @@ def test_real_fsdp1_wrappers_run_the_fused_forward(root, one_rank_group, monkeyp
     for name, grad in grads.items():
         _assert_close(grad, grads_stock[name], name)
     assert len(lowrank_4bit) == 2 and report.num_fused == 3 and not report.fallbacks, report.summary()
-
-
-def test_grouped_projections_over_fsdp1_lora_modules_run_per_layer(make_peft_llama, tokens):
-    """A group needs every member's factors whole: over FSDP1 wrappers its projections run per layer (reported), each
-    through its wrapped modules, and the model gives what it gives ungrouped."""
-    ungrouped, grouped = make_peft_llama(), make_peft_llama()  # the same weights
-    lora_engine.patch_peft_model(ungrouped)
-    report = lora_engine.patch_peft_model(grouped, group_projections=True)
-    assert report.grouped
-    ungrouped, grouped = _wrap_lora_modules(ungrouped), _wrap_lora_modules(grouped)
-    ids = tokens(0)
-    with torch.no_grad():
-        want, got = ungrouped(input_ids=ids).logits, grouped(input_ids=ids).logits
-    _assert_close(got, want, "logits")
-    assert not report.fallbacks, report.summary()
-    reasons = [reason for reasons in report.group_fallbacks.values() for reason in reasons]
-    assert len(report.group_fallbacks) == 2 * len(grouped.base_model.model.model.layers), report.summary()
-    assert all("left factors made by the LoRA modules' own forwards" in reason for reason in reasons), reasons
 
 
 def test_ia3_vectors_fsdp1_wraps_are_reported(monkeypatch, kernel_device):
