@@ -451,8 +451,9 @@ def _whole(module: nn.Module, names: tuple[str, ...]) -> tuple[Optional[torch.Te
 
 
 def _whole_weight(module: nn.Module) -> torch.Tensor:
-    """``module.weight`` as ``_whole_parameters`` reads it (FSDP1 wrappers never come here)."""
-    return _whole_parameters(module)[0] if isinstance(module, FSDPModule) else module.weight
+    """``module.weight`` whole: for a module FSDP2 shards on its own, a copy (``_whole``); FSDP1 wrappers never
+    come here."""
+    return _whole(module, ("weight",))[0] if isinstance(module, FSDPModule) else module.weight
 
 
 def _mixed_batch_reason(layer: LoraLayer, x: Any, names: Any) -> Optional[str]:

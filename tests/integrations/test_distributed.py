@@ -104,27 +104,18 @@ def test_lora_modules_sharded_on_their_own_train_the_same_through_the_fused_forw
     _assert_same_adapter(adapter, single, untrained)
 
 
-def test_dora_over_lora_modules_sharded_on_their_own_trains_as_one_process(runs):
-    """DoRA under the same wrapping: A, B and the magnitude read whole the same way; the same training as one
-    process, every layer fused."""
+@pytest.mark.parametrize("method, tensors", [("dora", 42), ("ia3", 14)])
+def test_other_adapter_kinds_over_modules_sharded_on_their_own_train_as_one_process(runs, method, tensors):
+    """DoRA and IA3 under the same wrapping: DoRA's A, B and magnitude read whole the same way; IA3's ia3_l
+    ParameterDicts, sharded on their own, which no forward gathers (stock PEFT's IA3 forward fails on the shard),
+    each vector read whole through a method FSDP runs as a forward of its dict. The same training as one process,
+    every layer fused (``tensors``: DoRA's A, B and magnitude of 14 layers; IA3's 14 vectors)."""
     tmp, _, _ = runs
-    single, _ = _run(tmp, "dora-single", "none", "--dora")
-    untrained, _ = _run(tmp, "dora-untrained", "none", "--dora", "--steps", "0")
-    adapter, result = _run(tmp, "dora-fsdp-lora-modules", "fsdp", "--shard-lora-modules", "--dora")
+    single, _ = _run(tmp, f"{method}-single", "none", f"--{method}")
+    untrained, _ = _run(tmp, f"{method}-untrained", "none", f"--{method}", "--steps", "0")
+    adapter, result = _run(tmp, f"{method}-fsdp-lora-modules", "fsdp", "--shard-lora-modules", f"--{method}")
     _assert_all_fused(result)
-    _assert_same_adapter(adapter, single, untrained, tensors=42)
-
-
-def test_ia3_vectors_sharded_on_their_own_train_as_one_process(runs):
-    """IA3 under the same wrapping: each layer's ia3_l ParameterDict sharded on its own, which no forward gathers
-    (stock PEFT's IA3 forward fails on the shard); the fused forward reads each vector whole through a method FSDP
-    runs as a forward of the dict. The same training as one process, every layer fused."""
-    tmp, _, _ = runs
-    single, _ = _run(tmp, "ia3-single", "none", "--ia3")
-    untrained, _ = _run(tmp, "ia3-untrained", "none", "--ia3", "--steps", "0")
-    adapter, result = _run(tmp, "ia3-fsdp-lora-modules", "fsdp", "--shard-lora-modules", "--ia3")
-    _assert_all_fused(result)
-    _assert_same_adapter(adapter, single, untrained, tensors=14)
+    _assert_same_adapter(adapter, single, untrained, tensors=tensors)
 
 
 def test_adapter_saved_from_a_sharded_run_loads_in_stock_peft(runs):

@@ -120,17 +120,18 @@ def _count(monkeypatch, name: str, module=functional) -> list:
     return calls
 
 
-@pytest.mark.parametrize(
-    "dtype, lora",
-    [
-        (torch.float32, {}),
-        (torch.float32, {"lora_bias": True}),
-        (torch.float16, {"lora_bias": True}),
-        (torch.float32, {"lora_dropout": 0.1}),
-        (torch.float32, {"lora_dropout": 0.1, "lora_bias": True}),
-    ],
-    ids=["fp32", "fp32-lora_bias", "fp16-lora_bias", "fp32-dropout", "fp32-dropout-lora_bias"],
-)
+# plain LoRA: the dtype of x and the LoRA config, for the FSDP2 and FSDP1 wrappings alike
+LORA_CASES = [
+    (torch.float32, {}),
+    (torch.float32, {"lora_bias": True}),
+    (torch.float16, {"lora_bias": True}),
+    (torch.float32, {"lora_dropout": 0.1}),
+    (torch.float32, {"lora_dropout": 0.1, "lora_bias": True}),
+]
+LORA_IDS = ["fp32", "fp32-lora_bias", "fp16-lora_bias", "fp32-dropout", "fp32-dropout-lora_bias"]
+
+
+@pytest.mark.parametrize("dtype, lora", LORA_CASES, ids=LORA_IDS)
 def test_sharded_lora_modules_run_the_fused_forward(dtype, lora, one_rank_group, monkeypatch, kernel_device):
     """Against stock PEFT on the same sharded model; with dropout, against the patched model unsharded under the same
     seed (the kernels draw their own mask). fp16 activations over fp32 factors (PEFT's upcast): the run differs
@@ -408,16 +409,6 @@ def test_the_stand_in_frees_the_parameters_outside_its_forward():
     assert wrapped.weight.shape == (3, 4) and wrapped.weight.dtype == torch.float32
     with pytest.raises(RuntimeError, match="FSDP1 freed"):
         torch.nn.functional.linear(x, wrapped.weight)
-
-
-LORA_CASES = [
-    (torch.float32, {}),
-    (torch.float32, {"lora_bias": True}),
-    (torch.float16, {"lora_bias": True}),
-    (torch.float32, {"lora_dropout": 0.1}),
-    (torch.float32, {"lora_dropout": 0.1, "lora_bias": True}),
-]
-LORA_IDS = ["fp32", "fp32-lora_bias", "fp16-lora_bias", "fp32-dropout", "fp32-dropout-lora_bias"]
 
 
 @pytest.mark.parametrize("dtype, lora", LORA_CASES, ids=LORA_IDS)
