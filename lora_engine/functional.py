@@ -20,6 +20,7 @@ from .validation import (
     check_lora_linear_args,
     check_lowrank_linear_args,
     check_multi_lora_args,
+    check_norm_weight,
 )
 
 
@@ -337,19 +338,30 @@ def dora_linear(
     training: bool = False,
     *,
     dropout_seed: Optional[int] = None,
+    norm_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """DoRA over a frozen dense [out_features, in_features] weight (see :func:`dora_linear_4bit`): ‖W‖² once per
-    weight, then one GEMM of A over W and rank-r products per call for the row norm, never a dense W + s·B·A."""
+    weight, then one GEMM of A over W and rank-r products per call for the row norm, never a dense W + s·B·A.
+
+    ``norm_weight``: where ``weight`` is a copy cast for this call (autocast over an fp32 parameter, as ``F.linear``
+    casts it), the weight it was cast from. ‖W‖² is then read from that one, once, as PEFT reads the norm from the
+    uncast weight, instead of from a new copy on every call (an fp32 pass over W each time).
+    """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not dispatch.use_triton(x.device, _dtypes(x, weight, lora_A, lora_B, magnitude, bias)):
         return reference.dora_linear(
-            x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, dropout_seed=dropout_seed
-        )
+            x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, dropout_seed=dropout_seed,
+            norm_weight=norm_weight,
+        )  # fmt: skip
     n, k = check_dense_weight(weight, "dora_linear")
     check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
     check_dora_magnitude(magnitude, n, x)
-    return _apply_dora(x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, dropout_seed)
+    if norm_weight is not None:
+        check_norm_weight(norm_weight, weight, "dora_linear")
+    return _apply_dora(
+        x, weight, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, dropout_seed, norm_weight
+    )
 
 
 def _apply_dora(
@@ -363,15 +375,18 @@ def _apply_dora(
     dropout_p: float,
     training: bool,
     dropout_seed: Optional[int],
+    norm_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The DoRA bundle over a checked 4-bit or dense weight, its ‖W‖² from the per-weight cache, through the kernels."""
+    """The DoRA bundle over a checked 4-bit or dense weight, its ‖W‖² (of ``norm_weight`` where given) from the
+    per-weight cache, through the kernels."""
+    norm_source = weight if norm_weight is None else norm_weight
     if torch.compiler.is_compiling():
         from .custom_ops import row_norms_sq  # traced tensors have no address to look the cache up by
 
-        base_norm_sq = row_norms_sq(weight)
+        base_norm_sq = row_norms_sq(norm_source)
     else:
         with dispatch.device_guard(x.device):
-            base_norm_sq = row_norms_sq_cached(weight)
+            base_norm_sq = row_norms_sq_cached(norm_source)
     adapter = Dora(lora_A, lora_B, magnitude, float(scaling), base_norm_sq)
     p = float(dropout_p) if training and dropout_p > 0 else 0.0
     return _apply_adapter(x, weight, adapter, bias, p, dropout_seed)

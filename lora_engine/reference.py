@@ -22,6 +22,7 @@ from .validation import (
     check_lora_linear_args,
     check_lowrank_linear_args,
     check_multi_lora_args,
+    check_norm_weight,
 )
 
 _U32 = 0xFFFFFFFF
@@ -291,17 +292,20 @@ def dora_term(
     scaling: float,
     bias: Optional[torch.Tensor],
     keep_scale: Optional[torch.Tensor] = None,
+    norm_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """The DoRA layer in fp32 torch operations on 2-D x and a dense [out, in] weight, differentiable in x, A, B, m
     and bias: ``g ⊙ (x·Wᵀ + s·(x·Aᵀ)·Bᵀ) + bias`` with ``g = m / ‖W + s·B·A‖`` (row norms; B·A and the norm
-    detached, as PEFT's DoRA).
+    detached, as PEFT's DoRA). ``norm_weight`` (fp32 [out, in]), where given, stands for W in the norm: the weight
+    that W was cast from.
 
     ``keep_scale`` (fp32 [M, K]: the dropout keep mask times 1 / (1 - p)) gives PEFT's rule with dropout in
     training: ``x·Wᵀ + bias + (g − 1) ⊙ (xd·Wᵀ) + g ⊙ s·(xd·Aᵀ)·Bᵀ`` with ``xd = x ⊙ keep_scale``, the DoRA term
     taken on the dropped input with a second base product, without the bias (peft/tuners/lora/dora.py).
     """
     lora_A, lora_B = lora_A.to(torch.float32), lora_B.to(torch.float32)
-    norm = torch.linalg.norm(weight + scaling * (lora_B @ lora_A).detach(), dim=1).detach()
+    norm_weight = weight if norm_weight is None else norm_weight
+    norm = torch.linalg.norm(norm_weight + scaling * (lora_B @ lora_A).detach(), dim=1).detach()
     g = magnitude.to(torch.float32) / norm
     if keep_scale is None:
         y = (x @ weight.t() + scaling * ((x @ lora_A.t()) @ lora_B.t())) * g
@@ -350,13 +354,21 @@ def dora_linear(
     training: bool = False,
     *,
     dropout_seed: Optional[int] = None,
+    norm_weight: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """:func:`dora_linear_4bit` over a frozen dense [out_features, in_features] weight."""
+    """:func:`dora_linear_4bit` over a frozen dense [out_features, in_features] weight; the row norm of
+    ``norm_weight + s·B·A`` where given (the weight ``weight`` was cast from, as ``lora_engine.dora_linear``)."""
     n, k = check_dense_weight(weight, "dora_linear")
     check_lora_linear_args(x, n, k, lora_A, lora_B, scaling, bias, dropout_p, weight.device, dropout_seed)
     check_dora_magnitude(magnitude, n, x)
     dense = weight.detach().to(torch.float32)
-    return _dora_linear(x, dense, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, dropout_seed)
+    norm_dense = None
+    if norm_weight is not None:
+        check_norm_weight(norm_weight, weight, "dora_linear")
+        norm_dense = norm_weight.detach().to(torch.float32)
+    return _dora_linear(
+        x, dense, lora_A, lora_B, magnitude, scaling, bias, dropout_p, training, dropout_seed, norm_dense
+    )
 
 
 def _dora_linear(
@@ -370,8 +382,10 @@ def _dora_linear(
     dropout_p: float,
     training: bool,
     dropout_seed: Optional[int],
+    norm_dense: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The DoRA layer on x of any leading shape over the fp32 dense W (checked by the caller), in x's dtype."""
+    """The DoRA layer on x of any leading shape over the fp32 dense W (checked by the caller), in x's dtype; the row
+    norm from ``norm_dense`` (fp32) where given (see :func:`dora_term`)."""
     n, k = dense.shape
     x32 = x.reshape(-1, k).to(torch.float32)
     keep_scale = None
@@ -384,7 +398,7 @@ def _dora_linear(
         else:
             seed = draw_dropout_seed()
         keep_scale = dropout_keep_scale(seed, x32.shape[0], k, dropout_p, x.device)
-    y = dora_term(x32, dense, lora_A, lora_B, magnitude, scaling, bias, keep_scale)
+    y = dora_term(x32, dense, lora_A, lora_B, magnitude, scaling, bias, keep_scale, norm_dense)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 

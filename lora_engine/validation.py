@@ -191,6 +191,23 @@ def check_dora_magnitude(magnitude: torch.Tensor, out_features: int, x: torch.Te
         )
 
 
+def check_norm_weight(norm_weight: Any, weight: torch.Tensor, function: str) -> None:
+    """DoRA's ``norm_weight``: the frozen dense weight ``weight`` was cast from, of its shape and on its device."""
+    if not isinstance(norm_weight, torch.Tensor):
+        raise TypeError(f"{function}: norm_weight must be a tensor, got {type(norm_weight).__name__}")
+    if norm_weight.shape != weight.shape:
+        raise ValueError(
+            f"{function}: norm_weight has shape {tuple(norm_weight.shape)} but weight {tuple(weight.shape)}: it must "
+            "be the weight that weight was cast from"
+        )
+    if not norm_weight.dtype.is_floating_point:
+        raise TypeError(f"{function}: norm_weight must be floating point, got {norm_weight.dtype}")
+    if norm_weight.device != weight.device:
+        raise ValueError(f"{function}: norm_weight is on {norm_weight.device} but weight on {weight.device}")
+    if norm_weight.requires_grad:
+        raise ValueError(f"{function}: norm_weight.requires_grad is True; it stands for the frozen base weight")
+
+
 def check_multi_lora_args(
     x: torch.Tensor,
     out_features: int,

@@ -876,9 +876,11 @@ class FusedLoraLinear(_FusedForward, PeftLinear):
         lora_A, lora_B, scaling, p, training, bias = self._lora_args(adapter, bias)
         if adapter in self.lora_variant:  # DoRA, with the dropout rule of FusedLoraLinear4bit's
             magnitude = _whole_weight(self.lora_magnitude_vector[adapter])  # no lora_bias: bias is the base's
+            # under autocast ``weight`` is this call's cast copy: ‖W‖² comes from the parameter, cached once
+            norm_weight = base.weight if weight is not base.weight else None
             return F.dora_linear(
                 as_dtype(x, compute), weight, lora_A, lora_B, magnitude, scaling, bias=bias, dropout_p=p,
-                training=self.training and training,
+                training=self.training and training, norm_weight=norm_weight,
             )  # fmt: skip
         return F.lora_linear(
             as_dtype(x, compute), weight, lora_A, lora_B, scaling, bias=bias, dropout_p=p,

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM
 import lora_engine
 from lora_engine import reference
 from lora_engine.integrations.peft import FusedLoraLinear, FusedLoraLinear4bit
+from lora_engine.testing import assert_close_3way
 
 from .conftest import LR, assert_same_logits, assert_within, randomize_lora_B, train_steps, trainable_params
 
@@ -174,6 +175,38 @@ def test_dora_with_dropout_and_bias_matches_stock_peft(base, kernel_device):
     for name, value in expected.items():
         assert value.abs().max() > 0, f"{name}: degenerate"
         assert_within(name, got[name], value, GRAD_TOL * value.abs().max().item())
+
+
+def test_dense_dora_under_autocast_reads_the_norm_from_the_parameter(kernel_device, monkeypatch):
+    """fp16 autocast over an fp32 nn.Linear base (a model loaded in fp32, trained in mixed precision): the fused
+    forward casts W for the call, as F.linear does, and reads ‖W‖² from the fp32 parameter through the per-weight
+    cache (PEFT's norm is of the uncast W), not from a new fp32 copy of the cast one on every call. Three-way against
+    stock PEFT: without autocast the precise result, under autocast the same-dtype one."""
+    stock, patched = (_biased_dora_layer(kernel_device, "dense") for _ in range(2))
+    _seeded_dropout(stock)
+    lora_engine.patch_peft_model(patched)
+    read = []
+    cached = lora_engine.functional.row_norms_sq_cached
+    monkeypatch.setattr(lora_engine.functional, "row_norms_sq_cached", lambda w: read.append(w) or cached(w))
+    x = torch.randn(3, 5, 100, device=kernel_device)
+    dy = torch.randn(3, 5, 37, device=kernel_device)
+    results = {}
+    for label, model, dtype in (("precise", stock, None), ("same", stock, torch.float16), ("got", patched,
+                                                                                          torch.float16)):  # fmt: skip
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        with lora_engine.use_backend("triton"), torch.autocast(kernel_device, torch.float16, enabled=dtype is not None):
+            y = model(xi)
+        y.float().backward(dy)
+        results[label] = {"y": y.detach(), "dx": xi.grad, **{n: p.grad for n, p in trainable_params(model).items()}}
+        model.zero_grad(set_to_none=True)
+    base_weight = patched.base_model.model[0].base_layer.weight
+    assert base_weight.dtype == torch.float32 and read and all(w is base_weight for w in read), read
+    got, precise, same = results["got"], results["precise"], results["same"]
+    assert got.keys() == precise.keys() and len(got) == 5
+    for name, value in got.items():
+        assert value.dtype == same[name].dtype, name
+        assert_close_3way(name, value, precise[name], same[name])
 
 
 def _dense_dora_llama(path, device: str) -> PeftModel:

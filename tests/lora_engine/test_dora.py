@@ -345,3 +345,43 @@ def test_row_norm_cache_follows_a_storage_resized_in_place():
     storage.resize_(2 * nbytes)
     assert weight.data_ptr() != old_address
     refill_and_check()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_norm_weight_is_what_the_norm_reads(backend, kernel_device, monkeypatch):
+    """``dora_linear(..., norm_weight=W32)`` over ``weight`` = W32 cast to fp16 (autocast's per-call copy) reads ‖W‖²
+    from W32. With B = 0 the norm is ‖norm_weight‖ alone, so a norm_weight of 2·W32 must halve y = m ⊙ x·Wᵀ / ‖·‖;
+    the kernels read its ‖·‖² through the per-weight cache, never the copy's."""
+    gen = torch.Generator().manual_seed(11)
+    w32 = torch.randn(37, 100, generator=gen).to(kernel_device)
+    x = torch.randn(5, 100, generator=gen).to(kernel_device, F16)
+    lora_A = (0.3 * torch.randn(4, 100, generator=gen)).to(kernel_device, F16)
+    lora_B = torch.zeros(37, 4, device=kernel_device, dtype=F16)
+    magnitude = (5.0 + torch.randn(37, generator=gen)).to(kernel_device, F16)
+    norm_weight = 2 * w32
+    read = []
+    cached = lora_engine.functional.row_norms_sq_cached
+    monkeypatch.setattr(lora_engine.functional, "row_norms_sq_cached", lambda w: read.append(w) or cached(w))
+    with lora_engine.use_backend(backend):
+        got = [lora_engine.dora_linear(x, w32.half(), lora_A, lora_B, magnitude, 1.3, norm_weight=norm_weight)
+               for _ in range(2)]  # fmt: skip
+    precise = (x.double() @ w32.double().t()) * magnitude.double() / norm_weight.double().norm(dim=1)
+    same = ((x @ w32.half().t()) * (magnitude / norm_weight.norm(dim=1).half())).to(F16)
+    for y in got:
+        assert_close_3way(f"{backend} y", y, precise, same)
+    assert all(w is norm_weight for w in read) and len(read) == (2 if backend == "triton" else 0), read
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_bad_norm_weight_raises(backend, kernel_device):
+    t = _inputs(CASES[7], kernel_device)
+    args = (t["x"], t["weight"], t["lora_A"], t["lora_B"], t["magnitude"], 1.0)
+    with lora_engine.use_backend(backend):
+        with pytest.raises(ValueError, match=r"dora_linear: norm_weight has shape \(37, 99\) but weight \(37, 100\)"):
+            lora_engine.dora_linear(*args, norm_weight=t["weight"][:, :-1].float())
+        with pytest.raises(TypeError, match="dora_linear: norm_weight must be floating point"):
+            lora_engine.dora_linear(*args, norm_weight=torch.ones(37, 100, dtype=torch.int64, device=kernel_device))
+        with pytest.raises(ValueError, match="norm_weight.requires_grad is True"):
+            lora_engine.dora_linear(*args, norm_weight=t["weight"].clone().requires_grad_())
+        with pytest.raises(TypeError, match="norm_weight must be a tensor, got list"):
+            lora_engine.dora_linear(*args, norm_weight=[[1.0]])
