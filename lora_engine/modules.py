@@ -336,8 +336,8 @@ class LoRALinear4bit(_LoRAAdapter):
         compute = self.compute_dtype or x.dtype
         if adapter_indices is not None:
             return self._mixed_forward(x, adapter_indices, compute)
-        if self.lora_A is None:  # no adapter active on this layer
-            return _base_linear(x.to(compute), self.dequantize(compute), self.bias).to(x.dtype)
+        if self.lora_A is None:  # no adapter active: the base-only path, which makes no dense copy of W
+            return F.linear_4bit(x.to(compute), self.weight, self.weight.quant_state, self.bias).to(x.dtype)
         y = F.lora_linear_4bit(
             x.to(compute), self.weight, self.weight.quant_state, self.lora_A, self.lora_B, self.scaling,
             bias=self.bias, dropout_p=self.lora_dropout, training=self.training,

@@ -1,5 +1,6 @@
 """Several named adapters on one layer: the active one is ``lora_A``/``lora_B``, the others are parked."""
 
+import collections
 import copy
 
 import pytest
@@ -72,13 +73,21 @@ def test_add_and_switch_adapters(kind, kernel_device):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_no_active_adapter_runs_the_base(kind, kernel_device):
+def test_no_active_adapter_runs_the_base(kind, kernel_device, monkeypatch):
+    """The base alone; over a 4-bit W through ``linear_4bit`` (the base-only path), never a dense copy of W."""
     layer = _layer(kind, kernel_device)
     layer.set_adapter(None)
     assert layer.lora_A is None and layer.scaling == 0.0 and "lora_A" not in layer.state_dict()
     x = torch.randn(3, 100, device=kernel_device, requires_grad=True)
+    expected = x.detach() @ _base_weight(layer).t() + layer.bias
+    calls = collections.Counter()
+    for name in ("linear_4bit", "dequantize_4bit"):
+        function = getattr(lora_engine.functional, name)
+        monkeypatch.setattr(lora_engine.functional, name,
+                            lambda *a, _f=function, _n=name, **k: calls.update([_n]) or _f(*a, **k))  # fmt: skip
     y = layer(x)
-    torch.testing.assert_close(y, x @ _base_weight(layer).t() + layer.bias, rtol=1e-5, atol=1e-5)
+    assert calls == (collections.Counter(linear_4bit=1) if kind == "4bit" else collections.Counter()), calls
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
     y.sum().backward()
     assert x.grad is not None and layer.weight.grad is None
     torch.testing.assert_close(layer.merge()(x), y, rtol=1e-5, atol=1e-5)
