@@ -142,7 +142,8 @@ class PatchReport:
     grouped: with ``group_projections=True``, the attention and MLP modules whose projections (q/k/v, gate/up)
         are computed together, each with the names of its member layers.
     group_skipped: with ``group_projections=True``, attention and MLP modules left to per-layer calls, with why.
-    group_fallbacks: grouped modules that ran per-layer calls (for some or all calls), with the reasons.
+    group_fallbacks: grouped modules that ran per-layer calls (for some or all calls), with the reasons (outside
+        ``torch.compile``, under which every group runs per layer).
     """
 
     patched: list[str] = dataclasses.field(default_factory=list)
