@@ -267,6 +267,34 @@ def _base_route(torch_backend: bool) -> str:
     return route
 
 
+_TABLES = ("_parameters", "_buffers", "_modules")
+
+
+def _attr(module: nn.Module, name: str, *default: Any) -> Any:
+    """``getattr(module, name, *default)``, read from the instance's own dict and its parameters, buffers and
+    submodules first: nn.Module's ``__getattr__``, which serves those three, runs only after Python's own lookup has
+    failed, and that costs microseconds each time (a layer's forward reads a dozen such attributes)."""
+    state = module.__dict__
+    if name in state:
+        return state[name]
+    for table in _TABLES:
+        if name in state[table]:
+            return state[table][name]
+    return getattr(module, name, *default)
+
+
+def _base_layer(layer: BaseTunerLayer) -> nn.Module:
+    """``layer.get_base_layer()``. PEFT walks the ``base_layer`` chain with ``hasattr``, and the last step, a miss
+    through nn.Module's ``__getattr__``, costs microseconds: a direct base that holds no ``base_layer`` of its own
+    (no tuner layer stacked in between) ends the walk here."""
+    direct = _attr(layer, "base_layer")
+    state = direct.__dict__
+    if (isinstance(direct, BaseTunerLayer) or "base_layer" in state or hasattr(type(direct), "base_layer")
+            or any("base_layer" in state[table] for table in _TABLES)):  # fmt: skip
+        return layer.get_base_layer()
+    return direct
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -280,7 +308,7 @@ def _active_adapter(layer: nn.Module) -> tuple[Optional[Adapters], Optional[str]
         return None, "adapters disabled"
     if layer.merged:
         return None, "adapter merged into the base weight"
-    lora_A = layer.lora_A
+    lora_A = _attr(layer, "lora_A")
     active = [name for name in layer.active_adapters if name in lora_A]
     if not active:
         return None, "no active adapter in this layer"
@@ -331,17 +359,18 @@ def _factors_reason(layer: LoraLayer, name: str) -> Optional[str]:
     modules, plain, sharded on their own by FSDP2 (read whole inside its gather: ``_whole_parameters``) or wrapped by
     FSDP1 (read through their forwards: ``_FusedForward._factors_through_modules``; not for DoRA, whose norm needs
     them whole). A bias of lora_B (PEFT's ``lora_bias``) is read too: it joins the layer's bias."""
-    lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
-    if name in layer.lora_variant and _fsdp1_wrapped(lora_A, lora_B, layer.lora_magnitude_vector[name]):
+    lora_A, lora_B = _attr(layer, "lora_A")[name], _attr(layer, "lora_B")[name]
+    if name in layer.lora_variant and _fsdp1_wrapped(lora_A, lora_B, _attr(layer, "lora_magnitude_vector")[name]):
         return f"DoRA: {_FSDP1_LORA_MODULES}"
     lora_bias = bool(layer.lora_bias.get(name, False))
-    if not (_linear(lora_A) and _linear(lora_B) and getattr(lora_A, "bias", None) is None
-            and (getattr(lora_B, "bias", None) is not None) == lora_bias):  # fmt: skip
+    if not (_linear(lora_A) and _linear(lora_B) and _attr(lora_A, "bias", None) is None
+            and (_attr(lora_B, "bias", None) is not None) == lora_bias):  # fmt: skip
         return "LoRA factors are not nn.Linear modules with the biases PEFT gives them"
     if _has_hooks(lora_A) or _has_hooks(lora_B):
         return "the LoRA modules have forward hooks (e.g. accelerate offloading)"
-    if not isinstance(layer.lora_dropout[name], (nn.Dropout, nn.Identity)):
-        return f"dropout module {type(layer.lora_dropout[name]).__name__}"
+    dropout = _attr(layer, "lora_dropout")[name]
+    if not isinstance(dropout, (nn.Dropout, nn.Identity)):
+        return f"dropout module {type(dropout).__name__}"
     if not _is_number(layer.scaling[name]):
         return "scaling is not a Python number"
     return None
@@ -367,7 +396,7 @@ def _fsdp1_wrapped(*modules: nn.Module) -> bool:
 
 
 def _draws_dropout(layer: LoraLayer, name: str) -> bool:
-    dropout = layer.lora_dropout[name]
+    dropout = _attr(layer, "lora_dropout")[name]
     return dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0
 
 
@@ -416,7 +445,7 @@ def _whole_parameters(module: nn.Module) -> tuple[torch.Tensor, Optional[torch.T
     """``(module.weight, module.bias)`` whole (bias None where it has none), with their gradients reaching the
     parameters; for a module FSDP2 shards on its own, copies (``_whole``)."""
     if type(module) is nn.Linear:  # the common case first: one call per factor per forward
-        return module.weight, module.bias
+        return _attr(module, "weight"), _attr(module, "bias")
     if not isinstance(module, FSDPModule):
         if _sharded_by_fsdp(module):  # FSDP1 wrappers take _factors_through_modules or PEFT's forward
             raise RuntimeError(f"{type(module).__name__}: only FSDP2 gathers a module's weight outside its forward")
@@ -454,7 +483,7 @@ def _whole(module: nn.Module, names: tuple[str, ...]) -> tuple[Optional[torch.Te
 def _whole_weight(module: nn.Module) -> torch.Tensor:
     """``module.weight`` whole: for a module FSDP2 shards on its own, a copy (``_whole``); FSDP1 wrappers never
     come here."""
-    return _whole(module, ("weight",))[0] if isinstance(module, FSDPModule) else module.weight
+    return _whole(module, ("weight",))[0] if isinstance(module, FSDPModule) else _attr(module, "weight")
 
 
 def _mixed_batch_reason(layer: LoraLayer, x: Any, names: Any) -> Optional[str]:
@@ -532,7 +561,7 @@ def _stack_reason(layer: BaseTunerLayer, base: nn.Module) -> Optional[str]:
     ``get_base_layer()`` skips every layer in between, but PEFT's forward calls ``self.base_layer(x)``: another
     tuner layer there (a ``PeftMixedModel`` stacking LoRA on LoHa, LoKr, AdaLoRA...) adds its own delta.
     """
-    direct = layer.base_layer
+    direct = _attr(layer, "base_layer")
     if direct is base:
         return None
     kind = f"{type(direct).__module__}.{type(direct).__qualname__}"
@@ -554,14 +583,14 @@ def _is_sharded(weight: torch.Tensor) -> bool:
 def _quant_state(base: nn.Module) -> Any:
     """The 4-bit base weight's quant state: on the weight, or on the module, where bitsandbytes keeps it too. FSDP
     hands the forward the gathered packed bytes as a plain tensor, without it."""
-    state = getattr(base.weight, "quant_state", None)
+    state = getattr(_attr(base, "weight"), "quant_state", None)
     return state if state is not None else getattr(base, "quant_state", None)
 
 
 def _check_packed_dtype(base: nn.Module) -> None:
     """Refuse packed bytes that arrive in another dtype than they are stored in: something (FSDP's
     MixedPrecisionPolicy casting every parameter to its param_dtype) converted the codes value by value."""
-    weight = base.weight
+    weight = _attr(base, "weight")
     stored = getattr(weight, "quant_storage", None) if hasattr(weight, "quant_state") else None
     stored = stored if stored is not None else getattr(base, "quant_storage", None)
     if stored is None:
@@ -587,7 +616,7 @@ def _base_reason(layer: BaseTunerLayer, sharded_ok: bool = False, base: Optional
         return stacked
     if _has_hooks(base):
         return "the base layer has forward hooks (e.g. accelerate offloading)"
-    weight = base.weight
+    weight = _attr(base, "weight")
     if _is_sharded(weight):
         return (
             None if sharded_ok else "the base weight is sharded (FSDP gathers it in the forward of the module it wraps)"
@@ -630,7 +659,7 @@ class _FusedForward:
         grouped = _precomputed(self, x, args, kwargs)
         if grouped is not None:  # computed with the other projections of this attention or MLP block
             return grouped
-        base = self.get_base_layer()  # once per call: PEFT's walk down the base_layer chain costs µs
+        base = _base_layer(self)  # once per call
         self._check_base(base)
         names = kwargs.get("adapter_names")
         if names is not None:
@@ -700,8 +729,9 @@ class _FusedForward:
 
     def _adapter_dtypes(self, adapter: Adapters) -> tuple[torch.dtype, ...]:
         names = adapter if isinstance(adapter, tuple) else (adapter,)
-        return tuple(dtype for name in names for dtype in (self.lora_A[name].weight.dtype,
-                                                           self.lora_B[name].weight.dtype))  # fmt: skip
+        lora_A, lora_B = _attr(self, "lora_A"), _attr(self, "lora_B")
+        return tuple(dtype for name in names for dtype in (_attr(lora_A[name], "weight").dtype,
+                                                           _attr(lora_B[name], "weight").dtype))  # fmt: skip
 
     def _lora_args(
         self, adapter: Adapters, base_bias: Optional[torch.Tensor]
@@ -714,16 +744,17 @@ class _FusedForward:
         each factor gets its own gradient."""
         names = adapter if isinstance(adapter, tuple) else (adapter,)
         factors, bias = [], base_bias
+        lora_As, lora_Bs = _attr(self, "lora_A"), _attr(self, "lora_B")
         for name in names:
-            lora_B, lora_bias = _whole_parameters(self.lora_B[name])
+            lora_B, lora_bias = _whole_parameters(lora_Bs[name])
             if lora_bias is not None:  # _factors_reason checked lora_B has a bias where lora_bias says so
                 bias = _plus_scaled(bias, self.scaling[name], lora_bias)
-            factors.append((_whole_weight(self.lora_A[name]), lora_B))
+            factors.append((_whole_weight(lora_As[name]), lora_B))
         if isinstance(adapter, tuple):
             lora_A = torch.cat([a for a, _ in factors])
             lora_B = torch.cat([self.scaling[name] * b for name, (_, b) in zip(names, factors)], dim=1)
             return lora_A, lora_B, 1.0, 0.0, False, bias
-        dropout = self.lora_dropout[adapter]
+        dropout = _attr(self, "lora_dropout")[adapter]
         p = float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
         return *factors[0], self.scaling[adapter], p, dropout.training, bias
 
@@ -732,7 +763,8 @@ class _FusedForward:
         own (only their forwards gather them), and for several adapters of which one draws dropout in training (a
         mask per adapter, drawn by its dropout module as in PEFT's forward)."""
         names = adapter if isinstance(adapter, tuple) else (adapter,)
-        if any(_fsdp1_wrapped(self.lora_A[name], self.lora_B[name]) for name in names):
+        lora_A, lora_B = _attr(self, "lora_A"), _attr(self, "lora_B")
+        if any(_fsdp1_wrapped(lora_A[name], lora_B[name]) for name in names):
             return True
         return isinstance(adapter, tuple) and any(_draws_dropout(self, name) for name in adapter)
 
@@ -784,7 +816,7 @@ def _bnb_compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
 def _dense_compute_dtype(base: nn.Module, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
     """nn.Linear's rule: the autocast dtype, else x's, which must be the weight's (nn.Linear raises otherwise)."""
     autocast = _autocast_dtype(x.device)
-    weight_dtype = base.weight.dtype
+    weight_dtype = _attr(base, "weight").dtype
     if autocast is None and x.dtype != weight_dtype:
         return None, f"input dtype {x.dtype} differs from the base weight's {weight_dtype}"
     return autocast or x.dtype, None
@@ -792,7 +824,7 @@ def _dense_compute_dtype(base: nn.Module, x: torch.Tensor) -> tuple[Optional[tor
 
 def _dense_operands(base: nn.Module, compute: torch.dtype) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The frozen dense weight and bias in the compute dtype (cast under autocast, as F.linear does)."""
-    weight, bias = base.weight, base.bias
+    weight, bias = _attr(base, "weight"), _attr(base, "bias")
     if weight.dtype != compute:
         weight = weight.to(compute)
         bias = bias.to(compute) if bias is not None else None
@@ -805,7 +837,7 @@ if PeftLinear4bit is not None:
         """PEFT's ``lora.Linear4bit`` with its forward run by ``lora_engine.lora_linear_4bit``."""
 
         def _check_base(self, base: nn.Module) -> None:
-            if not _is_sharded(base.weight):
+            if not _is_sharded(_attr(base, "weight")):
                 _check_packed_dtype(base)
 
         def _compute_dtype(self, x: torch.Tensor, base: nn.Module) -> tuple[Optional[torch.dtype], Optional[str]]:
@@ -814,25 +846,24 @@ if PeftLinear4bit is not None:
         def _fused_forward(
             self, x: torch.Tensor, adapter: Adapters, compute: torch.dtype, base: nn.Module
         ) -> torch.Tensor:
+            weight, base_bias, state = _attr(base, "weight"), _attr(base, "bias"), _quant_state(base)
             if self._through_modules(adapter):
-                left, lora_B, bias = self._factors_through_modules(x, adapter, base.bias)
-                y = F.lowrank_linear_4bit(
-                    as_dtype(x, compute), base.weight, _quant_state(base), left, lora_B, 1.0, bias=bias
-                )  # fmt: skip
+                left, lora_B, bias = self._factors_through_modules(x, adapter, base_bias)
+                y = F.lowrank_linear_4bit(as_dtype(x, compute), weight, state, left, lora_B, 1.0, bias=bias)
                 return as_dtype(y, x.dtype)
-            lora_A, lora_B, scaling, p, training, bias = self._lora_args(adapter, base.bias)
+            lora_A, lora_B, scaling, p, training, bias = self._lora_args(adapter, base_bias)
             if adapter in self.lora_variant:  # DoRA (the only variant _active_adapter lets through)
                 magnitude = _whole_weight(self.lora_magnitude_vector[adapter])  # no lora_bias: bias is the base's
                 # PEFT's DoRA takes its dropout route when the layer trains and applies the dropout module as it
                 # is; with that module in eval mode the route gives what the dropout-free one gives
                 y = F.dora_linear_4bit(
-                    as_dtype(x, compute), base.weight, _quant_state(base), lora_A, lora_B, magnitude, scaling,
-                    bias=base.bias, dropout_p=p, training=self.training and training,
+                    as_dtype(x, compute), weight, state, lora_A, lora_B, magnitude, scaling, bias=base_bias,
+                    dropout_p=p, training=self.training and training,
                 )  # fmt: skip
                 return as_dtype(y, x.dtype)
             y = F.lora_linear_4bit(
-                as_dtype(x, compute), base.weight, _quant_state(base), lora_A, lora_B, scaling,
-                bias=bias, dropout_p=p, training=training,
+                as_dtype(x, compute), weight, state, lora_A, lora_B, scaling, bias=bias, dropout_p=p,
+                training=training,
             )  # fmt: skip
             return as_dtype(y, x.dtype)  # bitsandbytes returns the input's dtype
 
@@ -943,7 +974,7 @@ class FusedIA3Linear(_FusedIA3Forward, PeftIA3Linear):
 def _linear4bit_reason(layer: nn.Module, sharded_ok: bool = False) -> Optional[str]:
     """Why lora_engine's 4-bit path cannot read this bitsandbytes layer's weight now (None when it can); the
     checks of :func:`_base_reason` for a 4-bit base. ``sharded_ok`` as there."""
-    if _is_sharded(layer.weight):
+    if _is_sharded(_attr(layer, "weight")):
         return None if sharded_ok else "the weight is sharded (FSDP gathers it in the forward of the module it wraps)"
     state = _quant_state(layer)
     if state is None:
@@ -965,7 +996,7 @@ if bnb is not None:
         def _plan(self, x: torch.Tensor) -> tuple[Optional[torch.dtype], Optional[str]]:
             """(the dtype the product runs in, None), or (None, why this call runs bitsandbytes' forward). Sets
             the layer's compute type on its first call, as bitsandbytes' forward does."""
-            if _quant_state(self) is not None and not _is_sharded(self.weight):
+            if _quant_state(self) is not None and not _is_sharded(_attr(self, "weight")):
                 _check_packed_dtype(self)  # neither forward can be right on codes cast value by value
             reason = _linear4bit_reason(self)
             if reason is None and (not isinstance(x, torch.Tensor) or x.dtype not in ACTIVATION_DTYPES):
@@ -994,7 +1025,7 @@ if bnb is not None:
             input_dtype = x.dtype
             if self.compute_dtype is not None:
                 x = x.to(self.compute_dtype)
-            bias = self.bias
+            bias = _attr(self, "bias")
             if bias is not None:
                 if bias.dtype != x.dtype:
                     bias.data = bias.data.to(x.dtype)  # bitsandbytes converts the parameter itself
@@ -1003,7 +1034,7 @@ if bnb is not None:
             if autocast is not None:
                 x = x.to(autocast)
                 bias = bias.to(autocast) if bias is not None else None
-            return F.linear_4bit(x, self.weight, _quant_state(self), bias).to(input_dtype)
+            return F.linear_4bit(x, _attr(self, "weight"), _quant_state(self), bias).to(input_dtype)
 
 else:  # pragma: no cover
     FusedLinear4bit = None

@@ -20,10 +20,12 @@ from peft import (
 )
 from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 from peft.tuners.lora.layer import Linear as PeftLinear
+from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 import lora_engine
 from lora_engine import dispatch, reference
+from lora_engine.integrations import peft as integration
 from lora_engine.integrations.peft import FusedLinear4bit, FusedLoraLinear, FusedLoraLinear4bit, register_fused_layers
 from lora_engine.testing import assert_close_3way, describe_mismatch
 
@@ -642,8 +644,10 @@ def _count_fused_calls(monkeypatch) -> list:
     return calls
 
 
-def test_fused_forward_walks_to_the_base_layer_once(monkeypatch, kernel_device):
-    """PEFT's get_base_layer walks the base_layer chain through nn.Module's attribute misses (µs): once per call."""
+def test_fused_forward_finds_the_base_layer_without_peft_walk(monkeypatch, kernel_device):
+    """PEFT's get_base_layer walks the base_layer chain and ends on an attribute miss through nn.Module's
+    ``__getattr__`` (µs): the fused forward takes a direct base holding no ``base_layer`` itself without the walk,
+    and reads the same weight. (Stacked tuner layers, which need the walk: test_lora_stacked_on_another_tuner...)"""
     model = _peft_net(kernel_device, patch=True)
     layer = _layers(model)["q"]
     walks = []
@@ -653,7 +657,29 @@ def test_fused_forward_walks_to_the_base_layer_once(monkeypatch, kernel_device):
     with torch.no_grad():
         layer(_x(kernel_device))
     assert len(calls) == 1, "the layer did not run the fused forward"
-    assert walks == [layer]
+    assert walks == [] and calls[0][1] is original(layer).weight
+
+
+def test_attributes_read_past_nn_module_getattr_are_getattr(kernel_device):
+    """The forward reads submodules, parameters and plain attributes from the module's own tables
+    (``integration._attr``): for every name it reads, on every kind of module it reads them from, the very object
+    ``getattr`` gives, a missing one included; and the base layer is ``get_base_layer()``'s."""
+    for four_bit in (True, False):
+        model = _peft_net(kernel_device, patch=True) if four_bit else get_peft_model(
+            MLP().to(kernel_device), LoraConfig(target_modules=MLP_TARGETS, lora_dropout=0.1, lora_bias=True))
+        for module in model.modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            names = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector", "base_layer", "scaling")
+            for name in names:
+                assert integration._attr(module, name) is getattr(module, name), name
+            assert integration._base_layer(module) is module.get_base_layer()
+            base = module.get_base_layer()
+            for owner in (base, module.lora_A["default"], module.lora_B["default"]):
+                for name in ("weight", "bias", "quant_state", "in_features"):
+                    assert integration._attr(owner, name, "missing") is getattr(owner, name, "missing"), name
+            with pytest.raises(AttributeError):
+                integration._attr(base, "no_such_attribute")
 
 
 def test_accelerate_hooks_on_the_factors_or_the_base_run_peft_forward(monkeypatch, kernel_device):
