@@ -83,7 +83,7 @@ def _member_plan(layer: nn.Module, x: torch.Tensor) -> tuple[Optional[GroupMembe
         # e.g. PEFT's adapter_names hook, which passes arguments the precomputed output would ignore
         return None, None, "the layer has forward pre-hooks"
     if type(layer) is _peft.FusedLoraLinear4bit:
-        base = layer.get_base_layer()
+        base = _peft._base_layer(layer)
         layer._check_base(base)
         adapter, compute, reason = layer._fused_plan(x, (), {}, base)
         if reason is not None:
@@ -93,15 +93,16 @@ def _member_plan(layer: nn.Module, x: torch.Tensor) -> tuple[Optional[GroupMembe
         if layer._through_modules(adapter):
             # several adapters drawing dropout, or LoRA modules FSDP1 wraps on their own
             return None, None, "left factors made by the LoRA modules' own forwards"
-        lora_A, lora_B, scaling, p, training, bias = layer._lora_args(adapter, base.bias)
-        member = GroupMember(base.weight, _peft._quant_state(base), lora_A, lora_B, scaling, bias,
+        lora_A, lora_B, scaling, p, training, bias = layer._lora_args(adapter, _peft._attr(base, "bias"))
+        member = GroupMember(_peft._attr(base, "weight"), _peft._quant_state(base), lora_A, lora_B, scaling, bias,
                              dropout_p=p if training else 0.0)  # fmt: skip
         return member, compute, ""
     if type(layer) is _peft.FusedLinear4bit:
         compute, reason = layer._plan(x)  # the checks of its own forward
         if reason is not None:
             return None, None, reason
-        return GroupMember(layer.weight, _peft._quant_state(layer), bias=layer.bias), compute, ""
+        member = GroupMember(_peft._attr(layer, "weight"), _peft._quant_state(layer), bias=_peft._attr(layer, "bias"))
+        return member, compute, ""
     return None, None, f"a {type(layer).__name__} layer"  # changed since patching
 
 

@@ -457,7 +457,7 @@ def _ia3_vector(layer: IA3Layer, adapter: str) -> torch.Tensor:
     """Adapter ``adapter``'s IA3 vector whole: PEFT's ``fsdp_auto_wrap_policy`` makes FSDP2 shard the layer's
     ``ia3_l`` ParameterDict on its own, and nothing calls a forward of it (PEFT's own forward then fails on the
     shard): read through ``_whole``."""
-    vectors = layer.ia3_l
+    vectors = _attr(layer, "ia3_l")
     return _whole(vectors, (adapter,))[0] if isinstance(vectors, FSDPModule) else vectors[adapter]
 
 
@@ -516,14 +516,15 @@ def _active_ia3_adapter(layer: IA3Layer) -> tuple[Optional[str], Optional[str]]:
         return None, "adapters disabled"
     if layer.merged:
         return None, "adapter merged into the base weight"
-    if _fsdp1_wrapped(layer.ia3_l):
+    vectors = _attr(layer, "ia3_l")
+    if _fsdp1_wrapped(vectors):
         return None, _FSDP1_IA3_VECTORS
-    active = [name for name in layer.active_adapters if name in layer.ia3_l]
+    active = [name for name in layer.active_adapters if name in vectors]
     if not active:
         return None, "no active adapter in this layer"
     if len(active) > 1:
         return None, "several active adapters"
-    scale = layer.ia3_l[active[0]]
+    scale = vectors[active[0]]
     features = layer.in_features if layer.is_feedforward else layer.out_features
     if scale.numel() != features:
         return None, f"IA3 vector of shape {tuple(scale.shape)} for {features} features"
