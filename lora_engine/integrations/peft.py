@@ -267,20 +267,26 @@ def _base_route(torch_backend: bool) -> str:
     return route
 
 
-_TABLES = ("_parameters", "_buffers", "_modules")
+_MISSING = object()
 
 
-def _attr(module: nn.Module, name: str, *default: Any) -> Any:
-    """``getattr(module, name, *default)``, read from the instance's own dict and its parameters, buffers and
-    submodules first: nn.Module's ``__getattr__``, which serves those three, runs only after Python's own lookup has
-    failed, and that costs microseconds each time (a layer's forward reads a dozen such attributes)."""
+def _own_attr(module: nn.Module, name: str) -> Any:
+    """``name`` from the instance's own dict or its parameters, buffers and submodules; ``_MISSING`` if none holds
+    it. nn.Module's ``__getattr__``, which serves the last three, runs only after Python's own lookup has failed,
+    and that costs microseconds each time (a layer's forward reads a dozen such attributes)."""
     state = module.__dict__
     if name in state:
         return state[name]
-    for table in _TABLES:
+    for table in ("_parameters", "_buffers", "_modules"):
         if name in state[table]:
             return state[table][name]
-    return getattr(module, name, *default)
+    return _MISSING
+
+
+def _attr(module: nn.Module, name: str, *default: Any) -> Any:
+    """``getattr(module, name, *default)``, looked up in the module's own tables first (``_own_attr``)."""
+    value = _own_attr(module, name)
+    return getattr(module, name, *default) if value is _MISSING else value
 
 
 def _base_layer(layer: BaseTunerLayer) -> nn.Module:
@@ -288,9 +294,8 @@ def _base_layer(layer: BaseTunerLayer) -> nn.Module:
     through nn.Module's ``__getattr__``, costs microseconds: a direct base that holds no ``base_layer`` of its own
     (no tuner layer stacked in between) ends the walk here."""
     direct = _attr(layer, "base_layer")
-    state = direct.__dict__
-    if (isinstance(direct, BaseTunerLayer) or "base_layer" in state or hasattr(type(direct), "base_layer")
-            or any("base_layer" in state[table] for table in _TABLES)):  # fmt: skip
+    if (isinstance(direct, BaseTunerLayer) or hasattr(type(direct), "base_layer")
+            or _own_attr(direct, "base_layer") is not _MISSING):  # fmt: skip
         return layer.get_base_layer()
     return direct
 
@@ -910,7 +915,8 @@ class FusedLoraLinear(_FusedForward, PeftLinear):
         if adapter in self.lora_variant:  # DoRA, with the dropout rule of FusedLoraLinear4bit's
             magnitude = _whole_weight(self.lora_magnitude_vector[adapter])  # no lora_bias: bias is the base's
             # under autocast ``weight`` is this call's cast copy: ‖W‖² comes from the parameter, cached once
-            norm_weight = base.weight if weight is not base.weight else None
+            parameter = _attr(base, "weight")
+            norm_weight = parameter if weight is not parameter else None
             return F.dora_linear(
                 as_dtype(x, compute), weight, lora_A, lora_B, magnitude, scaling, bias=bias, dropout_p=p,
                 training=self.training and training, norm_weight=norm_weight,
